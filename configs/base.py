@@ -84,7 +84,6 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # BertAdam's per-tensor clip
     log_every: int = 10
     ckpt_every_steps: int = 0  # 0: save "latest" at each epoch end only
-    compute_dtype: str = "float32"
 
 
 @dataclass(frozen=True)

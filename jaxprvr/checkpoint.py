@@ -1,0 +1,96 @@
+"""Orbax checkpoints of a training run: ``<out>/ckpt/latest`` and ``<out>/ckpt/best``.
+
+Each checkpoint holds three items: ``params`` (what evaluation and conversion need), ``opt_state``
+(training only) and ``meta`` (JSON: config, epoch, step, early-stopping state). Orbax writes each step
+to a temporary folder and renames it when complete, so a kill at any moment leaves the previous
+checkpoint loadable; a checkpoint is only deleted after its successor is finalised.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxprvr.errors import JaxprvrError
+
+ITEMS = ("params", "opt_state", "meta")
+
+
+class Checkpoints:
+    """One orbax CheckpointManager per slot (``latest``, ``best``), each keeping one step."""
+
+    def __init__(self, directory: str | Path, slots=("latest", "best")):
+        self.directory = Path(directory).absolute()
+        self._managers = {}
+        for slot in slots:
+            self._managers[slot] = ocp.CheckpointManager(
+                self.directory / slot,
+                options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+                item_names=ITEMS,
+            )
+
+    def save(self, slot: str, step: int, params, opt_state=None, meta: dict | None = None) -> None:
+        items = dict(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta or {}))
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        mgr = self._managers[slot]
+        mgr.save(step, args=ocp.args.Composite(**items), force=True)
+        mgr.wait_until_finished()
+
+    def latest_step(self, slot: str) -> int | None:
+        return self._managers[slot].latest_step()
+
+    def restore(self, slot: str, abstract_params, abstract_opt_state=None):
+        """Returns ``(params, opt_state or None, meta)`` of the slot's newest step."""
+        mgr = self._managers[slot]
+        step = mgr.latest_step()
+        if step is None:
+            raise JaxprvrError(self.directory / slot, "a saved checkpoint", "none")
+        items = dict(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
+        if abstract_opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        out = mgr.restore(step, args=ocp.args.Composite(**items))
+        return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, out["meta"]
+
+    def close(self):
+        for mgr in self._managers.values():
+            mgr.close()
+
+
+def resolve_params_dir(path: str | Path) -> Path:
+    """Finds the step folder holding ``params`` from a run dir, a slot dir or a step dir.
+
+    Accepted: ``<run>`` (uses ``ckpt/best``, else ``ckpt/latest``), ``<run>/ckpt/<slot>``, a manager
+    folder (its newest step), or a step folder that contains ``params/``.
+    """
+    p = Path(path).absolute()
+    if not p.exists():
+        raise JaxprvrError(p, "a checkpoint folder", "nothing at that path")
+    if (p / "params").is_dir():
+        return p
+    for cand in (p / "ckpt" / "best", p / "ckpt" / "latest", p):
+        if cand.is_dir():
+            steps = sorted((int(c.name), c) for c in cand.iterdir() if c.name.isdigit() and (c / "params").is_dir())
+            if steps:
+                return steps[-1][1]
+    raise JaxprvrError(p, "a run folder, a checkpoint slot folder or a step folder with params/", "none of these")
+
+
+def load_params(path: str | Path, abstract_params):
+    """Restores only the parameters (and the JSON meta if present) from any accepted checkpoint path."""
+    step_dir = resolve_params_dir(path)
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        params = ckptr.restore(step_dir / "params", abstract_params)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise JaxprvrError(step_dir / "params", "parameters matching the model config", f"{type(e).__name__}: {e}") from None
+    meta_file = step_dir / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    return params, meta
+
+
+def abstract_tree(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)

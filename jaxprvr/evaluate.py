@@ -1,0 +1,201 @@
+"""Gallery evaluation of a PRVR model, as the official ``eval_q2m`` protocol (prvr.md §8).
+
+    python -m jaxprvr.evaluate --config tvr --ckpt runs/gmmformer_v2-tvr --data-root $ROOT --split test
+
+1. The gallery (every video with a query in the split, caption-file order) is encoded in blocks of
+   ``eval_context_bsz`` videos, as the official loader does (GMMFormer v1's frame encoding depends on it).
+2. Queries are encoded in blocks of ``eval_query_bsz``; each block is scored against the whole gallery
+   with the per-branch cosine scores, fused with the official branch weights.
+3. R@1/5/10/100, SumR, median and mean rank of the ground-truth video per query.
+
+Blocks are padded to static shapes (one compilation per split) and split over the ``data`` mesh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxprvr import sharding as shd
+from jaxprvr.errors import JaxprvrError
+from jaxprvr.metrics.prvr import eval_q2m
+from jaxprvr.models import branch_weights
+
+
+class Evaluator:
+    """Holds the jitted encode/score functions of one model so repeated evaluations never recompile."""
+
+    def __init__(self, model, cfg, mesh=None):
+        self.model = model
+        self.cfg = cfg
+        self.mesh = mesh if mesh is not None else shd.make_mesh()
+        self.weights = branch_weights(cfg.model)
+        self._n = shd.n_data_shards(self.mesh)
+
+        def encode_video(params, b):
+            return model.apply({"params": params}, b["clip_feats"], b["frame_feats"], b["frame_mask"],
+                               b["frame_len"], train=False, method=model.encode_video)
+
+        def encode_query(params, b):
+            return model.apply({"params": params}, b["query_feats"], b["query_mask"], train=False,
+                               method=model.encode_query)
+
+        def score(params, query, gallery):
+            return model.apply({"params": params}, query, gallery, method=model.score)
+
+        data, rep = shd.data_sharding(self.mesh), shd.replicated(self.mesh)
+        self._encode_video = jax.jit(encode_video, out_shardings=data)
+        self._encode_query = jax.jit(encode_query, out_shardings=data)
+        self._score = jax.jit(score, in_shardings=(rep, data, rep), out_shardings=data)
+
+    def encode_gallery(self, params, ds, progress=False) -> dict:
+        from jaxprvr.data import video_batches
+
+        keys = ("clip_feats", "frame_feats", "frame_mask", "frame_len", "video_valid")
+        size = shd.round_up(self.cfg.data.eval_context_bsz, self._n)
+        outs = []
+        for b in _bar(video_batches(ds, self.cfg.data.eval_context_bsz), progress, "gallery",
+                      -(-len(ds.video_ids) // self.cfg.data.eval_context_bsz)):
+            b = _pad_rows({k: b[k] for k in keys}, size)
+            valid = np.asarray(b["video_valid"]) > 0
+            out = self._encode_video(params, shd.shard_batch(b, self.mesh))
+            outs.append(jax.tree.map(lambda x, v=valid: np.asarray(x)[v], out))
+        return jax.tree.map(lambda *xs: np.concatenate(xs, 0), *outs)
+
+    def encode_queries(self, params, ds, progress=False) -> np.ndarray:
+        from jaxprvr.data import query_batches
+
+        keys = ("query_feats", "query_mask", "query_valid")
+        size = shd.round_up(self.cfg.data.eval_query_bsz, self._n)
+        outs = []
+        for b in _bar(query_batches(ds, self.cfg.data.eval_query_bsz), progress, "queries",
+                      -(-len(ds.cap_ids) // self.cfg.data.eval_query_bsz)):
+            b = _pad_rows({k: b[k] for k in keys}, size)
+            valid = np.asarray(b["query_valid"]) > 0
+            outs.append(np.asarray(self._encode_query(params, shd.shard_batch(b, self.mesh)))[valid])
+        return np.concatenate(outs, 0)
+
+    def score_matrix(self, params, query: np.ndarray, gallery: dict, progress=False) -> dict:
+        """Per-branch cosine score matrices (Nq, Nv) and their fused sum under key ``"fused"``."""
+        size = shd.round_up(self.cfg.data.eval_query_bsz, self._n)
+        gallery_dev = shd.replicate(gallery, self.mesh)
+        rows = {}
+        n = len(query)
+        for start in _bar(range(0, n, size), progress, "scoring", -(-n // size)):
+            blk = query[start:start + size]
+            m = len(blk)
+            blk = np.concatenate([blk, np.zeros((size - m,) + blk.shape[1:], blk.dtype)]) if m < size else blk
+            out = self._score(params, blk, gallery_dev)
+            for k, v in out.items():
+                rows.setdefault(k, []).append(np.asarray(v)[:m])
+        mats = {k: np.concatenate(v, 0) for k, v in rows.items()}
+        mats["fused"] = sum(self.weights[k] * mats[k] for k in self.weights)
+        return mats
+
+    def evaluate(self, params, ds, progress=False, keep_scores=False) -> dict:
+        t0 = time.perf_counter()
+        gallery = self.encode_gallery(params, ds, progress)
+        query = self.encode_queries(params, ds, progress)
+        mats = self.score_matrix(params, query, gallery, progress)
+        gt = np.asarray(ds.query_video_index)
+        result = {k: eval_q2m(v, gt) for k, v in mats.items()}
+        out = dict(result["fused"])
+        out["branches"] = {k: v for k, v in result.items() if k != "fused"}
+        out["n_queries"], out["n_videos"] = int(len(ds.cap_ids)), int(len(ds.video_ids))
+        out["seconds"] = round(time.perf_counter() - t0, 3)
+        if keep_scores:
+            out["_scores"] = mats["fused"]
+        return out
+
+
+def _pad_rows(b: dict, size: int) -> dict:
+    """Pads every array of a block along axis 0 to ``size`` rows of zeros (marked invalid)."""
+    out = {}
+    for k, v in b.items():
+        v = np.asarray(v)
+        n = v.shape[0]
+        if n < size:
+            v = np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)], 0)
+        out[k] = v
+    return out
+
+
+def _bar(it, progress, desc, total=None):
+    if not progress:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def format_metrics(m: dict) -> str:
+    return " ".join(f"{k}={m[k]:.2f}" for k in ("r1", "r5", "r10", "r100", "sumr") if k in m)
+
+
+def save_scores(directory: str | Path, scores: np.ndarray, ds) -> None:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    np.save(d / "scores.npy", scores.astype(np.float32))
+    (d / "query_ids.txt").write_text("\n".join(ds.cap_ids) + "\n")
+    (d / "video_ids.txt").write_text("\n".join(ds.video_ids) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxprvr.evaluate",
+        description="Evaluate a PRVR checkpoint on a split (R@1/5/10/100, SumR, median/mean rank); prints JSON.")
+    p.add_argument("--config", required=True, help="dataset (tvr|act|cha) or <model>/<dataset>")
+    p.add_argument("--model", default=None, help="ms_sl | gmmformer | gmmformer_v2 (default: the config's)")
+    p.add_argument("--ckpt", required=True, help="a run folder, a checkpoint slot folder, or a step folder")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data-root", default=None, help="folder holding <collection>/TextData and FeatureData")
+    src.add_argument("--demo", action="store_true", help="use the built-in synthetic demo dataset")
+    p.add_argument("--split", default="test", choices=["val", "test", "train"])
+    p.add_argument("--save-scores", default=None, metavar="DIR", help="write scores.npy + query/video id lists")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run(args) -> dict:
+    from configs import load_config
+    from jaxprvr.data import PRVRDataset
+    from jaxprvr.checkpoint import load_params
+    from jaxprvr.train import resolve_data_root, init_params, config_with_data_dims
+
+    cfg = load_config(args.config, args.model, args.overrides)
+    root = resolve_data_root(cfg, args.data_root, args.demo)
+    ds = PRVRDataset(root, cfg, args.split)
+    cfg = config_with_data_dims(cfg, ds)
+    from jaxprvr.models import build_model
+
+    model = build_model(cfg.model)
+    abstract = jax.eval_shape(lambda: init_params(model, cfg, jax.random.PRNGKey(0)))
+    params, meta = load_params(args.ckpt, abstract)
+    ev = Evaluator(model, cfg)
+    res = ev.evaluate(params, ds, progress=not args.no_progress, keep_scores=bool(args.save_scores))
+    if args.save_scores:
+        save_scores(args.save_scores, res.pop("_scores"), ds)
+    res.update(split=args.split, model=cfg.model.name, dataset=cfg.data.dataset, ckpt=str(args.ckpt))
+    return res
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        res = run(args)
+    except JaxprvrError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
