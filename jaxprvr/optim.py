@@ -1,0 +1,169 @@
+"""BertAdam and its ``warmup_linear`` schedule, as optax transformations (official PRVR optimizer).
+
+The official MS-SL / GMMFormer / GMMFormer v2 / MTM repos all train with the same ``BertAdam``
+(GMMFormer ``src/Opts/optimization.py:223-343``; ms-sl ``method/optimization.py``, same maths). Per
+parameter tensor, in this order (``step()`` at ``:289-336``):
+
+1. **per-tensor** gradient clipping ``clip_grad_norm_(p, max_grad_norm)`` (``:311-312``): the gradient is
+   scaled by ``min(1, max_grad_norm / (||g|| + 1e-6))`` (torch's ``clip_grad_norm_``), tensor by tensor;
+   this is not global-norm clipping;
+2. ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2`` (``:316-317``);
+3. ``u = m / (sqrt(v) + eps)`` with eps outside the sqrt and **no bias correction** (``:318, 338-341``);
+4. ``u += wd p`` for the tensors of the decayed group (``:327-328``);
+5. ``p -= lr * warmup_linear(step / t_total) * u`` with ``step`` counted from 0 (``:330-336``), so the first
+   update has learning rate 0 (the moments still move).
+
+Parameter groups (GMMFormer ``src/Opts/builder.py:5-9``; ms-sl ``method/train.py:138-142``): decay 0.01
+for torch parameter names containing none of ``"bias"``, ``"LayerNorm.bias"``, ``"LayerNorm.weight"``,
+else 0. :func:`official_weight_decay_mask` reproduces that rule on Flax parameter paths.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxprvr.errors import JaxprvrError
+
+__all__ = ["warmup_linear", "official_weight_decay_mask", "torch_style_name", "BertAdamState", "bert_adam"]
+
+# Substrings of the official no-decay rule (GMMFormer src/Opts/builder.py:6).
+NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")
+# Flax leaf names -> torch parameter names, for the name rule.
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+
+
+def warmup_linear(step, warmup: float, t_total: float):
+    """Official ``WarmupLinearSchedule`` multiplier at ``step`` (works on Python numbers and jax arrays).
+
+    ``progress = step / t_total``; ``progress / warmup`` while ``progress < warmup``, else
+    ``max((progress - 1) / (warmup - 1), 0)`` (GMMFormer ``Opts/optimization.py:172-175``). As in
+    ``_LRSchedule`` (``:46-61``): ``t_total < 0`` gives a constant 1, and ``warmup = -1`` means 0.
+    """
+    _check_warmup(warmup)
+    warmup = max(float(warmup), 0.0)
+    t_total = float(t_total)
+    if t_total < 0:
+        return jnp.ones_like(jnp.asarray(step, jnp.float32)) if isinstance(step, jax.Array) else 1.0
+    if isinstance(step, (int, float)):
+        progress = step / t_total
+        if progress < warmup:
+            return progress / warmup
+        return max((progress - 1.0) / (warmup - 1.0), 0.0)
+    progress = jnp.asarray(step, jnp.float32) / t_total
+    during = progress / (warmup if warmup > 0 else 1.0)
+    after = jnp.maximum((progress - 1.0) / (warmup - 1.0), 0.0)
+    return jnp.where(progress < warmup, during, after)
+
+
+def _check_warmup(warmup: float) -> None:
+    # _LRSchedule.__init__ (Opts/optimization.py:48-49)
+    if not (0.0 <= warmup < 1.0) and warmup != -1:
+        raise JaxprvrError("bert_adam warmup", "a proportion in [0, 1) or -1", repr(warmup))
+
+
+def torch_style_name(path) -> str:
+    """The dotted torch-style name of a Flax parameter path (``kernel``/``scale``/``embedding`` -> ``weight``)."""
+    parts = []
+    for entry in path:
+        if isinstance(entry, jax.tree_util.DictKey):
+            parts.append(str(entry.key))
+        elif isinstance(entry, jax.tree_util.GetAttrKey):
+            parts.append(entry.name)
+        elif isinstance(entry, jax.tree_util.SequenceKey):
+            parts.append(str(entry.idx))
+        else:
+            parts.append(str(entry))
+    if parts and parts[0] == "params":  # a full variables dict
+        parts = parts[1:]
+    if parts:
+        parts[-1] = _LEAF_TO_TORCH.get(parts[-1], parts[-1])
+    return ".".join(parts)
+
+
+def official_weight_decay_mask(params) -> Any:
+    """Pytree of bools, True where the official code applies weight decay.
+
+    The official rule is a substring test on the torch name: no decay iff it contains ``"bias"``,
+    ``"LayerNorm.bias"`` or ``"LayerNorm.weight"``. Flax names mirror the torch attribute names (a torch
+    ``LayerNorm`` is a Flax module named ``LayerNorm`` with ``scale``/``bias``; ``norm1``/``norm2`` keep
+    their names), so in practice: no decay iff the leaf is ``bias`` or its module is ``LayerNorm``;
+    ``norm1.scale``, ``weight_token``, position embeddings, Mamba ``A_log``/``D`` are decayed, as officially.
+    """
+    def decide(path, _leaf):
+        name = torch_style_name(path)
+        return not any(nd in name for nd in NO_DECAY)
+
+    return jax.tree_util.tree_map_with_path(decide, params)
+
+
+class BertAdamState(NamedTuple):
+    count: jax.Array  # step counter, from 0 (the official per-tensor ``state['step']``)
+    m: Any  # ``next_m``
+    v: Any  # ``next_v``
+
+
+def bert_adam(lr: float, warmup: float, t_total: int, weight_decay: float = 0.01,
+              weight_decay_mask: Any | Callable[[Any], Any] = official_weight_decay_mask,
+              max_grad_norm: float = 1.0, b1: float = 0.9, b2: float = 0.999,
+              eps: float = 1e-6) -> optax.GradientTransformation:
+    """Official BertAdam with the ``warmup_linear`` schedule, as one optax transformation.
+
+    ``weight_decay_mask``: a pytree of bools like the params, or a function of the params returning one
+    (default :func:`official_weight_decay_mask`); ``None`` decays every tensor. ``max_grad_norm <= 0``
+    disables the per-tensor clipping, as officially. ``t_total = steps_per_epoch * n_epoch``.
+    The updates are meant for ``optax.apply_updates`` (``p + update = p - lr_t * u``).
+    """
+    if lr < 0.0:
+        raise JaxprvrError("bert_adam lr", "a learning rate >= 0", repr(lr))
+    _check_warmup(warmup)
+    if not 0.0 <= b1 < 1.0 or not 0.0 <= b2 < 1.0:
+        raise JaxprvrError("bert_adam betas", "b1, b2 in [0, 1)", repr((b1, b2)))
+    if eps < 0.0:
+        raise JaxprvrError("bert_adam eps", "eps >= 0", repr(eps))
+
+    def init_fn(params):
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        return BertAdamState(count=jnp.zeros((), jnp.int32), m=zeros,
+                             v=jax.tree_util.tree_map(jnp.zeros_like, params))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("bert_adam needs params (weight decay): call update(grads, state, params)")
+        if weight_decay_mask is None:
+            mask = jax.tree_util.tree_map(lambda _: True, params)
+        elif callable(weight_decay_mask):
+            mask = weight_decay_mask(params)
+        else:
+            mask = weight_decay_mask
+
+        def clip(g):
+            if max_grad_norm <= 0:
+                return g
+            norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+            coef = jnp.minimum(max_grad_norm / (norm + 1e-6), 1.0)  # torch clip_grad_norm_
+            return (g * coef).astype(g.dtype)
+
+        grads = jax.tree_util.tree_map(clip, updates)
+        m = jax.tree_util.tree_map(lambda m_, g: b1 * m_ + (1.0 - b1) * g, state.m, grads)
+        v = jax.tree_util.tree_map(lambda v_, g: b2 * v_ + (1.0 - b2) * g * g, state.v, grads)
+        lr_t = lr * warmup_linear(state.count, warmup, t_total)
+
+        def step(m_, v_, p, decay):
+            u = m_ / (jnp.sqrt(v_) + eps)
+            if weight_decay > 0.0:
+                if isinstance(decay, (bool, np.bool_)):
+                    if decay:
+                        u = u + weight_decay * p
+                else:  # a traced/array mask
+                    u = u + weight_decay * p * jnp.asarray(decay, u.dtype)
+            return (-lr_t * u).astype(p.dtype)
+
+        new_updates = jax.tree_util.tree_map(step, m, v, params, mask)
+        return new_updates, BertAdamState(count=state.count + 1, m=m, v=v)
+
+    return optax.GradientTransformation(init_fn, update_fn)
