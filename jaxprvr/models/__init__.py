@@ -1,0 +1,40 @@
+"""PRVR models (Flax linen), one file per family, shared blocks in :mod:`jaxprvr.models.layers`.
+
+Every model is a ``nn.Module`` built from a :class:`configs.base.ModelConfig` with the methods
+
+* ``encode_query(query_feats (Q,Lq,Dq), query_mask (Q,Lq), *, train) -> (Q, D)``
+* ``encode_video(clip_feats (B,32,Dv), frame_feats (B,128,Dv), frame_mask (B,128), frame_len (B,), *, train)
+  -> dict`` of the gallery-side arrays stored per video
+* ``score(query (Q,D), video: dict) -> {"clip": (Q,V), "frame": (Q,V)}`` cosine scores used at test time
+* ``__call__(batch, *, train) -> (scores, aux)`` the training forward; ``scores`` has ``clip``, ``clip_raw``,
+  ``frame``, ``frame_raw``; ``aux`` the named intermediates.
+
+Call a method with ``model.apply(variables, ..., method="encode_query", rngs={"dropout": key})``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from configs.base import ModelConfig
+from jaxprvr.errors import JaxprvrError
+from jaxprvr.models.gmmformer import GMMFormer
+from jaxprvr.models.gmmformer_v2 import GMMFormerV2
+from jaxprvr.models.ms_sl import MSSL
+
+MODELS = {"ms_sl": MSSL, "gmmformer": GMMFormer, "gmmformer_v2": GMMFormerV2}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model named ``cfg.name``."""
+    if cfg.name not in MODELS:
+        raise JaxprvrError("model.name", f"one of {sorted(MODELS)}", repr(cfg.name))
+    return MODELS[cfg.name](cfg)
+
+
+def branch_weights(cfg: ModelConfig) -> dict[str, float]:
+    """Test-time weights of the fused score ``sum_k w_k * scores[k]``."""
+    return {"clip": cfg.clip_scale_w, "frame": cfg.frame_scale_w}
+
+
+__all__ = ["MODELS", "MSSL", "GMMFormer", "GMMFormerV2", "build_model", "branch_weights"]

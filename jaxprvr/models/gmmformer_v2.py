@@ -1,0 +1,124 @@
+"""GMMFormer v2 (huangmozhi9527/GMMFormer_v2, ``src/Models/gmmformerV2/model.py``), prvr.md §5.
+
+Query: LinearLayer -> positional encoding (30) -> v2 BertAttention (4xFFN) -> masked attention pooling.
+Clip: LinearLayer -> positional encoding -> DyGMMBlock(frame_len=32, no mask) -> 32 clip vectors.
+Frame: pad to 128 -> LinearLayer -> positional encoding -> DyGMMBlock(frame_len=128, frame mask) -> padded
+rows zeroed -> 128 frame vectors. The frame score is the max cosine over all 128 rows, the zeroed padding
+(cosine 0) included. ``weight_token`` (1, 1, D) ~ N(0, 1) is one model-level parameter shared by both blocks.
+
+Parameter table (torch ``state_dict`` key -> Flax ``params`` path -> transform). ``{br}`` is one of
+``query``, ``clip``, ``frame``; ``{blk}`` is ``clip_encoder`` or ``frame_encoder_1``; ``{k}`` is 0..7;
+``{qkv}`` one of ``query``, ``key``, ``value``; ``{A}`` is ``query_encoder``, ``{blk}.attn{k}`` or
+``{blk}.ca`` (Flax: ``.`` -> ``/``).
+
+===================================================  ===================================================  =========
+torch key                                            Flax path                                            transform
+===================================================  ===================================================  =========
+``{br}_input_proj.LayerNorm.{weight,bias}``          ``{br}_input_proj/LayerNorm/{scale,bias}``           none
+``{br}_input_proj.net.1.weight``                     ``{br}_input_proj/net_1/kernel``                     transpose
+``{br}_input_proj.net.1.bias``                       ``{br}_input_proj/net_1/bias``                       none
+``{br}_pos_embed.position_embeddings.weight``        ``{br}_pos_embed/position_embeddings/embedding``     none
+``{br}_pos_embed.LayerNorm.{weight,bias}``           ``{br}_pos_embed/LayerNorm/{scale,bias}``            none
+``{A}.self.{qkv}.weight``                            ``{A}/self/{qkv}/kernel``                            transpose
+``{A}.self.{qkv}.bias``                              ``{A}/self/{qkv}/bias``                              none
+``{A}.output.layer{1,2}.weight``                     ``{A}/output/layer{1,2}/kernel``                     transpose
+``{A}.output.layer{1,2}.bias``                       ``{A}/output/layer{1,2}/bias``                       none
+``{A}.norm{1,2}.weight``                             ``{A}/norm{1,2}/scale``                              none
+``{A}.norm{1,2}.bias``                               ``{A}/norm{1,2}/bias``                               none
+``{blk}.layer{1,2}.weight``                          ``{blk}/layer{1,2}/kernel``                          transpose
+``{blk}.layer{1,2}.bias``                            ``{blk}/layer{1,2}/bias``                            none
+``modular_vector_mapping.weight``                    ``modular_vector_mapping/kernel``                    transpose
+``weight_token``                                     ``weight_token``                                     none
+===================================================  ===================================================  =========
+
+``{blk}.layer2`` maps to ``frame_len`` outputs (32 for ``clip_encoder``, 128 for ``frame_encoder_1``).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from configs.base import ModelConfig
+from jaxprvr.models.layers import (DYGMM_WIDTHS, BertAttentionV2, DyGMMBlock, LinearLayer,
+                                   TrainablePositionalEncoding, attention_pool, dense, l2_normalize, max_scores)
+
+
+class GMMFormerV2(nn.Module):
+    """GMMFormer v2 network. See the module docstring for names; methods as in :mod:`jaxprvr.models`."""
+
+    cfg: ModelConfig
+    widths: tuple = DYGMM_WIDTHS  # branch widths of both DyGMMBlocks, code order (MTM: layers.MTM_WIDTHS)
+
+    def setup(self):
+        c = self.cfg
+        d = c.hidden_size
+        self.query_pos_embed = TrainablePositionalEncoding(c.max_desc_l, d, c.input_drop)
+        self.clip_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop)
+        self.frame_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop)
+        self.query_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True)
+        self.query_encoder = BertAttentionV2(d, c.n_heads, c.drop)
+        self.clip_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True)
+        # frame_len=32 / 128 are literals in the official code (model.py:37, :43) = map_size / max_ctx_l.
+        self.clip_encoder = DyGMMBlock(d, c.n_heads, c.map_size, c.sft_factor, c.drop, self.widths)
+        self.frame_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True)
+        self.frame_encoder_1 = DyGMMBlock(d, c.n_heads, c.max_ctx_l, c.sft_factor, c.drop, self.widths)
+        self.modular_vector_mapping = dense(1, use_bias=False)
+        # torch.randn(1, 1, D), not touched by reset_parameters (model.py:47).
+        self.weight_token = self.param("weight_token", nn.initializers.normal(stddev=1.0), (1, 1, d))
+
+    # ------------------------------------------------------------------ encoders
+    def _encode_query(self, query_feats, query_mask, train):
+        emb = self.query_pos_embed(self.query_input_proj(query_feats, train=train), train=train)
+        tokens = self.query_encoder(emb, query_mask, train=train)
+        q = attention_pool(self.modular_vector_mapping(tokens), query_mask, tokens)
+        return q, {"query_embed": emb, "query_tokens": tokens}
+
+    def encode_query(self, query_feats, query_mask, *, train: bool = False):
+        """``(Q, Lq, Dq), (Q, Lq) -> (Q, D)``."""
+        return self._encode_query(query_feats, query_mask, train)[0]
+
+    def _encode_video(self, clip_feats, frame_feats, frame_mask, train):
+        clip_emb = self.clip_pos_embed(self.clip_input_proj(clip_feats, train=train), train=train)
+        clips = self.clip_encoder(clip_emb, None, self.weight_token, train=train)
+        fix = self.cfg.max_ctx_l - frame_feats.shape[1]
+        if fix > 0:  # model.py:138-145: zero features and zero mask up to 128
+            frame_feats = jnp.pad(frame_feats, ((0, 0), (0, fix), (0, 0)))
+            frame_mask = jnp.pad(frame_mask, ((0, 0), (0, fix)))
+        frame_emb = self.frame_pos_embed(self.frame_input_proj(frame_feats, train=train), train=train)
+        frames = self.frame_encoder_1(frame_emb, frame_mask, self.weight_token, train=train)
+        frames = jnp.where(frame_mask[..., None] == 1.0, frames, 0.0)  # model.py:150-151
+        video = {"clip_feats": clips, "frame_feats": frames}
+        return video, {"clip_embed": clip_emb, "frame_embed": frame_emb}
+
+    def encode_video(self, clip_feats, frame_feats, frame_mask, frame_len, *, train: bool = False):
+        """Gallery side: ``{"clip_feats" (B,32,D), "frame_feats" (B,128,D)}`` (``frame_len`` unused)."""
+        del frame_len
+        return self._encode_video(clip_feats, frame_feats, frame_mask, train)[0]
+
+    # ------------------------------------------------------------------ scores
+    def score(self, query, video):
+        """Test-time cosine scores ``{"clip", "frame"}`` ``(Q, V)`` (model.py:213-233)."""
+        qn = l2_normalize(query)
+        clip, _ = max_scores(qn, l2_normalize(video["clip_feats"]))
+        frame, _ = max_scores(qn, l2_normalize(video["frame_feats"]))
+        return {"clip": clip, "frame": frame}
+
+    def __call__(self, batch, *, train: bool = False):
+        """Training forward (model.py:75-119); all scores ``(Q, B)``.
+
+        ``aux["query2"]`` is the second, independent-dropout ``encode_query`` pass used by the query-diverse
+        and optimal-matching losses (:100); the matching itself is the loss's business.
+        """
+        video, vstages = self._encode_video(batch["clip_feats"], batch["frame_feats"], batch["frame_mask"], train)
+        q, qstages = self._encode_query(batch["query_feats"], batch["query_mask"], train)
+        q2 = self.encode_query(batch["query_feats"], batch["query_mask"], train=train)
+        qn = l2_normalize(q)
+        clips, frames = video["clip_feats"], video["frame_feats"]
+        clip, _ = max_scores(qn, l2_normalize(clips))
+        clip_raw, _ = max_scores(q, clips)
+        frame, _ = max_scores(qn, l2_normalize(frames))
+        frame_raw, _ = max_scores(q, frames)
+        scores = {"clip": clip, "clip_raw": clip_raw, "frame": frame, "frame_raw": frame_raw}
+        aux = {"query": q, "query2": q2, **qstages, **vstages, "clip_feats": clips, "frame_feats": frames}
+        return scores, aux

@@ -1,0 +1,313 @@
+"""Shared building blocks of the PRVR models, with the official PyTorch semantics (prvr.md §2).
+
+Every submodule is named exactly as the official torch attribute so that a state_dict key maps to a
+Flax path by replacing ``.`` with ``/`` (``query_input_proj.net.1.weight`` -> ``query_input_proj/net_1/kernel``,
+transposed). Torch ``nn.Sequential``/``nn.ModuleList`` index ``k`` becomes the suffix ``_k``; a torch
+``LayerNorm.weight`` is the Flax ``LayerNorm/scale``.
+
+Official sources (``file:line`` at the snapshots of prvr.md):
+  * v1 blocks: ms-sl ``method/model_components.py`` (LinearLayer :106-124, TrainablePositionalEncoding
+    :81-96, BertAttention :151-165, BertSelfAttention :191-248, BertSelfOutput :251-262); GMMFormer
+    ``src/Models/gmmformer/model_components.py`` (GMMBlock :127-145, Gaussian self-attention :165-245).
+  * v2 blocks: GMMFormer_v2 ``src/Models/gmmformerV2/model_components.py`` (DyGMMBlock :126-172,
+    FeedForward :175-187, BertAttention :189-212, BertCrossAttention :215-239, BertSelfAttention :242-320).
+
+Conventions: masks are ``(N, L)`` floats (1 = valid); ``train`` switches dropout on (Flax ``'dropout'`` rng).
+Init follows the official ``reset_parameters``: Linear/Embedding weights N(0, 0.02), Linear biases 0,
+LayerNorm (1, 0) with eps 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxprvr.ops.gaussian import gaussian_mask
+
+INIT_STD = 0.02  # config.initializer_range in every official repo
+LN_EPS = 1e-5  # torch nn.LayerNorm default
+ATTN_MASK_FILL = -10000.0  # BertSelfAttention additive key mask
+POOL_MASK_FILL = -1e10  # mask_logits of the query/frame attention pooling (model.py)
+
+# Branch widths of the Gaussian attention blocks, in the official code order.
+GMM_WIDTHS = (None, 0.5, 1.0, 5.0)  # GMMFormer v1 GMMBlock attn0..attn3
+DYGMM_WIDTHS = (None, 0.5, 1.0, 5.0, 10.0, 3.0, 0.1, 8.0)  # GMMFormer v2 DyGMMBlock attn0..attn7
+MTM_WIDTHS = DYGMM_WIDTHS + (0.05, 2.0, 15.0)  # MTM DyGMMBlock attn0..attn10
+
+
+def dense(features: int, use_bias: bool = True, name: Optional[str] = None) -> nn.Dense:
+    """A torch ``nn.Linear`` with the official re-init (weight N(0, 0.02), bias 0)."""
+    return nn.Dense(features, use_bias=use_bias, kernel_init=nn.initializers.normal(stddev=INIT_STD),
+                    bias_init=nn.initializers.zeros, name=name)
+
+
+def layer_norm(name: Optional[str] = None) -> nn.LayerNorm:
+    """A torch ``nn.LayerNorm`` (eps 1e-5, two-pass variance, scale 1 / bias 0)."""
+    return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name=name)
+
+
+def mask_logits(target, mask):
+    """``target * mask + (1 - mask) * -1e10`` (model.py ``mask_logits``)."""
+    return target * mask + (1.0 - mask) * POOL_MASK_FILL
+
+
+def attention_pool(logits, mask, x):
+    """Masked attention pooling (``get_modularized_queries``/``get_modularized_frames``).
+
+    Args:
+      logits: ``(N, L, 1)`` output of a ``Linear(D, 1, bias=False)``.
+      mask: ``(N, L)``, 1 = valid.
+      x: ``(N, L, D)``.
+    Returns ``(N, D)``: ``sum_L softmax_L(mask_logits(logits, mask)) * x``. The official ``.squeeze()``
+    (which breaks a batch of one) is replaced by indexing the single module axis.
+    """
+    att = jax.nn.softmax(mask_logits(logits, mask[..., None].astype(logits.dtype)), axis=1)
+    return jnp.einsum("blm,bld->bmd", att, x)[:, 0]
+
+
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
+    """``torch.nn.functional.normalize``: ``x / max(||x||, eps)``, with a gradient that stays finite at 0."""
+    sq = jnp.sum(x * x, axis=axis, keepdims=True)
+    return x / jnp.sqrt(jnp.maximum(sq, eps * eps))
+
+
+def max_scores(query, context):
+    """``max_t <q_i, c_{v,t}>`` and its argmax: ``(Q, D) x (V, T, D) -> (Q, V), (Q, V)`` int32.
+
+    Official ``get_clip_scale_scores``/``get_unnormalized_clip_scale_scores``: normalise the inputs
+    first to get the cosine version.
+    """
+    s = jnp.einsum("qd,vtd->qvt", query, context)
+    return jnp.max(s, axis=-1), jnp.argmax(s, axis=-1).astype(jnp.int32)
+
+
+class LinearLayer(nn.Module):
+    """``LayerNorm(in) -> Dropout -> Linear -> ReLU`` (torch keys ``LayerNorm.*``, ``net.1.*``)."""
+
+    out_hsz: int
+    layer_norm: bool = True
+    dropout: float = 0.1
+    relu: bool = True
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        if self.layer_norm:
+            x = layer_norm(name="LayerNorm")(x)
+        x = nn.Dropout(self.dropout, name="net_0")(x, deterministic=not train)
+        x = dense(self.out_hsz, name="net_1")(x)
+        if self.relu:
+            x = jax.nn.relu(x)
+        return x
+
+
+class TrainablePositionalEncoding(nn.Module):
+    """``Dropout(LayerNorm(x + E[:L]))`` (torch keys ``position_embeddings.weight``, ``LayerNorm.*``)."""
+
+    max_position_embeddings: int
+    hidden_size: int
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        seq_len = x.shape[1]
+        if seq_len > self.max_position_embeddings:
+            raise ValueError(f"sequence length {seq_len} > max_position_embeddings {self.max_position_embeddings}")
+        emb = nn.Embed(self.max_position_embeddings, self.hidden_size,
+                       embedding_init=nn.initializers.normal(stddev=INIT_STD), name="position_embeddings")
+        x = layer_norm(name="LayerNorm")(x + emb(jnp.arange(seq_len))[None])
+        return nn.Dropout(self.dropout)(x, deterministic=not train)
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head attention with the official masks (torch keys ``query``, ``key``, ``value``).
+
+    ``scores = QK^T / sqrt(d_head)``; with a width ``wid`` the scores are multiplied by the Gaussian
+    mask (:func:`jaxprvr.ops.gaussian.gaussian_mask` on the key length) *before* the additive
+    ``(1 - mask) * -10000`` key mask; softmax; dropout on the probabilities; heads concatenated.
+    """
+
+    hidden_size: int
+    num_attention_heads: int
+    attention_probs_dropout_prob: float = 0.1
+    wid: Optional[float] = None
+
+    @nn.compact
+    def __call__(self, query_states, key_states, value_states, attention_mask=None, *, gmm_length=None,
+                 train: bool = False):
+        """``gmm_length``: Gaussian grid length (default: the key length); may be a traced int."""
+        n_heads = self.num_attention_heads
+        if self.hidden_size % n_heads != 0:
+            raise ValueError(f"hidden size {self.hidden_size} is not a multiple of {n_heads} heads")
+        d_head = self.hidden_size // n_heads
+
+        def heads(x, name):
+            y = dense(self.hidden_size, name=name)(x)
+            return y.reshape(y.shape[:-1] + (n_heads, d_head))  # (N, L, nh, dh)
+
+        q = heads(query_states, "query")
+        k = heads(key_states, "key")
+        v = heads(value_states, "value")
+        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k) / math.sqrt(d_head)
+        if self.wid is not None:
+            key_len = key_states.shape[1]
+            if query_states.shape[1] != key_len:
+                raise ValueError("the Gaussian mask is defined for self-attention (Lq == Lk)")
+            g = gaussian_mask(key_len if gmm_length is None else gmm_length, self.wid, key_len)
+            scores = scores * g[None, None]  # multiplicative, before the padding mask (model_components.py:224-231)
+        if attention_mask is not None:
+            m = attention_mask.astype(scores.dtype)
+            scores = scores + (1.0 - m[:, None, None, :]) * ATTN_MASK_FILL
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = nn.Dropout(self.attention_probs_dropout_prob)(probs, deterministic=not train)
+        ctx = jnp.einsum("nhqk,nkhd->nqhd", probs, v)
+        return ctx.reshape(ctx.shape[:2] + (self.hidden_size,))
+
+
+class BertSelfOutput(nn.Module):
+    """``LayerNorm(x + Dropout(Dense(h)))`` (torch keys ``dense``, ``LayerNorm``)."""
+
+    hidden_size: int
+    hidden_dropout_prob: float = 0.1
+
+    @nn.compact
+    def __call__(self, hidden_states, input_tensor, *, train: bool = False):
+        h = dense(self.hidden_size, name="dense")(hidden_states)
+        h = nn.Dropout(self.hidden_dropout_prob)(h, deterministic=not train)
+        return layer_norm(name="LayerNorm")(h + input_tensor)
+
+
+class BertAttention(nn.Module):
+    """v1 flavour (MS-SL, GMMFormer): self-attention + output dense + residual + LN, no FFN.
+
+    Torch keys ``self.{query,key,value}``, ``output.dense``, ``output.LayerNorm``.
+    """
+
+    hidden_size: int
+    num_attention_heads: int
+    drop: float = 0.1
+    wid: Optional[float] = None
+
+    @nn.compact
+    def __call__(self, x, attention_mask=None, *, gmm_length=None, train: bool = False):
+        s = BertSelfAttention(self.hidden_size, self.num_attention_heads, self.drop, self.wid, name="self")(
+            x, x, x, attention_mask, gmm_length=gmm_length, train=train)
+        return BertSelfOutput(self.hidden_size, self.drop, name="output")(s, x, train=train)
+
+
+class FeedForward(nn.Module):
+    """``layer2(Dropout(ReLU(layer1(x))))`` (torch keys ``layer1``, ``layer2``)."""
+
+    d_model: int
+    d_ff: int
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        x = jax.nn.relu(dense(self.d_ff, name="layer1")(x))
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        return dense(self.d_model, name="layer2")(x)
+
+
+class BertAttentionV2(nn.Module):
+    """v2 flavour (GMMFormer v2, MTM): ``h = norm1(x + Drop(SelfAttn(x)))``, ``norm2(h + Drop(FFN_4D(h)))``.
+
+    No output projection after the heads. Torch keys ``self.*``, ``output.layer{1,2}``, ``norm1``, ``norm2``.
+    """
+
+    hidden_size: int
+    num_attention_heads: int
+    drop: float = 0.1
+    wid: Optional[float] = None
+    ffn_mult: int = 4
+
+    @nn.compact
+    def __call__(self, x, attention_mask=None, *, gmm_length=None, train: bool = False):
+        s = BertSelfAttention(self.hidden_size, self.num_attention_heads, self.drop, self.wid, name="self")(
+            x, x, x, attention_mask, gmm_length=gmm_length, train=train)
+        s = nn.Dropout(self.drop)(s, deterministic=not train)  # dropout1
+        h = layer_norm(name="norm1")(x + s)
+        t = FeedForward(self.hidden_size, self.ffn_mult * self.hidden_size, self.drop, name="output")(h, train=train)
+        t = nn.Dropout(self.drop)(t, deterministic=not train)  # dropout2
+        return layer_norm(name="norm2")(h + t)
+
+
+class BertCrossAttention(nn.Module):
+    """v2 cross-attention: as :class:`BertAttentionV2` with Q from ``query`` and a 1xD FFN."""
+
+    hidden_size: int
+    num_attention_heads: int
+    drop: float = 0.1
+
+    @nn.compact
+    def __call__(self, query, x, attention_mask=None, *, train: bool = False):
+        s = BertSelfAttention(self.hidden_size, self.num_attention_heads, self.drop, name="self")(
+            query, x, x, attention_mask, train=train)
+        s = nn.Dropout(self.drop)(s, deterministic=not train)
+        q = layer_norm(name="norm1")(query + s)
+        t = FeedForward(self.hidden_size, self.hidden_size, self.drop, name="output")(q, train=train)
+        t = nn.Dropout(self.drop)(t, deterministic=not train)
+        return layer_norm(name="norm2")(q + t)
+
+
+class GMMBlock(nn.Module):
+    """GMMFormer v1: independent v1 branches ``attn<k>`` (widths ``widths``), unweighted mean.
+
+    The official ``torch.mean(oo, -1).squeeze()`` (model_components.py:143) is kept without the squeeze,
+    which would break a batch of one.
+    """
+
+    hidden_size: int
+    num_attention_heads: int
+    drop: float = 0.1
+    widths: Sequence[Optional[float]] = GMM_WIDTHS
+
+    @nn.compact
+    def __call__(self, x, attention_mask=None, *, gmm_length=None, train: bool = False):
+        outs = [BertAttention(self.hidden_size, self.num_attention_heads, self.drop, w, name=f"attn{k}")(
+            x, attention_mask, gmm_length=gmm_length, train=train) for k, w in enumerate(self.widths)]
+        return jnp.mean(jnp.stack(outs, axis=-1), axis=-1)
+
+
+class DyGMMBlock(nn.Module):
+    """GMMFormer v2 DyGMMBlock (the temporal consolidation module), model_components.py:126-172.
+
+    K v2 branches ``attn0..attn{K-1}`` (``widths``, code order); one shared cross-attention ``ca`` whose
+    single query is the model-level ``weight_token`` reads each branch output (with the key mask); then
+    ``layer2(Dropout(ReLU(layer1(C))))`` gives ``(N, K, frame_len)`` logits, a softmax over the K
+    branches at temperature ``sft_factor`` gives per-position weights, and the output is the weighted sum
+    of the branch outputs. The K cross-attention calls are batched (branch folded into the batch axis).
+    ``L`` must equal ``frame_len``.
+    """
+
+    hidden_size: int
+    num_attention_heads: int
+    frame_len: int
+    sft_factor: float
+    drop: float = 0.1
+    widths: Sequence[Optional[float]] = DYGMM_WIDTHS
+    layer2_name: str = "layer2"  # MTM calls it fixed_layer2_projection
+    slice_logits: bool = False  # MTM: L may be < frame_len (= map_size); the logits are sliced to L
+
+    @nn.compact
+    def __call__(self, x, attention_mask, weight_token, *, train: bool = False):
+        n, seq_len, d = x.shape
+        if seq_len != self.frame_len and not (self.slice_logits and seq_len < self.frame_len):
+            raise ValueError(f"DyGMMBlock expects L == frame_len == {self.frame_len}, got {seq_len}")
+        oo = jnp.stack([BertAttentionV2(self.hidden_size, self.num_attention_heads, self.drop, w, name=f"attn{k}")(
+            x, attention_mask, train=train) for k, w in enumerate(self.widths)], axis=-1)  # (N, L, D, K)
+        n_br = oo.shape[-1]
+        keys = jnp.moveaxis(oo, -1, 0).reshape(n_br * n, seq_len, d)  # branch-major, like the loop :160-162
+        token = jnp.broadcast_to(weight_token.astype(x.dtype).reshape(1, 1, d), (n_br * n, 1, d))
+        mask = None if attention_mask is None else jnp.tile(attention_mask, (n_br, 1))
+        c = BertCrossAttention(self.hidden_size, self.num_attention_heads, self.drop, name="ca")(
+            token, keys, mask, train=train)  # (K*N, 1, D)
+        c = jnp.moveaxis(c.reshape(n_br, n, d), 0, 1)  # (N, K, D) = torch.cat(weight, dim=1)
+        w = jax.nn.relu(dense(self.hidden_size, name="layer1")(c))
+        w = nn.Dropout(self.drop)(w, deterministic=not train)
+        w = dense(self.frame_len, name=self.layer2_name)(w)[..., :seq_len]  # (N, K, L)
+        w = jax.nn.softmax(jnp.swapaxes(w, 1, 2) / self.sft_factor, axis=-1)  # (N, L, K)
+        return jnp.sum(oo * w[:, :, None, :], axis=-1)
