@@ -97,6 +97,15 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """Rebuilds a ModelConfig saved as JSON (tuples come back as lists); unknown keys are errors."""
+    hints = typing.get_type_hints(ModelConfig)
+    unknown = sorted(set(d) - set(hints))
+    if unknown:
+        raise JaxprvrError("checkpoint config", f"model fields of {sorted(hints)}", f"unknown {unknown}")
+    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
 def make_config(model: str, dataset: str, *, model_kw=None, data_kw=None, loss_kw=None, train_kw=None) -> Config:
     """Builds a Config with the dataset facts of ``DATASETS`` filled in."""
     if dataset not in DATASETS:

@@ -79,6 +79,12 @@ def resolve_params_dir(path: str | Path) -> Path:
     raise JaxprvrError(p, "a run folder, a checkpoint slot folder or a step folder with params/", "none of these")
 
 
+def read_meta(path: str | Path) -> dict:
+    """The JSON meta (config, epoch, ...) saved with a checkpoint; ``{}`` when there is none."""
+    meta_file = resolve_params_dir(path) / "meta" / "metadata"
+    return json.loads(meta_file.read_text()) if meta_file.exists() else {}
+
+
 def load_params(path: str | Path, abstract_params):
     """Restores only the parameters (and the JSON meta if present) from any accepted checkpoint path."""
     step_dir = resolve_params_dir(path)
@@ -87,9 +93,7 @@ def load_params(path: str | Path, abstract_params):
         params = ckptr.restore(step_dir / "params", abstract_params)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise JaxprvrError(step_dir / "params", "parameters matching the model config", f"{type(e).__name__}: {e}") from None
-    meta_file = step_dir / "meta" / "metadata"
-    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
-    return params, meta
+    return params, read_meta(step_dir)
 
 
 def abstract_tree(tree):

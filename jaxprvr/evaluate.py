@@ -14,6 +14,7 @@ Blocks are padded to static shapes (one compilation per split) and split over th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -165,11 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> dict:
     from configs import load_config
+    from configs.base import apply_overrides, model_config_from_dict
+    from jaxprvr.checkpoint import load_params, read_meta
     from jaxprvr.data import PRVRDataset
-    from jaxprvr.checkpoint import load_params
-    from jaxprvr.train import resolve_data_root, init_params, config_with_data_dims
+    from jaxprvr.train import config_with_data_dims, init_params, resolve_data_root
 
-    cfg = load_config(args.config, args.model, args.overrides)
+    cfg = load_config(args.config, args.model)
+    saved = read_meta(args.ckpt).get("config", {}).get("model")
+    if saved is not None:  # the architecture the checkpoint was trained with (e.g. a demo's width)
+        if args.model is not None and saved.get("name") != args.model:
+            raise JaxprvrError(args.ckpt, f"a checkpoint of --model {args.model}", f"one of {saved.get('name')}")
+        cfg = dataclasses.replace(cfg, model=model_config_from_dict(saved))
+    cfg = apply_overrides(cfg, args.overrides)
     root = resolve_data_root(cfg, args.data_root, args.demo)
     ds = PRVRDataset(root, cfg, args.split)
     cfg = config_with_data_dims(cfg, ds)

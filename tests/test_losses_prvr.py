@@ -516,6 +516,20 @@ def test_negatives_distinguish_hard_from_uniform_in_total_loss():
         "frame_t2v": (len(pb["query_valid"]),), "frame_v2t": (len(pb["video_valid"]),)}
 
 
+def test_traced_hard_flag_selects_the_static_draws():
+    """A traced ``hard`` (one compiled training step for both phases) gives exactly the static draws."""
+    ps, pb, _, _ = _padded_case()
+    for model in ("gmmformer", "ms_sl"):
+        scores = ps if model == "gmmformer" else {**ps, "frame": ps["clip"] @ ps["clip"].T}
+        traced = jax.jit(lambda h, s=scores, m=model: L.sample_negatives(m, s, pb, jax.random.key(5), hard=h,
+                                                                          hard_pool_size=2))
+        for hard in (False, True):
+            want = L.sample_negatives(model, scores, pb, jax.random.key(5), hard=hard, hard_pool_size=2)
+            got = traced(jnp.asarray(hard))
+            for k in want:
+                np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=f"{model} {k} {hard}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Optional: the official loss code transcribed in torch (autograd gradients)
 # ----------------------------------------------------------------------------------------------------

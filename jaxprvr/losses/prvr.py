@@ -282,16 +282,20 @@ def optimal_matching_loss(clip_feats: jax.Array, query: jax.Array, query_labels,
 # Negative sampling
 # ----------------------------------------------------------------------------------------------------
 
-def _draw(key, scores: jax.Array, candidates: jax.Array, *, hard: bool, pool_size: int) -> jax.Array:
+def _draw(key, scores: jax.Array, candidates: jax.Array, *, hard, pool_size: int) -> jax.Array:
     """One column per row of ``candidates (R, C)``: uniform over the candidates, or (hard) uniform over
-    the ``pool_size`` highest-scoring candidates. Rows without candidates return 0 (masked later)."""
+    the ``pool_size`` highest-scoring candidates. Rows without candidates return 0 (masked later).
+
+    ``hard`` is a Python bool, or a traced boolean scalar: then both draws are made and one is selected,
+    so a training step switching to hard negatives at some epoch compiles once."""
     scores = jax.lax.stop_gradient(_f32(scores))
     n_rows, n_cols = candidates.shape
     n = jnp.sum(candidates, axis=1)
-    if not hard:
-        r = jax.random.randint(key, (n_rows,), 0, jnp.maximum(n, 1))
-        # position of the r-th (0-based) candidate = first column where the running count exceeds r
-        return jnp.argmax(jnp.cumsum(candidates, axis=1) > r[:, None], axis=1).astype(jnp.int32)
+    r = jax.random.randint(key, (n_rows,), 0, jnp.maximum(n, 1))
+    # position of the r-th (0-based) candidate = first column where the running count exceeds r
+    uniform = jnp.argmax(jnp.cumsum(candidates, axis=1) > r[:, None], axis=1).astype(jnp.int32)
+    if isinstance(hard, bool) and not hard:
+        return uniform
     k = min(int(pool_size), n_cols)
     if k < 1:
         raise JaxprvrError("hard negative pool_size", "an integer >= 1", repr(pool_size))
@@ -299,7 +303,10 @@ def _draw(key, scores: jax.Array, candidates: jax.Array, *, hard: bool, pool_siz
     _, top = jax.lax.top_k(masked, k)  # descending; ties -> lower index first
     n_eff = jnp.minimum(n, k)
     r = jax.random.randint(key, (n_rows,), 0, jnp.maximum(n_eff, 1))
-    return _row_gather(top, r).astype(jnp.int32)
+    hardest = _row_gather(top, r).astype(jnp.int32)
+    if isinstance(hard, bool):
+        return hardest
+    return jnp.where(hard, hardest, uniform)
 
 
 def sample_t2v_negatives(key, scores: jax.Array, query_labels, query_valid, video_valid, *, hard: bool,
@@ -378,7 +385,7 @@ def _check_model(model_name: str) -> None:
 
 
 def total_loss(model_name: str, scores: Mapping[str, jax.Array], aux: Mapping[str, jax.Array],
-               batch: Mapping[str, jax.Array], cfg, key, *, hard: bool,
+               batch: Mapping[str, jax.Array], cfg, key, *, hard,
                negatives: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The official training loss of ``model_name`` -> ``(loss, terms)``.
 
@@ -391,8 +398,8 @@ def total_loss(model_name: str, scores: Mapping[str, jax.Array], aux: Mapping[st
       (GMMFormer_v2 ``Losses/loss.py:71-79``).
 
     ``terms`` holds every weighted term (``clip_nce``, ``clip_trip``, ``frame_nce``, ``frame_trip``, and
-    ``qdl``, ``ot`` where used); they sum to ``loss``. ``hard`` (a static bool) switches on hard
-    negatives (``epoch >= hard_negative_start_epoch``). ``negatives`` (keys :func:`negative_keys`)
+    ``qdl``, ``ot`` where used); they sum to ``loss``. ``hard`` (a Python bool, or a traced boolean
+    scalar so that one compiled step serves both phases) switches on hard negatives (``epoch >= hard_negative_start_epoch``). ``negatives`` (keys :func:`negative_keys`)
     replaces sampling; ``key`` is then unused. An optional ``negatives["ot_assignment"] (Q,)`` (the clip of
     each query, -1 = none) replaces the Hungarian matching of the v2 optimal matching loss.
     """
