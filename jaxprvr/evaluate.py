@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import jax
 import numpy as np
 
 from jaxprvr import sharding as shd
+from jaxprvr.cli import run_cli
 from jaxprvr.errors import JaxprvrError
 from jaxprvr.metrics.prvr import eval_q2m
 from jaxprvr.models import branch_weights
@@ -55,32 +55,32 @@ class Evaluator:
         self._encode_query = jax.jit(encode_query, out_shardings=data)
         self._score = jax.jit(score, in_shardings=(rep, data, rep), out_shardings=data)
 
-    def encode_gallery(self, params, ds, progress=False) -> dict:
-        from jaxprvr.data import video_batches
-
-        keys = ("clip_feats", "frame_feats", "frame_mask", "frame_len", "video_valid")
-        size = shd.round_up(self.cfg.data.eval_context_bsz, self._n)
+    def _encode_blocks(self, fn, params, batches, n_items, block, valid_key, keys, progress, desc):
+        """Runs ``fn`` on each block padded to a static, device-divisible size; keeps the valid rows."""
+        size = shd.round_up(block, self._n)
         outs = []
-        for b in _bar(video_batches(ds, self.cfg.data.eval_context_bsz), progress, "gallery",
-                      -(-len(ds.video_ids) // self.cfg.data.eval_context_bsz)):
+        for b in _bar(batches, progress, desc, -(-n_items // block)):
             b = _pad_rows({k: b[k] for k in keys}, size)
-            valid = np.asarray(b["video_valid"]) > 0
-            out = self._encode_video(params, shd.shard_batch(b, self.mesh))
+            valid = np.asarray(b[valid_key]) > 0
+            out = fn(params, shd.shard_batch(b, self.mesh))
             outs.append(jax.tree.map(lambda x, v=valid: np.asarray(x)[v], out))
         return jax.tree.map(lambda *xs: np.concatenate(xs, 0), *outs)
+
+    def encode_gallery(self, params, ds, progress=False) -> dict:
+        """Every gallery video in blocks of ``eval_context_bsz``, caption-file order (as the official loader)."""
+        from jaxprvr.data import video_batches
+
+        bsz = self.cfg.data.eval_context_bsz
+        return self._encode_blocks(self._encode_video, params, video_batches(ds, bsz), len(ds.video_ids), bsz,
+                                   "video_valid", ("clip_feats", "frame_feats", "frame_mask", "frame_len",
+                                                   "video_valid"), progress, "gallery")
 
     def encode_queries(self, params, ds, progress=False) -> np.ndarray:
         from jaxprvr.data import query_batches
 
-        keys = ("query_feats", "query_mask", "query_valid")
-        size = shd.round_up(self.cfg.data.eval_query_bsz, self._n)
-        outs = []
-        for b in _bar(query_batches(ds, self.cfg.data.eval_query_bsz), progress, "queries",
-                      -(-len(ds.cap_ids) // self.cfg.data.eval_query_bsz)):
-            b = _pad_rows({k: b[k] for k in keys}, size)
-            valid = np.asarray(b["query_valid"]) > 0
-            outs.append(np.asarray(self._encode_query(params, shd.shard_batch(b, self.mesh)))[valid])
-        return np.concatenate(outs, 0)
+        bsz = self.cfg.data.eval_query_bsz
+        return self._encode_blocks(self._encode_query, params, query_batches(ds, bsz), len(ds.cap_ids), bsz,
+                                   "query_valid", ("query_feats", "query_mask", "query_valid"), progress, "queries")
 
     def score_matrix(self, params, query: np.ndarray, gallery: dict, progress=False) -> dict:
         """Per-branch cosine score matrices (Nq, Nv) and their fused sum under key ``"fused"``."""
@@ -195,14 +195,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        res = run(args)
-    except JaxprvrError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(res))
-    return 0
+    return run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from jaxprvr import sharding as shd
+from jaxprvr.cli import jsonable, run_cli
 from jaxprvr.errors import JaxprvrError
 
 # What `--demo` changes on top of the chosen config, so that the run takes about 5 minutes on 2 CPU
@@ -137,17 +138,7 @@ class MetricWriter:
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps(_jsonable(record)) + "\n")
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.generic, np.ndarray, jax.Array)):
-        return np.asarray(x).tolist()
-    return x
+                f.write(json.dumps(jsonable(record)) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,7 +276,7 @@ def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = Tru
 
     test.update(split="test", checkpoint=slot, chance_sumr=chance_sumr(len(test_ds.video_ids)))
     if jax.process_index() == 0:
-        (out / "test_results.json").write_text(json.dumps(_jsonable(test), indent=2))
+        (out / "test_results.json").write_text(json.dumps(jsonable(test), indent=2))
     writer.write({"split": "test", **_flat(test)})
     summary["test"] = test
     return summary
@@ -372,23 +363,17 @@ def run(args) -> dict:
     return train(cfg, root, out, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        summary = run(args)
-    except JaxprvrError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the latest checkpoint is intact; continue with --resume", file=sys.stderr)
-        return 130
+def _report(summary: dict) -> None:
     test = summary.get("test")
     if test is not None:
         print(f"test SumR {test['sumr']:.2f} (chance {test['chance_sumr']:.2f}) "
               f"R@1 {test['r1']:.2f} R@5 {test['r5']:.2f} R@10 {test['r10']:.2f} R@100 {test['r100']:.2f}",
               file=sys.stderr)
-    print(json.dumps(_jsonable(summary)))
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(build_parser(), run, argv, report=_report,
+                   interrupted="interrupted: the latest checkpoint is intact; continue with --resume")
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def test_cli(tmp_path, capsys):
     # As a module, and a user error is one line on stderr with a non-zero exit.
     args = [sys.executable, "-m", "jaxprvr.data.synthetic", "--dataset", "cha", "--out", str(tmp_path / "x")]
     proc = subprocess.run(args, capture_output=True, text=True)
-    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "error:" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "error:" in proc.stderr
 
 
 def _small_demo(monkeypatch):

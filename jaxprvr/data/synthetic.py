@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from configs.base import DATASETS
 from jaxprvr.data.msl_format import SPLITS
+from jaxprvr.cli import run_cli
 from jaxprvr.errors import JaxprvrError
 
 LATENT_DIM = 16
@@ -250,19 +251,17 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--visual-dim", type=int, default=None, help="default: the official dim of --dataset")
     parser.add_argument("--query-dim", type=int, default=None, help="default: the official dim of --dataset")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    try:
+
+    def run(args) -> dict:
+        start = time.perf_counter()
         root = write_synthetic(args.out, args.dataset, args.train_videos, args.val_videos, args.test_videos,
                                seed=args.seed, visual_dim=args.visual_dim, query_dim=args.query_dim)
-    except JaxprvrError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    marker = root / DATASETS[args.dataset]["collection"] / MARKER
-    summary = dict(out=str(root), **json.loads(marker.read_text(encoding="utf-8")))
-    summary["seconds"] = round(time.perf_counter() - start, 2)
-    print(json.dumps(summary))
-    return 0
+        marker = root / DATASETS[args.dataset]["collection"] / MARKER
+        summary = dict(out=str(root), **json.loads(marker.read_text(encoding="utf-8")))
+        summary["seconds"] = round(time.perf_counter() - start, 2)
+        return summary
+
+    return run_cli(parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from configs.base import ModelConfig
-from jaxprvr.models.layers import (GMM_WIDTHS, BertAttention, GMMBlock, LinearLayer, TrainablePositionalEncoding,
-                                   attention_pool, dense, l2_normalize, max_scores)
+from jaxprvr.models.layers import (GMM_WIDTHS, BertAttention, GMMBlock, LinearLayer, QueryBranch,
+                                   TrainablePositionalEncoding, attention_pool, dense, l2_normalize,
+                                   max_scores)
 
 
 def batch_frame_length(frame_len, frame_mask):
@@ -54,7 +55,7 @@ def batch_frame_length(frame_len, frame_mask):
     return jnp.maximum(jnp.max(jnp.where(has_frames, frame_len, 0)), 1).astype(jnp.int32)
 
 
-class GMMFormer(nn.Module):
+class GMMFormer(QueryBranch, nn.Module):
     """GMMFormer v1 network. See the module docstring for names; methods as in :mod:`jaxprvr.models`."""
 
     cfg: ModelConfig
@@ -78,16 +79,6 @@ class GMMFormer(nn.Module):
         self.modular_vector_mapping_2 = dense(1, use_bias=False)
 
     # ------------------------------------------------------------------ encoders
-    def _encode_query(self, query_feats, query_mask, train):
-        emb = self.query_pos_embed(self.query_input_proj(query_feats, train=train), train=train)
-        tokens = self.query_encoder(emb, query_mask, train=train)
-        q = attention_pool(self.modular_vector_mapping(tokens), query_mask, tokens)
-        return q, {"query_embed": emb, "query_tokens": tokens}
-
-    def encode_query(self, query_feats, query_mask, *, train: bool = False):
-        """``(Q, Lq, Dq), (Q, Lq) -> (Q, D)``."""
-        return self._encode_query(query_feats, query_mask, train)[0]
-
     def _encode_video(self, clip_feats, frame_feats, frame_mask, frame_len, train):
         clip_emb = self.clip_pos_embed(self.clip_input_proj(clip_feats, train=train), train=train)
         clips_1 = self.clip_encoder(clip_emb, None, train=train)

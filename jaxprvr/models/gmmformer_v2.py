@@ -40,11 +40,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from configs.base import ModelConfig
-from jaxprvr.models.layers import (DYGMM_WIDTHS, BertAttentionV2, DyGMMBlock, LinearLayer,
-                                   TrainablePositionalEncoding, attention_pool, dense, l2_normalize, max_scores)
+from jaxprvr.models.layers import (DYGMM_WIDTHS, BertAttentionV2, DyGMMBlock, LinearLayer, QueryBranch,
+                                   TrainablePositionalEncoding, dense, l2_normalize, max_scores)
 
 
-class GMMFormerV2(nn.Module):
+class GMMFormerV2(QueryBranch, nn.Module):
     """GMMFormer v2 network. See the module docstring for names; methods as in :mod:`jaxprvr.models`."""
 
     cfg: ModelConfig
@@ -68,16 +68,6 @@ class GMMFormerV2(nn.Module):
         self.weight_token = self.param("weight_token", nn.initializers.normal(stddev=1.0), (1, 1, d))
 
     # ------------------------------------------------------------------ encoders
-    def _encode_query(self, query_feats, query_mask, train):
-        emb = self.query_pos_embed(self.query_input_proj(query_feats, train=train), train=train)
-        tokens = self.query_encoder(emb, query_mask, train=train)
-        q = attention_pool(self.modular_vector_mapping(tokens), query_mask, tokens)
-        return q, {"query_embed": emb, "query_tokens": tokens}
-
-    def encode_query(self, query_feats, query_mask, *, train: bool = False):
-        """``(Q, Lq, Dq), (Q, Lq) -> (Q, D)``."""
-        return self._encode_query(query_feats, query_mask, train)[0]
-
     def _encode_video(self, clip_feats, frame_feats, frame_mask, train):
         clip_emb = self.clip_pos_embed(self.clip_input_proj(clip_feats, train=train), train=train)
         clips = self.clip_encoder(clip_emb, None, self.weight_token, train=train)

@@ -85,6 +85,22 @@ def max_scores(query, context):
     return jnp.max(s, axis=-1), jnp.argmax(s, axis=-1).astype(jnp.int32)
 
 
+class QueryBranch:
+    """The query branch every PRVR model shares (MS-SL/GMMFormer ``encode_query``): ``query_input_proj``
+    (LinearLayer) -> ``query_pos_embed`` -> ``query_encoder`` -> attention pooling with
+    ``modular_vector_mapping``. Mixed into a model whose ``setup`` defines those four submodules."""
+
+    def _encode_query(self, query_feats, query_mask, train):
+        emb = self.query_pos_embed(self.query_input_proj(query_feats, train=train), train=train)
+        tokens = self.query_encoder(emb, query_mask, train=train)
+        q = attention_pool(self.modular_vector_mapping(tokens), query_mask, tokens)
+        return q, {"query_embed": emb, "query_tokens": tokens}
+
+    def encode_query(self, query_feats, query_mask, *, train: bool = False):
+        """``(Q, Lq, Dq), (Q, Lq) -> (Q, D)``."""
+        return self._encode_query(query_feats, query_mask, train)[0]
+
+
 class LinearLayer(nn.Module):
     """``LayerNorm(in) -> Dropout -> Linear -> ReLU`` (torch keys ``LayerNorm.*``, ``net.1.*``)."""
 

@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.base import ModelConfig
-from jaxprvr.models.layers import (BertAttention, LinearLayer, TrainablePositionalEncoding, attention_pool, dense,
-                                   l2_normalize, max_scores)
+from jaxprvr.models.layers import (BertAttention, LinearLayer, QueryBranch, TrainablePositionalEncoding,
+                                   dense, l2_normalize, max_scores)
 
 KEY_CLIP_MASK_FILL = -1e9  # masked_fill value of key_clip_guided_attention (model.py:220, :238)
 
@@ -110,7 +110,7 @@ def key_clip_attention_inference(key, value, proposals, frame_mask, key_clip_ind
     return jnp.einsum("vlq,vld->vqd", att, value)
 
 
-class MSSL(nn.Module):
+class MSSL(QueryBranch, nn.Module):
     """MS-SL network. See the module docstring for names; methods as in :mod:`jaxprvr.models`."""
 
     cfg: ModelConfig
@@ -131,16 +131,6 @@ class MSSL(nn.Module):
         self.mapping_linear = [dense(d, use_bias=False) for _ in range(2)]
 
     # ------------------------------------------------------------------ encoders
-    def _encode_query(self, query_feats, query_mask, train):
-        emb = self.query_pos_embed(self.query_input_proj(query_feats, train=train), train=train)
-        tokens = self.query_encoder(emb, query_mask, train=train)
-        q = attention_pool(self.modular_vector_mapping(tokens), query_mask, tokens)
-        return q, {"query_embed": emb, "query_tokens": tokens}
-
-    def encode_query(self, query_feats, query_mask, *, train: bool = False):
-        """``(Q, Lq, Dq), (Q, Lq) -> (Q, D)``."""
-        return self._encode_query(query_feats, query_mask, train)[0]
-
     def _encode_video(self, clip_feats, frame_feats, frame_mask, train):
         clip_emb = self.clip_pos_embed(self.clip_input_proj(clip_feats, train=train), train=train)
         clips = self.clip_encoder(clip_emb, None, train=train)
