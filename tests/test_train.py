@@ -2,14 +2,17 @@
 and the CLIs behave (JSON out, one-line errors)."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from jaxprvr.checkpoint import Checkpoints, abstract_tree
+from jaxprvr.errors import JaxprvrError
 from jaxprvr.metrics.prvr import chance_sumr
 from jaxprvr.train import train
 from tests.conftest import tiny_config
@@ -54,23 +57,54 @@ def _abstract():
     return abstract_tree(jax.eval_shape(lambda: init_params(build_model(cfg.model), cfg, jax.random.PRNGKey(0))))
 
 
-def test_resume_is_exact(tiny_root, tmp_path):
-    """Stopping mid-epoch (as a kill after a checkpoint would) and resuming gives the same parameters."""
+def test_resume_after_a_kill_is_exact(tiny_root, tmp_path):
+    """A training process killed (SIGKILL) after its first mid-epoch checkpoint leaves a loadable
+    checkpoint, and ``--resume`` ends with the same parameters as an uninterrupted run."""
+    from tests.conftest import TINY_OVERRIDES
+
     extra = ["train.n_epoch=2", "train.ckpt_every_steps=3", "loss.hard_negative_start_epoch=1"]
     cfg = tiny_config("gmmformer", extra=extra)
     full = train(cfg, tiny_root, tmp_path / "full", progress=False, run_test=False)
-    part = train(cfg, tiny_root, tmp_path / "part", progress=False, run_test=False, max_steps=7)
-    assert part["steps"] == 7
-    with pytest.raises(Exception, match="--resume"):
-        train(cfg, tiny_root, tmp_path / "part", progress=False, run_test=False)
-    resumed = train(cfg, tiny_root, tmp_path / "part", progress=False, run_test=False, resume=True)
+    part = tmp_path / "part"
+    proc = subprocess.Popen([sys.executable, "-m", "jaxprvr.train", "--config", "tvr", "--model", "gmmformer",
+                             "--data-root", str(tiny_root), "--out", str(part), "--no-progress",
+                             *[f"--set={o}" for o in TINY_OVERRIDES + extra]],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = part / "ckpt" / "latest"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_dir() and any(p.name.isdigit() and int(p.name) >= 3 for p in latest.iterdir()):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(p.name) for p in latest.iterdir() if p.name.isdigit())
+    assert 3 <= killed_at < full["steps"]
+    with pytest.raises(JaxprvrError, match="--resume"):
+        train(cfg, tiny_root, part, progress=False, run_test=False)
+    resumed = train(cfg, tiny_root, part, progress=False, run_test=False, resume=True)
     assert resumed["steps"] == full["steps"] == 2 * 10
     s1, p1, m1 = _params(tmp_path / "full")
-    s2, p2, m2 = _params(tmp_path / "part")
+    s2, p2, m2 = _params(part)
     assert s1 == s2
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_array_equal(a, b)
     assert m1["best_sumr"] == m2["best_sumr"] and m1["best_epoch"] == m2["best_epoch"]
+
+
+def test_max_steps_stop_and_early_stopping(tiny_root, tmp_path):
+    """``max_steps`` stops and saves like a kill; with lr 0 no epoch improves on the first, so the official
+    rule (stop when ``es_cnt > max_es_cnt``) ends training after epoch ``max_es_cnt + 1``."""
+    cfg = tiny_config("gmmformer", extra=["train.lr=0", "train.n_epoch=10", "train.max_es_cnt=1"])
+    part = train(cfg, tiny_root, tmp_path / "run", progress=False, run_test=False, max_steps=4)
+    assert part["steps"] == 4 and part["epochs_done"] == 0
+    out = train(cfg, tiny_root, tmp_path / "run", progress=False, run_test=False, resume=True)
+    assert out["epochs_done"] == 3 and out["best_epoch"] == 0 and out["steps"] == 3 * 10
+    vals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    vals = [v for v in vals if v.get("split") == "val"]
+    assert [v["improved"] for v in vals] == [True, False, False]
+    assert len({v["sumr"] for v in vals}) == 1  # lr 0: the parameters never change
 
 
 def _cli(*args, cwd=None):
