@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch_ref.layers import (GMM_WIDTHS, BertAttention, GMMBlock, LinearLayer, TrainablePositionalEncoding,
-                              as_tensor, attention_pool, max_scores, reset_parameters)
+from torch_ref.layers import (GMM_WIDTHS, BertAttention, GMMBlock, LinearLayer, QueryBranch,
+                              TrainablePositionalEncoding, as_tensor, attention_pool, max_scores,
+                              reset_parameters)
 
 
 def batch_frame_length(frame_len, frame_mask) -> int:
@@ -22,7 +23,7 @@ def batch_frame_length(frame_len, frame_mask) -> int:
     return max(int((frame_len.to(frame_mask.device).long() * has.long()).max()), 1)
 
 
-class GMMFormer(nn.Module):
+class GMMFormer(QueryBranch, nn.Module):
     def __init__(self, cfg, widths=GMM_WIDTHS):
         super().__init__()
         self.cfg = cfg
@@ -41,15 +42,6 @@ class GMMFormer(nn.Module):
         self.modular_vector_mapping = nn.Linear(d, 1, bias=False)
         self.modular_vector_mapping_2 = nn.Linear(d, 1, bias=False)
         reset_parameters(self)
-
-    def _encode_query(self, query_feats, query_mask):
-        emb = self.query_pos_embed(self.query_input_proj(query_feats))
-        tokens = self.query_encoder(emb, query_mask)
-        return attention_pool(self.modular_vector_mapping, tokens, query_mask), {"query_embed": emb,
-                                                                                 "query_tokens": tokens}
-
-    def encode_query(self, query_feats, query_mask):
-        return self._encode_query(query_feats, query_mask)[0]
 
     def _encode_video(self, clip_feats, frame_feats, frame_mask, frame_len):
         clip_emb = self.clip_pos_embed(self.clip_input_proj(clip_feats))

@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch_ref.layers import (DYGMM_WIDTHS, BertAttentionV2, DyGMMBlock, LinearLayer, TrainablePositionalEncoding,
-                              as_tensor, attention_pool, max_scores, reset_parameters)
+from torch_ref.layers import (DYGMM_WIDTHS, BertAttentionV2, DyGMMBlock, LinearLayer, QueryBranch,
+                              TrainablePositionalEncoding, as_tensor, max_scores, reset_parameters)
 
 
-class GMMFormerV2(nn.Module):
+class GMMFormerV2(QueryBranch, nn.Module):
     def __init__(self, cfg, widths=DYGMM_WIDTHS):
         super().__init__()
         self.cfg = cfg
@@ -31,15 +31,6 @@ class GMMFormerV2(nn.Module):
         self.modular_vector_mapping = nn.Linear(d, 1, bias=False)
         self.weight_token = nn.Parameter(torch.randn(1, 1, d))
         reset_parameters(self)  # weight_token (a raw Parameter) keeps its randn init, as official
-
-    def _encode_query(self, query_feats, query_mask):
-        emb = self.query_pos_embed(self.query_input_proj(query_feats))
-        tokens = self.query_encoder(emb, query_mask)
-        return attention_pool(self.modular_vector_mapping, tokens, query_mask), {"query_embed": emb,
-                                                                                 "query_tokens": tokens}
-
-    def encode_query(self, query_feats, query_mask):
-        return self._encode_query(query_feats, query_mask)[0]
 
     def _encode_video(self, clip_feats, frame_feats, frame_mask):
         clip_emb = self.clip_pos_embed(self.clip_input_proj(clip_feats))

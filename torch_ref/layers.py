@@ -263,3 +263,18 @@ def as_tensor(x, device=None, dtype=None):
         import numpy as np
         x = torch.from_numpy(np.array(x))
     return x.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else x
+
+
+class QueryBranch:
+    """The query branch every PRVR model shares (official ``encode_query``): ``query_input_proj`` ->
+    ``query_pos_embed`` -> ``query_encoder`` -> attention pooling with ``modular_vector_mapping``.
+    Mixed into a model whose ``__init__`` defines those four submodules."""
+
+    def _encode_query(self, query_feats, query_mask):
+        emb = self.query_pos_embed(self.query_input_proj(query_feats))
+        tokens = self.query_encoder(emb, query_mask)
+        return attention_pool(self.modular_vector_mapping, tokens, query_mask), {"query_embed": emb,
+                                                                                 "query_tokens": tokens}
+
+    def encode_query(self, query_feats, query_mask):
+        return self._encode_query(query_feats, query_mask)[0]

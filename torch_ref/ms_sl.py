@@ -10,13 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch_ref.layers import (BertAttention, LinearLayer, TrainablePositionalEncoding, as_tensor, attention_pool,
+from torch_ref.layers import (BertAttention, LinearLayer, QueryBranch, TrainablePositionalEncoding, as_tensor,
                               max_scores, reset_parameters)
 
 KEY_CLIP_MASK_FILL = -1e9
 
 
-class MSSL(nn.Module):
+class MSSL(QueryBranch, nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -37,15 +37,6 @@ class MSSL(nn.Module):
         reset_parameters(self)
 
     # ------------------------------------------------------------------ encoders
-    def _encode_query(self, query_feats, query_mask):
-        emb = self.query_pos_embed(self.query_input_proj(query_feats))
-        tokens = self.query_encoder(emb, query_mask)
-        return attention_pool(self.modular_vector_mapping, tokens, query_mask), {"query_embed": emb,
-                                                                                 "query_tokens": tokens}
-
-    def encode_query(self, query_feats, query_mask):
-        return self._encode_query(query_feats, query_mask)[0]
-
     def encode_feat_map(self, x):
         pool_in = x.permute(0, 2, 1)
         return torch.cat([pool(pool_in).permute(0, 2, 1) for pool in self.pool_layers], dim=1)
