@@ -205,14 +205,13 @@ def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = Tru
     while not m["stopped"] and m["next_epoch"] < tc.n_epoch:
         epoch = m["next_epoch"]
         hard = epoch >= cfg.loss.hard_negative_start_epoch
-        batches = train_batches(train_ds, tc.batch_size, epoch, tc.seed, q_cap)
+        first = m["step_in_epoch"]  # > 0 when resuming inside an epoch
+        batches = train_batches(train_ds, tc.batch_size, epoch, tc.seed, q_cap, skip=first)
         batches = prefetch((_pad_batch(b, bsz) for b in batches), cfg.data.prefetch)
         bar = _progress(progress, steps_per_epoch, f"epoch {epoch}", initial=m["step_in_epoch"])
         losses = []
         t_last, seen_v, seen_q = time.perf_counter(), 0, 0
-        for i, batch in enumerate(batches):
-            if i < m["step_in_epoch"]:
-                continue  # resume inside an epoch: the order is a function of (seed, epoch)
+        for i, batch in enumerate(batches, start=first):
             if max_steps is not None and int(state["step"]) >= max_steps:
                 stopped_by_max_steps = True
                 break

@@ -104,6 +104,19 @@ def test_train_order_is_deterministic_per_seed_and_epoch(ds):
     assert order(3, 0) != order(4, 0)
 
 
+def test_skip_resumes_inside_an_epoch(ds):
+    """``skip=k`` gives exactly the epoch's batches after the first k (what ``--resume`` relies on)."""
+    cap = ds.query_capacity(B, 1)
+    full = list(train_batches(ds, B, 3, 5, cap))
+    for k in (1, len(full) - 1, len(full)):
+        rest = list(train_batches(ds, B, 3, 5, cap, skip=k))
+        assert len(rest) == len(full) - k
+        for a, b in zip(full[k:], rest):
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_sort_ties_are_exercised(ds):
     """Three videos have 128 frames after sampling; some tested epoch puts two of them in one batch, so the
     stable-sort order is checked by test_train_batches_match_brute_force."""

@@ -176,7 +176,8 @@ def _query_block(ds: PRVRDataset, queries: np.ndarray, capacity: int) -> Batch:
     return out
 
 
-def train_batches(ds: PRVRDataset, batch_size: int, epoch: int, seed: int, query_capacity: int) -> Iterator[Batch]:
+def train_batches(ds: PRVRDataset, batch_size: int, epoch: int, seed: int, query_capacity: int,
+                  skip: int = 0) -> Iterator[Batch]:
     """One epoch of training batches, ``ceil(Nv / batch_size)`` of them, all of the same shapes.
 
     The video order is a permutation drawn from ``np.random.default_rng([seed, epoch])`` (the official
@@ -184,7 +185,8 @@ def train_batches(ds: PRVRDataset, batch_size: int, epoch: int, seed: int, query
     descending and stable (``collate_train``: ``data.sort(key=lambda x: len(x[1]), reverse=True)``,
     ms-sl ``data_provider.py:78-79``); padded videos come last. Each video brings all its queries, in
     caption order, contiguous and in video order (``data_provider.py:101-104``); ``query_labels`` is the
-    batch row of each query's video.
+    batch row of each query's video. ``skip`` leaves out the first batches of the epoch without reading
+    their features (a resumed run starts where it stopped; the order does not change).
 
     Keys and shapes (B = batch_size, Q = query_capacity, L = max_ctx_l, M = map_size, T = max_desc_l):
     ``clip_feats (B,M,Dv)``, ``frame_feats (B,L,Dv)``, ``frame_mask (B,L)``, ``frame_len (B,)``,
@@ -192,7 +194,7 @@ def train_batches(ds: PRVRDataset, batch_size: int, epoch: int, seed: int, query
     ``query_valid (Q,)``, ``query_labels (Q,)`` (0 for pads), ``query_index (Q,)`` (-1 = pad).
     """
     order = np.random.default_rng([seed, epoch]).permutation(ds.num_videos)
-    for start in range(0, ds.num_videos, batch_size):
+    for start in range(skip * batch_size, ds.num_videos, batch_size):
         chunk = order[start:start + batch_size]
         rows = chunk[np.argsort(-ds.frame_lengths[chunk], kind="stable")]
         queries = np.concatenate([ds.video_query_index[v] for v in rows])
