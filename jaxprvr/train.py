@@ -146,8 +146,10 @@ class MetricWriter:
 # ----------------------------------------------------------------------------------------------
 
 def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = True, max_steps: int | None = None,
-          mesh=None, run_test: bool = True) -> dict:
-    """Trains and returns a summary dict. ``max_steps`` stops early (saving ``latest``), as a kill would."""
+          mesh=None, run_test: bool = True, init_from: str | None = None) -> dict:
+    """Trains and returns a summary dict. ``max_steps`` stops early (saving ``latest``), as a kill would.
+    ``init_from`` (any checkpoint path :func:`jaxprvr.checkpoint.load_params` accepts, e.g. the output of
+    ``python -m parity.convert torch2jax``) starts from those parameters with a fresh optimizer (fine-tuning)."""
     from jaxprvr.checkpoint import Checkpoints, abstract_tree
     from jaxprvr.data import PRVRDataset, prefetch, train_batches
     from jaxprvr.evaluate import Evaluator, format_metrics
@@ -179,6 +181,8 @@ def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = Tru
     model = build_model(cfg.model)
     key = jax.random.PRNGKey(tc.seed)
     params = jax.jit(lambda k: init_params(model, cfg, k), out_shardings=shd.replicated(mesh))(key)
+    if init_from is not None and not (resume and has_ckpt):
+        params = _init_from(init_from, cfg, abstract_tree(params), mesh)
     tx = make_optimizer(cfg, params, steps_per_epoch)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
     state = shd.replicate(state, mesh)
@@ -195,6 +199,8 @@ def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = Tru
     lr_at = _lr_schedule(cfg, steps_per_epoch)
 
     def save(slot, meta_extra):
+        if ckpts.latest_step(slot) == int(state["step"]):
+            return  # nothing trained since this slot was written (e.g. --max-steps reached at once)
         meta = dict(progress_meta, global_step=int(state["step"]), config=cfg.to_dict(), **meta_extra)
         ckpts.save(slot, int(state["step"]), state["params"], state["opt_state"], meta)
 
@@ -281,6 +287,17 @@ def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = Tru
     return summary
 
 
+def _init_from(path, cfg, abstract, mesh):
+    from jaxprvr.checkpoint import load_params, read_meta
+
+    saved = read_meta(path).get("config", {}).get("model", {})
+    if saved and saved.get("name") != cfg.model.name:
+        raise JaxprvrError(path, f"a checkpoint of model {cfg.model.name}", f"one of {saved.get('name')}",
+                           hint="pass the matching --model")
+    params, _ = load_params(path, abstract)
+    return shd.replicate(params, mesh)
+
+
 def _pad_batch(batch: dict, size: int) -> dict:
     """Pads the video axis to a multiple of the device count (only when B is not already one)."""
     b = batch["video_valid"].shape[0]
@@ -339,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="create (once) and use a synthetic dataset with a planted signal; a short run")
     p.add_argument("--out", default=None, help="output folder (default: runs/<model>-<dataset>[-demo-<time>])")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt/latest")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start from the parameters of this checkpoint (e.g. one made by parity.convert), "
+                        "with a fresh optimizer: fine-tuning")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.n_epoch=1 (repeatable)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many global steps (saves latest)")
@@ -359,7 +379,8 @@ def run(args) -> dict:
         out = f"runs/{cfg.model.name}-{cfg.data.dataset}"
         if args.demo and not args.resume:
             out += "-demo-" + datetime.now().strftime("%Y%m%d-%H%M%S")
-    return train(cfg, root, out, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps)
+    return train(cfg, root, out, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps,
+                 init_from=args.init_from)
 
 
 def _report(summary: dict) -> None:

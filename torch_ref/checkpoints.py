@@ -265,18 +265,27 @@ def warmup_linear_schedule(warmup: float = 0.01, t_total: float = -1) -> Placeho
     return sched
 
 
-def bert_adam_state(state_dict, lr=3e-4, warmup=0.01, t_total=-1) -> dict:
-    """An official-looking ``BertAdam.state_dict()`` (empty moments) with the two weight-decay groups."""
+def bert_adam_state(names, lr=3e-4, warmup=0.01, t_total=-1, moments=None) -> dict:
+    """An official ``BertAdam.state_dict()`` for the parameters ``names`` (state_dict order) with the two
+    weight-decay groups of ``Opts/builder.py``. Parameter ids are numbered consecutively across the groups, as
+    ``torch.optim.Optimizer.state_dict`` does. ``moments`` maps a name to ``(step, next_m, next_v)``; without it
+    the state is empty (an optimizer that never stepped)."""
     no_decay = ("bias", "LayerNorm.bias", "LayerNorm.weight")
-    names = list(state_dict)
-    decay = [i for i, n in enumerate(names) if not any(nd in n for nd in no_decay)]
-    plain = [i for i, n in enumerate(names) if any(nd in n for nd in no_decay)]
+    names = list(names)
+    decay = [n for n in names if not any(nd in n for nd in no_decay)]
+    plain = [n for n in names if any(nd in n for nd in no_decay)]
+    ids = {n: i for i, n in enumerate(decay + plain)}
     sched = warmup_linear_schedule(warmup, t_total)
-    def group(wd, params):  # key order of torch Optimizer.state_dict() with BertAdam's defaults
-        return dict(lr=lr, schedule=sched, b1=0.9, b2=0.999, e=1e-6, weight_decay=wd, max_grad_norm=1.0,
-                    params=params)
 
-    return {"state": {}, "param_groups": [group(0.01, decay), group(0.0, plain)]}
+    def group(wd, members):  # key order of torch Optimizer.state_dict() with BertAdam's defaults
+        return dict(lr=lr, schedule=sched, b1=0.9, b2=0.999, e=1e-6, weight_decay=wd, max_grad_norm=1.0,
+                    params=[ids[n] for n in members])
+
+    state = {}
+    for n, (step, m, v) in (moments or {}).items():
+        state[ids[n]] = {"step": int(step), "next_m": m, "next_v": v}
+    state = dict(sorted(state.items()))
+    return {"state": state, "param_groups": [group(0.01, decay), group(0.0, plain)]}
 
 
 def easydict(d: dict) -> Placeholder:

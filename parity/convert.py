@@ -1,0 +1,472 @@
+"""Checkpoint conversion between the official PyTorch code and jaxprvr, both ways, bit-exact.
+
+Library::
+
+    from parity.convert import torch_to_flax, flax_to_torch
+    params = torch_to_flax("gmmformer_v2", state_dict)      # nested dict of numpy arrays (Flax layout)
+    state_dict = flax_to_torch("gmmformer_v2", params)       # OrderedDict in the official key order
+
+Each model has one explicit key table (``parity/<model>.py``; rows :class:`parity.keys.Entry`: torch key,
+Flax path, kind). The kind decides the transform (Linear weights are transposed, everything else is copied),
+never the shape. A key the table does not know, or a key it expects and does not find, raises
+:class:`ConversionError` listing them. A ``module.`` prefix (``nn.DataParallel``) is stripped.
+The BertAdam state converts too (``next_m``/``next_v`` take the same transforms as their parameters).
+
+Command line (``--help`` for all options)::
+
+    python -m parity.convert torch2jax --model gmmformer_v2 --config tvr best.ckpt runs/converted
+    python -m jaxprvr.evaluate --config tvr --ckpt runs/converted --data-root DATA
+    python -m parity.convert jax2torch --model gmmformer_v2 --config tvr runs/mine out/best.ckpt
+
+``torch2jax`` writes ``OUT_DIR/ckpt/best`` (parameters + the config, for ``jaxprvr.evaluate`` and
+``jaxprvr.train --init-from``) and, when the file carries BertAdam moments (GMMFormer/v2 ``best.ckpt``),
+``OUT_DIR/ckpt/latest`` with the optimizer state and the epoch, so ``jaxprvr.train --out OUT_DIR --resume``
+continues the official run (as the official ``main.py --resume`` does). ``jax2torch`` writes the official
+file of the model: MS-SL ``model.ckpt`` (``{"model", "model_cfg", "epoch"}``) or GMMFormer/v2 ``best.ckpt``
+(``{"config", "epoch", "model_val", "state_dict", "optimizer"}``, with the moments when the JAX checkpoint has
+them), which the official code loads with its own ``torch.load`` + ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import importlib
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from jaxprvr.errors import JaxprvrError
+from parity.keys import Entry, to_flax, to_torch
+
+MODEL_NAMES = ("ms_sl", "gmmformer", "gmmformer_v2")
+NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")  # official weight-decay groups (Opts/builder.py)
+
+
+class ConversionError(JaxprvrError):
+    """Keys missing from / unexpected in a checkpoint, or a tensor of the wrong shape."""
+
+    def __init__(self, where, expected, found, missing=(), unexpected=(), hint=None):
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        super().__init__(where, expected, found, hint)
+
+
+def table(model_name: str) -> tuple[Entry, ...]:
+    """The key table of ``model_name``, in the official ``state_dict`` order."""
+    if model_name not in MODEL_NAMES:
+        raise JaxprvrError("--model", f"one of {list(MODEL_NAMES)}", repr(model_name))
+    return importlib.import_module(f"parity.{model_name}").TABLE
+
+
+# ------------------------------------------------------------------------------------------ arrays
+
+
+def to_numpy(x) -> np.ndarray:
+    """A numpy copy of a torch tensor / jax or numpy array, dtype kept (bfloat16 via ml_dtypes)."""
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+        return x.numpy().copy()
+    return np.array(x, copy=True)
+
+
+def to_tensor(a: np.ndarray):
+    import torch
+
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def flatten(params: Mapping) -> dict[str, Any]:
+    """Nested Flax params -> ``{"a/b/kernel": array}``."""
+    out = {}
+
+    def walk(prefix, node):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(f"{prefix}/{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = node
+
+    walk("", params)
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def _strip_module(keys_to_values: Mapping) -> "collections.OrderedDict":
+    keys = list(keys_to_values)
+    if keys and all(k.startswith("module.") for k in keys):
+        return collections.OrderedDict((k[len("module."):], v) for k, v in keys_to_values.items())
+    return collections.OrderedDict(keys_to_values)
+
+
+def _check_keys(where, expected_keys, found_keys, what: str) -> None:
+    exp, got = list(expected_keys), set(found_keys)
+    missing = [k for k in exp if k not in got]
+    unexpected = sorted(got - set(exp))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {', '.join(unexpected[:8])}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+        raise ConversionError(where, f"exactly the {len(exp)} {what}", "; ".join(parts), missing, unexpected,
+                              hint="is --model right?")
+
+
+def _check_rank(where, e: Entry, a: np.ndarray) -> None:
+    from parity.keys import KINDS
+
+    want = KINDS[e.kind]
+    if want is not None and a.ndim != want:
+        raise ConversionError(where, f"{e.torch} of rank {want} ({e.kind})", f"shape {tuple(a.shape)}")
+
+
+# ------------------------------------------------------------------------------------------ parameters
+
+
+def torch_to_flax(model_name: str, state_dict: Mapping, where="state_dict") -> dict:
+    """Official ``state_dict`` (tensors or arrays; ``module.`` prefix allowed) -> nested Flax params (numpy)."""
+    tab = table(model_name)
+    sd = _strip_module(state_dict)
+    _check_keys(where, [e.torch for e in tab], sd, f"{model_name} state_dict keys")
+    flat = {}
+    for e in tab:
+        a = to_numpy(sd[e.torch])
+        _check_rank(where, e, a)
+        flat[e.flax] = to_flax(e.kind, a)
+    return unflatten(flat)
+
+
+def flax_to_arrays(model_name: str, params: Mapping, where="params") -> "collections.OrderedDict[str, np.ndarray]":
+    """Flax params -> official ``state_dict`` as numpy arrays, in the official key order."""
+    tab = table(model_name)
+    flat = flatten(params)
+    _check_keys(where, [e.flax for e in tab], flat, f"{model_name} Flax parameters")
+    out = collections.OrderedDict()
+    for e in tab:
+        a = to_torch(e.kind, to_numpy(flat[e.flax]))
+        _check_rank(where, e, a)
+        out[e.torch] = a
+    return out
+
+
+def flax_to_torch(model_name: str, params: Mapping, where="params") -> "collections.OrderedDict":
+    """Flax params -> official ``state_dict`` (CPU torch tensors, official key order)."""
+    return collections.OrderedDict((k, to_tensor(a)) for k, a in flax_to_arrays(model_name, params, where).items())
+
+
+def check_shapes(params: Mapping, reference: Mapping, where, model_name: str | None = None) -> None:
+    """Every leaf of ``params`` has the shape of ``reference`` (arrays or ``ShapeDtypeStruct``); the error
+    names the official key."""
+    flat, ref = flatten(params), flatten(reference)
+    _check_keys(where, list(ref), flat, "parameters of the configured model")
+    names = {e.flax: e.torch for e in table(model_name)} if model_name else {p: p for p in ref}
+    bad = [p for p in names if tuple(np.shape(flat[p])) != tuple(ref[p].shape)]  # official order
+    if bad:
+        p = bad[0]
+        raise ConversionError(where, f"{names[p]} of shape {tuple(ref[p].shape)} (Flax layout) for the configured "
+                              "model", f"shape {tuple(np.shape(flat[p]))}"
+                              + (f" (and {len(bad) - 1} more tensors of other shapes)" if len(bad) > 1 else ""),
+                              hint="the config's dims differ from the checkpoint's: match them with --set, e.g. "
+                                   "model.hidden_size, model.visual_feat_dim, model.q_feat_size")
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+
+
+def official_groups(model_name: str) -> tuple[list[str], list[str]]:
+    """The official BertAdam parameter groups (decay, no decay) as torch names, in ``named_parameters`` order."""
+    names = [e.torch for e in table(model_name)]
+    decay = [n for n in names if not any(nd in n for nd in NO_DECAY)]
+    plain = [n for n in names if any(nd in n for nd in NO_DECAY)]
+    return decay, plain
+
+
+def optimizer_to_jax(model_name: str, optimizer_state: Mapping, params: Mapping, where="optimizer"):
+    """An official ``BertAdam.state_dict()`` -> :class:`jaxprvr.optim.BertAdamState` (numpy), or ``None``
+    when the optimizer never stepped. Parameter ids are matched to names through the official groups."""
+    from jaxprvr.optim import BertAdamState
+
+    groups = optimizer_state.get("param_groups") if isinstance(optimizer_state, Mapping) else None
+    if not groups or len(groups) != 2:
+        raise ConversionError(where, "a BertAdam state_dict with the two official parameter groups",
+                              f"{type(optimizer_state).__name__} with {len(groups or [])} groups")
+    decay, plain = official_groups(model_name)
+    id_to_name = {}
+    for g, names in zip(groups, (decay, plain)):
+        if len(g["params"]) != len(names):
+            raise ConversionError(where, f"{len(names)} parameters in a group", f"{len(g['params'])}")
+        id_to_name.update(zip(g["params"], names))
+    state = optimizer_state.get("state") or {}
+    if not state:
+        return None
+    by_name = {id_to_name[i]: s for i, s in state.items() if i in id_to_name}
+    _check_keys(where, decay + plain, by_name, "per-parameter optimizer states")
+    steps = {int(s["step"]) for s in by_name.values()}
+    if len(steps) != 1:
+        raise ConversionError(where, "one step count shared by every parameter", f"steps {sorted(steps)}")
+    tab = {e.torch: e for e in table(model_name)}
+    m = {tab[n].flax: to_flax(tab[n].kind, to_numpy(s["next_m"])) for n, s in by_name.items()}
+    v = {tab[n].flax: to_flax(tab[n].kind, to_numpy(s["next_v"])) for n, s in by_name.items()}
+    check_shapes(unflatten(m), params, where, model_name)
+    return BertAdamState(count=np.asarray(steps.pop(), np.int32), m=unflatten(m), v=unflatten(v))
+
+
+def optimizer_to_torch(model_name: str, opt_state, *, lr: float, warmup: float, t_total: float) -> dict:
+    """:class:`jaxprvr.optim.BertAdamState` -> an official ``BertAdam.state_dict()`` (two groups, the moments)."""
+    from torch_ref.checkpoints import bert_adam_state
+
+    m = flax_to_torch(model_name, opt_state.m, "opt_state.m")
+    v = flax_to_torch(model_name, opt_state.v, "opt_state.v")
+    step = int(np.asarray(opt_state.count))
+    moments = {k: (step, m[k], v[k]) for k in m}
+    return bert_adam_state(list(m), lr=lr, warmup=warmup, t_total=t_total, moments=moments)
+
+
+# ------------------------------------------------------------------------------------------ official files
+
+
+def official_model_cfg(cfg) -> dict:
+    """The ``model_cfg`` MS-SL saves (``method/train.py:233-247``), from a jaxprvr config."""
+    m = cfg.model
+    return dict(visual_input_size=m.visual_feat_dim, query_input_size=m.q_feat_size, hidden_size=m.hidden_size,
+                max_ctx_l=m.max_ctx_l, max_desc_l=m.max_desc_l, map_size=m.map_size, input_drop=m.input_drop,
+                device=[0], drop=m.drop, n_heads=m.n_heads, initializer_range=0.02, margin=cfg.loss.margin,
+                use_hard_negative=False, hard_pool_size=cfg.loss.hard_pool_size)
+
+
+def official_config(cfg) -> dict:
+    """The ``cfg`` dict GMMFormer/v2 save in ``best.ckpt`` (``src/Configs/<ds>.py`` keys), from a jaxprvr config."""
+    m, d, lo, t = cfg.model, cfg.data, cfg.loss, cfg.train
+    out = dict(model_name=m.name, dataset_name=d.dataset, seed=t.seed, visual_feature=d.visual_feature,
+               collection=d.collection, map_size=m.map_size, clip_scale_w=m.clip_scale_w,
+               frame_scale_w=m.frame_scale_w, batchsize=t.batch_size, lr=t.lr,
+               lr_warmup_proportion=t.lr_warmup_proportion, wd=t.wd, margin=lo.margin, n_epoch=t.n_epoch,
+               max_es_cnt=t.max_es_cnt, hard_negative_start_epoch=lo.hard_negative_start_epoch,
+               hard_pool_size=lo.hard_pool_size, use_hard_negative=False, loss_factor=list(lo.loss_factor),
+               neg_factor=list(lo.neg_factor), eval_query_bsz=d.eval_query_bsz, eval_context_bsz=d.eval_context_bsz,
+               max_desc_l=m.max_desc_l, max_ctx_l=m.max_ctx_l, sub_feat_size=768, q_feat_size=m.q_feat_size,
+               visual_feat_dim=m.visual_feat_dim, max_position_embeddings=300, hidden_size=m.hidden_size,
+               n_heads=m.n_heads, input_drop=m.input_drop, drop=m.drop, initializer_range=0.02)
+    if m.name == "gmmformer_v2":
+        out["sft_factor"] = m.sft_factor
+    return out
+
+
+def write_official(path, cfg, params, *, opt_state=None, epoch: int = 0, model_val=None,
+                   steps_per_epoch: int | None = None) -> Path:
+    """Writes ``params`` (and the BertAdam moments, GMMFormer/v2) in the official file layout of ``cfg.model.name``."""
+    from torch_ref.checkpoints import save_official
+
+    name = cfg.model.name
+    sd = flax_to_torch(name, params)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if name == "ms_sl":
+        save_official(tmp, name, sd, epoch=epoch, model_cfg=official_model_cfg(cfg))
+    else:
+        t_total = -1 if steps_per_epoch is None else steps_per_epoch * cfg.train.n_epoch
+        kw = dict(lr=cfg.train.lr, warmup=cfg.train.lr_warmup_proportion, t_total=t_total)
+        if opt_state is not None:
+            optimizer = optimizer_to_torch(name, opt_state, **kw)
+        else:
+            from torch_ref.checkpoints import bert_adam_state
+
+            optimizer = bert_adam_state(list(sd), **kw)
+        save_official(tmp, name, sd, epoch=epoch, config=official_config(cfg),
+                      model_val=list(model_val) if model_val is not None else [0.0] * 5, optimizer=optimizer)
+    tmp.replace(path)  # never leaves a half-written file under the final name
+    return path
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def _load_config(args):
+    from configs import load_config
+
+    cfg = load_config(args.config, args.model, list(args.overrides))
+    if cfg.model.name != args.model:
+        raise JaxprvrError("--config", f"a config of --model {args.model}", cfg.model.name)
+    return cfg
+
+
+def _abstract_params(cfg):
+    import jax
+
+    from jaxprvr.models import build_model
+    from jaxprvr.train import init_params
+
+    model = build_model(cfg.model)
+    return jax.eval_shape(lambda: init_params(model, cfg, jax.random.PRNGKey(0)))
+
+
+def _abstract_opt_state(params):
+    import jax.numpy as jnp
+
+    from jaxprvr.optim import BertAdamState
+
+    return BertAdamState(count=jax_sds((), jnp.int32), m=params, v=params)
+
+
+def jax_sds(shape, dtype):
+    import jax
+
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _official_best_sumr(model_val) -> float:
+    try:
+        vals = [float(x) for x in model_val]
+        return vals[4] if len(vals) >= 5 else -1.0
+    except TypeError:
+        return -1.0
+
+
+def torch2jax(args) -> dict:
+    from torch_ref.checkpoints import load_official
+
+    from jaxprvr.checkpoint import Checkpoints
+
+    src = Path(args.input)
+    if not src.is_file():
+        raise JaxprvrError(src, "an official checkpoint file (model.ckpt / best.ckpt)", "no such file")
+    try:
+        ck = load_official(src)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad input file
+        raise JaxprvrError(src, "an official checkpoint file (model.ckpt / best.ckpt)",
+                           f"{type(e).__name__}: {e}") from None
+    if ck.model_name is not None and ck.model_name != args.model:
+        raise ConversionError(src, f"a {args.model} checkpoint", f"the keys of a {ck.model_name} checkpoint",
+                              hint=f"pass --model {ck.model_name}")
+    cfg = _load_config(args)
+    params = torch_to_flax(args.model, ck.state_dict, where=src)
+    abstract = _abstract_params(cfg)
+    check_shapes(params, abstract, src, args.model)
+    opt_state = None
+    if ck.optimizer is not None:
+        opt_state = optimizer_to_jax(args.model, ck.optimizer, params, where=f"{src} (optimizer)")
+    out = Path(args.out_dir)
+    ckpt_dir = out / "ckpt"
+    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not args.force:
+        raise JaxprvrError(out, "an output folder without checkpoints", "an existing ckpt/ folder",
+                           hint="pass --force to replace it")
+    epoch = int(ck.epoch) if ck.epoch is not None else -1
+    best_sumr = _official_best_sumr(ck.model_val)
+    meta = dict(config=cfg.to_dict(), source=str(src.absolute()), source_layout=ck.layout, epoch=epoch)
+    slots = ("best", "latest") if opt_state is not None else ("best",)
+    ckpts = Checkpoints(ckpt_dir, slots=slots)
+    step = int(opt_state.count) if opt_state is not None else 0
+    ckpts.save("best", step, params, meta=meta)
+    if opt_state is not None:
+        resume = dict(meta, global_step=step, next_epoch=epoch + 1, step_in_epoch=0, es_cnt=0,
+                      best_sumr=best_sumr, best_epoch=epoch, stopped=False)
+        ckpts.save("latest", step, params, opt_state, resume)
+    ckpts.close()
+    return dict(model=args.model, input=str(src), out=str(out), tensors=len(table(args.model)),
+                parameters=int(sum(np.size(a) for a in flatten(params).values())), epoch=epoch,
+                optimizer_state=opt_state is not None, optimizer_step=step if opt_state is not None else None,
+                slots=list(slots))
+
+
+def jax2torch(args) -> dict:
+    import jax
+
+    from configs.base import model_config_from_dict
+    from jaxprvr.checkpoint import read_meta, resolve_params_dir
+
+    step_dir = resolve_params_dir(args.input)
+    meta = read_meta(step_dir)
+    cfg = _load_config(args)
+    saved = meta.get("config", {}).get("model")
+    if saved is not None:
+        if saved.get("name") != args.model:
+            raise JaxprvrError(step_dir, f"a checkpoint of --model {args.model}", f"one of {saved.get('name')}")
+        from configs.base import apply_overrides
+
+        cfg = apply_overrides(dataclasses.replace(cfg, model=model_config_from_dict(saved)), list(args.overrides))
+    abstract = _abstract_params(cfg)
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        params = ckptr.restore(step_dir / "params", abstract)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise JaxprvrError(step_dir / "params", "parameters matching the config", f"{type(e).__name__}: {e}") from None
+    opt_state = None
+    if (step_dir / "opt_state").is_dir() and not args.no_optimizer:
+        try:
+            opt_state = ckptr.restore(step_dir / "opt_state", _abstract_opt_state(abstract))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise JaxprvrError(step_dir / "opt_state", "a BertAdam state", f"{type(e).__name__}: {e}") from None
+    params = jax.device_get(params)
+    val = meta.get("val") or {}
+    model_val = [val.get(k, 0.0) for k in ("r1", "r5", "r10", "r100", "sumr")] if val else None
+    # a converted checkpoint records the official epoch; a jaxprvr run saves both slots after next_epoch += 1
+    epoch = int(meta["epoch"]) if "epoch" in meta else int(meta.get("next_epoch", 1)) - 1
+    path = write_official(args.output, cfg, params, opt_state=jax.device_get(opt_state), epoch=epoch,
+                          model_val=model_val, steps_per_epoch=args.steps_per_epoch)
+    return dict(model=args.model, input=str(step_dir), output=str(path), tensors=len(table(args.model)),
+                layout="model.ckpt" if args.model == "ms_sl" else "best.ckpt",
+                optimizer_state=opt_state is not None, epoch=epoch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m parity.convert",
+                                description="Convert PRVR checkpoints between the official PyTorch code and jaxprvr.")
+    sub = p.add_subparsers(dest="direction", required=True)
+
+    def common(sp):
+        sp.add_argument("--model", required=True, choices=MODEL_NAMES)
+        sp.add_argument("--config", required=True, help="dataset (tvr|act|cha) or <model>/<dataset>")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (e.g. model.hidden_size=256) to match the checkpoint")
+
+    t2j = sub.add_parser("torch2jax", help="official model.ckpt / best.ckpt -> orbax checkpoint folder")
+    common(t2j)
+    t2j.add_argument("input", help="official checkpoint file")
+    t2j.add_argument("out_dir", help="output folder (gets ckpt/best, and ckpt/latest when moments exist)")
+    t2j.add_argument("--force", action="store_true", help="write into an output folder that has checkpoints")
+    t2j.set_defaults(run=torch2jax)
+    j2t = sub.add_parser("jax2torch", help="jaxprvr checkpoint (run, slot or step folder) -> official file")
+    common(j2t)
+    j2t.add_argument("input", help="a run folder, ckpt/<slot> folder or step folder")
+    j2t.add_argument("output", help="official file to write (model.ckpt for MS-SL, best.ckpt otherwise)")
+    j2t.add_argument("--no-optimizer", action="store_true", help="do not export the BertAdam moments")
+    j2t.add_argument("--steps-per-epoch", type=int, default=None,
+                     help="len(train_loader), to record the official schedule's t_total (default: -1)")
+    j2t.set_defaults(run=jax2torch)
+    return p
+
+
+def main(argv=None) -> int:
+    from jaxprvr.cli import run_cli
+
+    return run_cli(build_parser(), lambda a: a.run(a), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

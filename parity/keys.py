@@ -1,0 +1,132 @@
+"""Rows of the torch <-> Flax key tables and the transforms they name.
+
+A table is a tuple of :class:`Entry` in the official ``state_dict()`` order. Each entry names the torch key,
+the Flax parameter path (``/``-separated) and the *kind* of tensor, which alone decides the transform:
+
+==================  ======================================  ==========================================
+kind                torch layout                            Flax layout
+==================  ======================================  ==========================================
+``linear``          ``nn.Linear.weight (out, in)``          ``Dense.kernel (in, out)``: transpose
+``conv1d``          ``nn.Conv1d.weight (out, in/g, k)``     ``Conv.kernel (k, in/g, out)``: axes 2,1,0
+``bias``            ``(n,)``                                 ``(n,)``: none
+``layernorm``       ``LayerNorm.weight (n,)``               ``LayerNorm.scale (n,)``: none
+``embedding``       ``Embedding.weight (rows, d)``          ``Embed.embedding (rows, d)``: none
+``param``           a raw ``nn.Parameter``                  the same array: none
+==================  ======================================  ==========================================
+
+Transposes are decided by the kind written in the table, never by shape (most Linears are square).
+The builders below expand the official module patterns; each model's table lives in its own module
+(``parity/ms_sl.py``, ``parity/gmmformer.py``, ``parity/gmmformer_v2.py``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+KINDS = {"linear": 2, "conv1d": 3, "bias": 1, "layernorm": 1, "embedding": 2, "param": None}
+
+
+class Entry(NamedTuple):
+    torch: str  # official state_dict key
+    flax: str  # Flax params path, "/"-separated
+    kind: str  # one of KINDS
+
+
+def to_flax(kind: str, a: np.ndarray) -> np.ndarray:
+    """torch layout -> Flax layout (a new contiguous array; values untouched)."""
+    if kind == "linear":
+        return np.ascontiguousarray(a.T)
+    if kind == "conv1d":
+        return np.ascontiguousarray(a.transpose(2, 1, 0))
+    return np.array(a, copy=True)
+
+
+def to_torch(kind: str, a: np.ndarray) -> np.ndarray:
+    """Flax layout -> torch layout (inverse of :func:`to_flax`)."""
+    if kind == "linear":
+        return np.ascontiguousarray(a.T)
+    if kind == "conv1d":
+        return np.ascontiguousarray(a.transpose(2, 1, 0))
+    return np.array(a, copy=True)
+
+
+# ------------------------------------------------------------------------------------------ row builders
+# ``t`` is a torch module prefix (dotted), ``f`` the Flax module path ("/"-separated).
+
+def linear(t: str, f: str, bias: bool = True) -> list[Entry]:
+    rows = [Entry(f"{t}.weight", f"{f}/kernel", "linear")]
+    if bias:
+        rows.append(Entry(f"{t}.bias", f"{f}/bias", "bias"))
+    return rows
+
+
+def layernorm(t: str, f: str) -> list[Entry]:
+    return [Entry(f"{t}.weight", f"{f}/scale", "layernorm"), Entry(f"{t}.bias", f"{f}/bias", "bias")]
+
+
+def linear_layer(branch: str) -> list[Entry]:
+    """``LinearLayer``: ``LayerNorm`` -> dropout -> ``net.1`` Linear (-> ReLU)."""
+    t = f"{branch}_input_proj"
+    return layernorm(f"{t}.LayerNorm", f"{t}/LayerNorm") + linear(f"{t}.net.1", f"{t}/net_1")
+
+
+def pos_embed(branch: str) -> list[Entry]:
+    """``TrainablePositionalEncoding``: ``position_embeddings`` + ``LayerNorm``."""
+    t = f"{branch}_pos_embed"
+    return ([Entry(f"{t}.position_embeddings.weight", f"{t}/position_embeddings/embedding", "embedding")]
+            + layernorm(f"{t}.LayerNorm", f"{t}/LayerNorm"))
+
+
+def self_attention(t: str, f: str) -> list[Entry]:
+    """``BertSelfAttention``: ``query``, ``key``, ``value`` Linears."""
+    rows = []
+    for qkv in ("query", "key", "value"):
+        rows += linear(f"{t}.self.{qkv}", f"{f}/self/{qkv}")
+    return rows
+
+
+def bert_attention_v1(t: str, f: str | None = None) -> list[Entry]:
+    """MS-SL / GMMFormer ``BertAttention``: self-attention + ``output.dense`` + ``output.LayerNorm``."""
+    f = f or t.replace(".", "/")
+    return (self_attention(t, f) + linear(f"{t}.output.dense", f"{f}/output/dense")
+            + layernorm(f"{t}.output.LayerNorm", f"{f}/output/LayerNorm"))
+
+
+def bert_attention_v2(t: str, f: str | None = None) -> list[Entry]:
+    """GMMFormer v2 ``BertAttention``: self-attention + FFN ``output.layer1/2`` + ``norm1``, ``norm2``."""
+    f = f or t.replace(".", "/")
+    return (self_attention(t, f) + linear(f"{t}.output.layer1", f"{f}/output/layer1")
+            + linear(f"{t}.output.layer2", f"{f}/output/layer2")
+            + layernorm(f"{t}.norm1", f"{f}/norm1") + layernorm(f"{t}.norm2", f"{f}/norm2"))
+
+
+def gmm_block(t: str, n_branches: int) -> list[Entry]:
+    """GMMFormer v1 ``GMMBlock``: ``attn0..attn{n-1}`` v1 attentions."""
+    rows = []
+    for k in range(n_branches):
+        rows += bert_attention_v1(f"{t}.attn{k}")
+    return rows
+
+
+def dygmm_block(t: str, n_branches: int) -> list[Entry]:
+    """GMMFormer v2 ``DyGMMBlock``: ``attn0..`` v2 attentions, cross-attention ``ca``, ``layer1``, ``layer2``."""
+    rows = []
+    for k in range(n_branches):
+        rows += bert_attention_v2(f"{t}.attn{k}")
+    rows += bert_attention_v2(f"{t}.ca")
+    rows += linear(f"{t}.layer1", f"{t}/layer1") + linear(f"{t}.layer2", f"{t}/layer2")
+    return rows
+
+
+def check_table(table) -> tuple:
+    """A table must name every torch key and Flax path once and use known kinds."""
+    t_keys = [e.torch for e in table]
+    f_keys = [e.flax for e in table]
+    if len(set(t_keys)) != len(t_keys) or len(set(f_keys)) != len(f_keys):
+        raise AssertionError("duplicate key in a conversion table")
+    bad = [e for e in table if e.kind not in KINDS]
+    if bad:
+        raise AssertionError(f"unknown kinds in a conversion table: {bad}")
+    return tuple(table)
