@@ -194,7 +194,7 @@ def test_bert_adam_options():
 
 def test_bert_adam_matches_torch_transcription():
     torch = pytest.importorskip("torch")
-    from torch.nn.utils import clip_grad_norm_
+    from torch_ref.optim import BertAdam  # the official BertAdam.step(), transcribed in PyTorch
 
     rng = np.random.default_rng(3)
     params = _params(rng)
@@ -202,26 +202,14 @@ def test_bert_adam_matches_torch_transcription():
     flat_names = list(_flat(params))
     mask = _flat(official_weight_decay_mask(params))
     tp = [torch.nn.Parameter(torch.tensor(np.asarray(x), dtype=torch.float32)) for x in jax.tree_util.tree_leaves(params)]
-    state = {}
-    for step, grads in enumerate(grads_seq):
+    groups = [{"params": [p for n, p in zip(flat_names, tp) if mask[n]], "weight_decay": 0.01},
+              {"params": [p for n, p in zip(flat_names, tp) if not mask[n]], "weight_decay": 0.0}]
+    opt = BertAdam(groups, lr=LR, warmup=WARMUP, t_total=T_TOTAL, schedule="warmup_linear", b1=0.9, b2=0.999, e=1e-6,
+                   max_grad_norm=1.0)
+    for grads in grads_seq:
         for p, g in zip(tp, jax.tree_util.tree_leaves(grads)):
             p.grad = torch.tensor(np.asarray(g), dtype=torch.float32)
-        # BertAdam.step(), group lr=LR, schedule warmup_linear, b1 .9, b2 .999, e 1e-6, max_grad_norm 1.0
-        for name, p in zip(flat_names, tp):
-            grad = p.grad.data
-            st = state.setdefault(name, {"step": 0, "next_m": torch.zeros_like(p.data),
-                                         "next_v": torch.zeros_like(p.data)})
-            next_m, next_v = st["next_m"], st["next_v"]
-            clip_grad_norm_(p, 1.0)
-            next_m.mul_(0.9).add_(grad, alpha=1 - 0.9)
-            next_v.mul_(0.999).addcmul_(grad, grad, value=1 - 0.999)
-            update = next_m / (next_v.sqrt() + 1e-6)
-            wd = 0.01 if mask[name] else 0.0
-            if wd > 0.0:
-                update += wd * p.data
-            lr_scheduled = LR * ref_schedule(st["step"], WARMUP, T_TOTAL)
-            p.data.add_(-(lr_scheduled * update))
-            st["step"] += 1
+        opt.step()
     history, _ = _run_jax(params, grads_seq)
     for name, a, b in zip(flat_names, jax.tree_util.tree_leaves(history[-1]), tp):
         np.testing.assert_allclose(a, b.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
