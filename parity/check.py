@@ -15,8 +15,8 @@ group           what is compared                                                
 ``loss``        every loss term from the same scores and injected negatives         ``|d| <= 1e-6 + 1e-5 |t|``
 ``grad``        d(total loss)/d(parameter), train mode with dropout off, per        ``||d|| <= 1e-4 ||g||``
                 tensor (worst shown) + eps32 x the largest ``||g||``
-``train``       parameters after 5 BertAdam steps on the same batches and           ``||d|| <= 1e-5 ||p||``
-                negatives (per tensor; see :func:`compare_training`)
+``train``       parameters after 5 BertAdam steps on the same batches and           ``||d|| <= 1e-5 ||p||``,
+                negatives (per tensor; see :func:`compare_training`)               else judged vs float64
 ``metrics``     R@1/5/10/100 and SumR: one score matrix through both metric         identical / ``<= 0.1``
                 codes; a full evaluation on a synthetic gallery in each framework
 ==============  ==================================================================  =========================
@@ -347,20 +347,6 @@ def _grads(name, cfg, model, params, twin, batch, negs):
 
 
 EPS32 = float(np.finfo(np.float32).eps)  # grad atol: EPS32 x the largest tensor gradient norm
-NOISE_REL = 1e-4  # step-0 gradients that differ by more than this (relative) are below float32 resolution
-
-
-def noise_tensors(grads: dict, rel: float = NOISE_REL) -> set:
-    """Tensors whose gradient is below float32 resolution, so the two frameworks' values disagree beyond
-    ``rel``: attention key biases (softmax is shift-invariant along the keys, so the gradient is analytically
-    zero), and at the official GMMFormer v2 init the DyGMM branch-weighting path (``ca``, ``layer1/2``,
-    ``weight_token``), whose gradient is ~1e-8 of the largest one because the branch outputs start nearly equal."""
-    out = set()
-    for k, (a, t) in grads.items():
-        d, n = np.linalg.norm(a.astype(np.float64) - t), np.linalg.norm(t.astype(np.float64))
-        if d > rel * n:
-            out.add(k)
-    return out
 
 
 def compare_gradients(name, cfg, model, params, twin, batch, key) -> list[Row]:
@@ -394,13 +380,18 @@ def compare_gradients(name, cfg, model, params, twin, batch, key) -> list[Row]:
 
 def compare_training(name, cfg, model, params, twin, batches, key, steps: int = 5, t_total: int = 100) -> list[Row]:
     """``steps`` BertAdam steps in each framework (official lr and warmup, ``t_total`` steps so the rate is
-    non-zero after the first step, per-tensor clipping, weight-decay groups). Negatives are drawn once per step
-    from the torch scores and injected into both.
+    non-zero after the first step, per-tensor clipping, weight-decay groups). Negatives (and v2's matching) are
+    drawn once per step from the torch scores and injected into both.
 
-    Adam normalises the update: a tensor whose gradient is float noise (:func:`noise_tensors`, measured on the
-    first step) moves by ``~lr * noise / (|noise| + eps)`` in a float-dependent direction, in either framework.
-    Those tensors are compared with an absolute tolerance of ``2 * steps * lr`` instead; every other tensor at
-    ``||p_jax - p_torch|| <= 1e-5 ||p_torch||``."""
+    A tensor passes at ``||p_jax - p_torch|| <= 1e-5 ||p_torch||``, or, when not, if JAX is as close to a
+    float64 run of the twin (same batches and negatives) as PyTorch's float32 run is: ``||p_jax - p_64|| <=
+    F64_FACTOR ||p_torch - p_64||``. The second test is needed where float32 cannot resolve the gradient:
+    Adam turns gradient noise into steps of ``~lr`` in a float-dependent direction (analytically zero gradients
+    such as attention key biases, the DyGMM ``layer2`` bias, DyGMM ``layer1.bias`` units active on every
+    branch), and at the official sizes the 3072-wide input projections accumulate with XLA:CPU's less accurate
+    matmul (docs/parity.md)."""
+    import copy
+
     import jax
     import optax
     import torch
@@ -415,8 +406,9 @@ def compare_training(name, cfg, model, params, twin, batches, key, steps: int = 
     tc = cfg.train
     tx = bert_adam(lr=tc.lr, warmup=tc.lr_warmup_proportion, t_total=t_total, weight_decay=tc.wd,
                    weight_decay_mask=official_weight_decay_mask(params), max_grad_norm=tc.max_grad_norm)
-    opt = BertAdam(official_param_groups(twin, 0.01), lr=tc.lr, warmup=tc.lr_warmup_proportion, t_total=t_total,
-                   max_grad_norm=tc.max_grad_norm)
+    twin64 = copy.deepcopy(twin).double()
+    opts = [BertAdam(official_param_groups(tw, 0.01), lr=tc.lr, warmup=tc.lr_warmup_proportion, t_total=t_total,
+                     max_grad_norm=tc.max_grad_norm) for tw in (twin, twin64)]
     state = tx.init(params)
 
     @jax.jit
@@ -425,46 +417,43 @@ def compare_training(name, cfg, model, params, twin, batches, key, steps: int = 
             scores, aux = model.apply({"params": p_}, b, train=True, rngs={"dropout": jax.random.key(0)})
             return total_loss(name, scores, aux, b, cfg.loss, None, hard=False, negatives=negs)[0]
 
-        g = jax.grad(loss_fn)(p)
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s, g
+        u, s = tx.update(jax.grad(loss_fn)(p), s, p)
+        return optax.apply_updates(p, u), s
 
-    zero = set()
-    named = dict(twin.named_parameters())
     for i in range(steps):
         batch = batches[i % len(batches)]
         with torch.no_grad():
             out = twin(batch, train=True)
         negs = _negatives(name, cfg, out[0], batch, jax.random.fold_in(key, i), out)
-        opt.zero_grad(set_to_none=True)
-        scores, aux = twin(batch, train=True)
-        loss, _ = torch_total_loss(name, scores, aux, batch, cfg.loss, {k: torch.from_numpy(np.array(v)) for k, v in negs.items()})
-        loss.backward()
-        params, state, g = jstep(params, state, batch, negs)
-        if i == 0:  # which tensors have a noise gradient (compared with an atol below)
-            gflat = flatten(jax.device_get(g))
-            zero = noise_tensors({e.torch: (to_torch(e.kind, np.asarray(gflat[e.flax])),
-                                            _grad_of(named[e.torch])) for e in table(name)})
-        opt.step()
+        tnegs = {k: torch.from_numpy(np.array(v)) for k, v in negs.items()}
+        for tw, opt in zip((twin, twin64), opts):
+            opt.zero_grad(set_to_none=True)
+            scores, aux = tw(batch, train=True)
+            torch_total_loss(name, scores, aux, batch, cfg.loss, tnegs)[0].backward()
+            opt.step()
+        params, state = jstep(params, state, batch, negs)
     jflat = flatten(jax.device_get(params))
-    worst_rel, worst_key, worst_abs, zero_abs = 0.0, "", 0.0, 0.0
+    named, named64 = dict(twin.named_parameters()), dict(twin64.named_parameters())
+    worst_rel, worst_key, worst_abs, n_f64, worst_ratio, passed = 0.0, "", 0.0, 0, 0.0, True
     for e in table(name):
-        a = to_torch(e.kind, np.asarray(jflat[e.flax]))
-        t = named[e.torch].detach().cpu().numpy()
+        a = to_torch(e.kind, np.asarray(jflat[e.flax])).astype(np.float64)
+        t = named[e.torch].detach().cpu().numpy().astype(np.float64)
         ab, rel = _tensor_rel(a, t)
-        if e.torch in zero:
-            zero_abs = max(zero_abs, ab)
-            continue
         worst_abs = max(worst_abs, ab)
         if rel >= worst_rel:
             worst_rel, worst_key = rel, e.torch
-    rows = [Row("train", f"params after {steps} BertAdam steps", worst_abs, worst_rel, f"rel {TRAIN_REL:g}",
-                worst_rel <= TRAIN_REL, f"worst: {worst_key}")]
-    if zero:
-        lim = 2 * steps * tc.lr
-        rows.append(Row("train", f"noise-gradient tensors ({len(zero)})", zero_abs, zero_abs / lim,
-                        f"abs {lim:g}", zero_abs <= lim, "gradient below float32 resolution: Adam-normalised noise"))
-    return rows
+        if rel > TRAIN_REL:
+            t64 = named64[e.torch].detach().cpu().numpy()
+            e_j, e_t = float(np.linalg.norm(a - t64)), float(np.linalg.norm(t - t64))
+            n_f64 += 1
+            worst_ratio = max(worst_ratio, e_j / max(e_t, 1e-30))
+            passed = passed and e_j <= F64_FACTOR * e_t
+    note = f"worst: {worst_key}"
+    if n_f64:
+        note += (f"; {n_f64} tensors above rel 1e-5 judged vs float64: worst ||jax-f64|| / ||torch-f64|| = "
+                 f"{worst_ratio:.2f}")
+    return [Row("train", f"params after {steps} BertAdam steps", worst_abs, worst_rel,
+                f"rel {TRAIN_REL:g} or <= {F64_FACTOR:g}x torch's f32 error vs f64", passed, note)]
 
 
 def compare_metrics(name, cfg, params, twin, data_root, split="test") -> list[Row]:

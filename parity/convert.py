@@ -411,15 +411,13 @@ def jax2torch(args) -> dict:
     abstract = _abstract_params(cfg)
     import orbax.checkpoint as ocp
 
-    ckptr = ocp.StandardCheckpointer()
-    try:
-        params = ckptr.restore(step_dir / "params", abstract)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise JaxprvrError(step_dir / "params", "parameters matching the config", f"{type(e).__name__}: {e}") from None
+    from jaxprvr.checkpoint import load_params
+
+    params, _ = load_params(step_dir, abstract)
     opt_state = None
     if (step_dir / "opt_state").is_dir() and not args.no_optimizer:
         try:
-            opt_state = ckptr.restore(step_dir / "opt_state", _abstract_opt_state(abstract))
+            opt_state = ocp.StandardCheckpointer().restore(step_dir / "opt_state", _abstract_opt_state(abstract))
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise JaxprvrError(step_dir / "opt_state", "a BertAdam state", f"{type(e).__name__}: {e}") from None
     params = jax.device_get(params)

@@ -43,13 +43,9 @@ def to_flax(kind: str, a: np.ndarray) -> np.ndarray:
     return np.array(a, copy=True)
 
 
-def to_torch(kind: str, a: np.ndarray) -> np.ndarray:
-    """Flax layout -> torch layout (inverse of :func:`to_flax`)."""
-    if kind == "linear":
-        return np.ascontiguousarray(a.T)
-    if kind == "conv1d":
-        return np.ascontiguousarray(a.transpose(2, 1, 0))
-    return np.array(a, copy=True)
+# Both relayouts (a 2-D transpose, reversing three axes) are their own inverses.
+to_torch = to_flax
+to_torch.__doc__ = "torch layout <-> Flax layout (each transform is its own inverse)."
 
 
 # ------------------------------------------------------------------------------------------ row builders

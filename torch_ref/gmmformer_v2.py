@@ -55,8 +55,8 @@ class GMMFormerV2(QueryBranch, nn.Module):
 
     def forward(self, batch, train: bool = False):
         self.train(train)
-        dev = next(self.parameters()).device
-        f = lambda k: as_tensor(batch[k], dev, torch.float32)  # noqa: E731
+        dev, dt = next(self.parameters()).device, next(self.parameters()).dtype  # inputs follow the weights
+        f = lambda k: as_tensor(batch[k], dev, dt)  # noqa: E731
         video, vstages = self._encode_video(f("clip_feats"), f("frame_feats"), f("frame_mask"))
         q, qstages = self._encode_query(f("query_feats"), f("query_mask"))
         q2 = self.encode_query(f("query_feats"), f("query_mask"))

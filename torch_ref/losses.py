@@ -129,7 +129,7 @@ def frame_nce(scores: torch.Tensor) -> torch.Tensor:
     matrix: ``mean_i[LSE(concat(x[i, :], x[:, i])) - x[i, i]]`` (the diagonal counts twice in the denominator)."""
     bsz = scores.shape[0]
     x = scores.view(bsz, bsz, -1)
-    nominator = x * torch.eye(bsz, dtype=torch.float32, device=scores.device)[:, :, None]
+    nominator = x * torch.eye(bsz, dtype=scores.dtype, device=scores.device)[:, :, None]
     nominator = torch.logsumexp(nominator.sum(dim=1), dim=1)
     denominator = torch.cat((x, x.permute(1, 0, 2)), dim=1).view(bsz, -1)
     denominator = torch.logsumexp(denominator, dim=1)

@@ -86,12 +86,12 @@ class MSSL(QueryBranch, nn.Module):
 
     def forward(self, batch, train: bool = False):
         self.train(train)
-        dev = next(self.parameters()).device
-        clip_feats = as_tensor(batch["clip_feats"], dev, torch.float32)
-        frame_feats = as_tensor(batch["frame_feats"], dev, torch.float32)
-        frame_mask = as_tensor(batch["frame_mask"], dev, torch.float32)
-        query_feats = as_tensor(batch["query_feats"], dev, torch.float32)
-        query_mask = as_tensor(batch["query_mask"], dev, torch.float32)
+        dev, dt = next(self.parameters()).device, next(self.parameters()).dtype  # inputs follow the weights
+        clip_feats = as_tensor(batch["clip_feats"], dev, dt)
+        frame_feats = as_tensor(batch["frame_feats"], dev, dt)
+        frame_mask = as_tensor(batch["frame_mask"], dev, dt)
+        query_feats = as_tensor(batch["query_feats"], dev, dt)
+        query_mask = as_tensor(batch["query_mask"], dev, dt)
         labels = as_tensor(batch["query_labels"], dev, torch.long)
         video, vstages = self._encode_video(clip_feats, frame_feats, frame_mask)
         q, qstages = self._encode_query(query_feats, query_mask)
