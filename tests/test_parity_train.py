@@ -32,6 +32,7 @@ from jaxprvr.losses import prvr as JL
 from jaxprvr.models import build_model as build_flax
 from jaxprvr.optim import bert_adam, official_weight_decay_mask
 import torch_ref
+from tests.test_torch_ref import make_batch as torch_ref_batch
 from torch_ref import losses as TL
 from torch_ref.layers import DyGMMBlock
 from torch_ref.optim import BertAdam, official_param_groups
@@ -251,23 +252,8 @@ def decay_by_torch_name(name, mask_tree) -> dict[str, bool]:
 
 
 def make_batch(cfg, seed):
-    rng = np.random.default_rng(seed)
-    lens = (20, 9, 32, 5)  # frame padding inside the batch (frame_mask), no padded videos or queries
-    b, q, dv, dq = len(lens), len(LABELS), cfg.visual_feat_dim, cfg.q_feat_size
-    frames = np.zeros((b, cfg.max_ctx_l, dv), np.float32)
-    fmask = np.zeros((b, cfg.max_ctx_l), np.float32)
-    for i, n in enumerate(lens):
-        frames[i, :n] = rng.standard_normal((n, dv))
-        fmask[i, :n] = 1
-    qf = np.zeros((q, cfg.max_desc_l, dq), np.float32)
-    qm = np.zeros((q, cfg.max_desc_l), np.float32)
-    for i, n in enumerate(rng.integers(3, 12, q)):
-        qf[i, :n] = rng.standard_normal((n, dq))
-        qm[i, :n] = 1
-    return dict(clip_feats=rng.standard_normal((b, cfg.map_size, dv)).astype(np.float32), frame_feats=frames,
-                frame_mask=fmask, frame_len=np.asarray(lens, np.int32), video_valid=np.ones(b, np.float32),
-                query_feats=qf, query_mask=qm, query_valid=np.ones(q, np.float32),
-                query_labels=np.asarray(LABELS, np.int32))
+    # frame padding inside the batch (frame_mask), no padded videos or queries; 3-11 tokens per query
+    return torch_ref_batch(cfg, lens=(20, 9, 32, 5), labels=LABELS, seed=seed, max_tokens=11)
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,7 +26,7 @@ def tiny_cfg(name, **kw):
     return ModelConfig(name=name, hidden_size=32, n_heads=2, q_feat_size=16, visual_feat_dim=12, **kw)
 
 
-def make_batch(cfg, lens=(50, 20, 7), labels=(0, 0, 1, 2, 2), seed=0):
+def make_batch(cfg, lens=(50, 20, 7), labels=(0, 0, 1, 2, 2), seed=0, max_tokens=None):
     rng = np.random.default_rng(seed)
     b, q, dv, dq = len(lens), len(labels), cfg.visual_feat_dim, cfg.q_feat_size
     frames = np.zeros((b, cfg.max_ctx_l, dv), np.float32)
@@ -36,7 +36,7 @@ def make_batch(cfg, lens=(50, 20, 7), labels=(0, 0, 1, 2, 2), seed=0):
         fmask[i, :n] = 1
     qf = np.zeros((q, cfg.max_desc_l, dq), np.float32)
     qm = np.zeros((q, cfg.max_desc_l), np.float32)
-    for i, n in enumerate(rng.integers(3, cfg.max_desc_l + 1, q)):
+    for i, n in enumerate(rng.integers(3, (max_tokens or cfg.max_desc_l) + 1, q)):
         qf[i, :n] = rng.standard_normal((n, dq))
         qm[i, :n] = 1
     return dict(clip_feats=rng.standard_normal((b, cfg.map_size, dv)).astype(np.float32), frame_feats=frames,
