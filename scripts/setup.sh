@@ -13,3 +13,9 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "${wheel:-torch==2.13.0}"
 fi
 python -m pip install -q -e ".[dev,torch]"
+# The official Mamba (MTM's torch twin and the selective-scan reference). Without a GPU it installs as pure
+# Python: skip the CUDA builds, no build isolation (it needs the torch above), no dependencies but einops.
+if ! python -c "import importlib.util as u; assert u.find_spec('mamba_ssm') and u.find_spec('causal_conv1d')" 2>/dev/null; then
+  MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
+    python -m pip install -q --no-build-isolation --no-deps "mamba_ssm==2.3.2.post1" "causal_conv1d==1.7.0" "einops>=0.7"
+fi
