@@ -55,8 +55,11 @@ class ConversionError(JaxprvrError):
         super().__init__(where, expected, found, hint)
 
 
-def table(model_name: str) -> tuple[Entry, ...]:
-    """The key table of ``model_name``, in the official ``state_dict`` order."""
+def table(model_name) -> tuple[Entry, ...]:
+    """The key table of ``model_name``, in the official ``state_dict`` order. A sequence of
+    :class:`parity.keys.Entry` (e.g. ``keys.mamba_layer("")`` for one layer) is used as the table itself."""
+    if not isinstance(model_name, str):
+        return tuple(model_name)
     if model_name not in MODEL_NAMES:
         raise JaxprvrError("--model", f"one of {list(MODEL_NAMES)}", repr(model_name))
     return importlib.import_module(f"parity.{model_name}").TABLE

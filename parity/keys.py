@@ -116,6 +116,20 @@ def dygmm_block(t: str, n_branches: int) -> list[Entry]:
     return rows
 
 
+def mamba_layer(t: str, f: str | None = None) -> list[Entry]:
+    """``mamba_ssm`` Mamba-1 (``jaxprvr.models.mamba.Mamba``), in its ``state_dict`` order: the raw parameters
+    ``A_log``, ``D`` first, then ``in_proj``, ``conv1d`` (depthwise), ``x_proj``, ``dt_proj``, ``out_proj``.
+    ``t == ""`` is a bare layer."""
+    f = t.replace(".", "/") if f is None else f
+    tp, fp = (f"{t}.", f"{f}/") if t else ("", "")
+    return ([Entry(f"{tp}A_log", f"{fp}A_log", "param"), Entry(f"{tp}D", f"{fp}D", "param")]
+            + linear(f"{tp}in_proj", f"{fp}in_proj", bias=False)
+            + [Entry(f"{tp}conv1d.weight", f"{fp}conv1d/kernel", "conv1d"),
+               Entry(f"{tp}conv1d.bias", f"{fp}conv1d/bias", "bias")]
+            + linear(f"{tp}x_proj", f"{fp}x_proj", bias=False) + linear(f"{tp}dt_proj", f"{fp}dt_proj")
+            + linear(f"{tp}out_proj", f"{fp}out_proj", bias=False))
+
+
 def check_table(table) -> tuple:
     """A table must name every torch key and Flax path once and use known kinds."""
     t_keys = [e.torch for e in table]
