@@ -69,7 +69,7 @@ class Mamba(nn.Module):
     conv_bias: bool = True
     bias: bool = False
     init_scheme: str = "mamba"  # "mamba" | "mtm" (see the module docstring)
-    scan: str = "associative"  # selective_scan method: associative | sequential | chunked
+    scan: str = "sequential"  # selective_scan method (associative | sequential | chunked): measured, docs/benchmarks.md
     chunk_size: int = 64
 
     @nn.compact
