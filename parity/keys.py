@@ -130,6 +130,24 @@ def mamba_layer(t: str, f: str | None = None) -> list[Entry]:
             + linear(f"{tp}out_proj", f"{fp}out_proj", bias=False))
 
 
+def tcn(t: str, f: str | None = None) -> list[Entry]:
+    """MTM ``TCN``: ``alpha``, ``conv1``, ``conv2`` (Conv1d k=3), ``layer_norm``."""
+    f = t.replace(".", "/") if f is None else f
+    return ([Entry(f"{t}.alpha", f"{f}/alpha", "param")]
+            + [Entry(f"{t}.conv1.weight", f"{f}/conv1/kernel", "conv1d"),
+               Entry(f"{t}.conv1.bias", f"{f}/conv1/bias", "bias"),
+               Entry(f"{t}.conv2.weight", f"{f}/conv2/kernel", "conv1d"), Entry(f"{t}.conv2.bias", f"{f}/conv2/bias", "bias")]
+            + layernorm(f"{t}.layer_norm", f"{f}/layer_norm"))
+
+
+def mamba_stack(t: str, num_layers: int) -> list[Entry]:
+    """MTM ``clip_mamba`` / ``frame_mamba``: ``[Mamba, LayerNorm] * num_layers`` in one ModuleList."""
+    rows = []
+    for i in range(num_layers):
+        rows += mamba_layer(f"{t}.{2 * i}", f"{t}_{2 * i}") + layernorm(f"{t}.{2 * i + 1}", f"{t}_{2 * i + 1}")
+    return rows
+
+
 def check_table(table) -> tuple:
     """A table must name every torch key and Flax path once and use known kinds."""
     t_keys = [e.torch for e in table]
