@@ -26,7 +26,7 @@ DATASETS = {
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "gmmformer_v2"  # ms_sl | gmmformer | gmmformer_v2
+    name: str = "gmmformer_v2"  # ms_sl | gmmformer | gmmformer_v2 | mtm
     hidden_size: int = 384
     n_heads: int = 4
     input_drop: float = 0.1  # dropout inside LinearLayer (before the Linear) and after the positional LN
@@ -44,6 +44,8 @@ class ModelConfig:
     # GMMFormer v1 quirk: the Gaussian grid of the frame branch is built on the padded *batch* length.
     # False (official) keeps that; True builds it on the fixed max_ctx_l (docs/quirks.md).
     gmm_fixed_length: bool = False
+    # MTM: (Mamba, LayerNorm) pairs in the clip and frame branches (config.num_mamba_layers).
+    num_mamba_layers: int = 2
 
 
 @dataclass(frozen=True)

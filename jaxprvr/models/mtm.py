@@ -103,3 +103,152 @@ class MLPReconstructor(nn.Module):
             x = nn.Dropout(self.dropout)(x, deterministic=not train)
             cur, idx = nxt, idx + 3
         return dense(self.output_dim, name=f"mlp_{idx}")(x)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+class VideoGuidedTextRefiner(nn.Module):
+    """``model.py:68-82``: each query (``(Nq, D)``) cross-attends, unmasked, over *all* the videos it is given
+    (``(Nv, D)``: the batch in training, the whole gallery at evaluation; docs/quirks.md), then
+    ``linear_out`` = LinearLayer(D, D, LayerNorm, dropout, no ReLU)."""
+
+    hidden_size: int
+    n_heads: int
+    drop: float
+
+    @nn.compact
+    def __call__(self, query, video, *, train: bool = False):
+        from jaxprvr.models.layers import BertCrossAttention, LinearLayer
+
+        nq = query.shape[0]
+        ctx = jnp.broadcast_to(video[None], (nq,) + video.shape)
+        out = BertCrossAttention(self.hidden_size, self.n_heads, self.drop, name="cross_attention")(
+            query[:, None], ctx, None, train=train)[:, 0]
+        return LinearLayer(self.hidden_size, layer_norm=True, dropout=self.drop, relu=False, name="linear_out")(
+            out, train=train)
+
+
+class MTM(nn.Module):
+    """MTM network (``MTM_Net``). Methods as in :mod:`jaxprvr.models` plus the video granularity:
+
+    * ``encode_video`` -> ``{"clip_feats" (B, 32, D), "frame_feats" (B, 128, D), "video_feats" (B, D)}``;
+    * ``score(query, video)`` -> ``clip``, ``frame``, ``video`` cosine scores ``(Q, V)``; the video score goes
+      through the refiner over the V videos given;
+    * ``__call__(batch, train)`` -> scores (``clip``, ``clip_raw``, ``frame``, ``frame_raw``, ``video``,
+      ``video_raw``) and ``aux`` (``query``, ``query2`` (the first, independent-dropout pass), ``query_embed``, ``query_tokens``, ``clip_feats``, ``frame_feats``,
+      ``video_feats``, ``refined_query``, ``recon_text`` (Q, max_desc_l, q_feat), ``recon_video``
+      (B, max_ctx_l, visual_feat_dim), and the intermediate stages).
+
+    As in GMMFormer v2, ``encode_query`` runs twice in training; the clip positional table has ``map_size`` rows.
+    """
+
+    cfg: "ModelConfig"  # noqa: F821
+    scan: str = "sequential"
+
+    def setup(self):
+        from jaxprvr.models.layers import (MTM_WIDTHS, BertAttentionV2, DyGMMBlock, LinearLayer,
+                                           TrainablePositionalEncoding)
+
+        c = self.cfg
+        d = c.hidden_size
+
+        def dygmm(frame_len):
+            return DyGMMBlock(d, c.n_heads, frame_len, c.sft_factor, c.drop, MTM_WIDTHS,
+                              layer2_name="fixed_layer2_projection", slice_logits=True)
+
+        def proj():
+            return LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True)
+
+        self.query_pos_embed = TrainablePositionalEncoding(c.max_desc_l, d, c.input_drop)
+        self.clip_pos_embed = TrainablePositionalEncoding(c.map_size, d, c.input_drop)
+        self.frame_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop)
+        self.video_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop)
+        self.query_input_proj = proj()
+        self.query_encoder = BertAttentionV2(d, c.n_heads, c.drop)
+        self.clip_input_proj = proj()
+        self.clip_encoder = dygmm(c.map_size)
+        self.clip_mamba = make_mamba_stack(d, c.num_mamba_layers, self.scan)
+        self.frame_input_proj = proj()
+        self.frame_tcn = TCN(d)
+        self.frame_encoder_1 = dygmm(c.max_ctx_l)
+        self.frame_mamba = make_mamba_stack(d, c.num_mamba_layers, self.scan)
+        self.video_input_proj = proj()
+        self.video_encoder = dygmm(c.max_ctx_l)
+        self.video_pooling = AttentionPooling(d)
+        self.video_guided_text_refinement = VideoGuidedTextRefiner(d, c.n_heads, c.drop)
+        self.modular_vector_mapping = dense(1, use_bias=False)
+        self.weight_token = self.param("weight_token", nn.initializers.normal(stddev=1.0), (1, 1, d))
+        self.text_reconstructor = MLPReconstructor(d, c.max_desc_l * c.q_feat_size, 2, 4, c.drop)
+        self.video_reconstructor = MLPReconstructor(d, c.max_ctx_l * c.visual_feat_dim, 2, 4, c.drop)
+
+    # ------------------------------------------------------------------ encoders
+    def _encode_query(self, query_feats, query_mask, train):
+        from jaxprvr.models.layers import attention_pool
+
+        emb = self.query_pos_embed(self.query_input_proj(query_feats, train=train), train=train)
+        tokens = self.query_encoder(emb, query_mask, train=train)
+        q = attention_pool(self.modular_vector_mapping(tokens), query_mask, tokens)
+        return q, {"query_embed": emb, "query_tokens": tokens}
+
+    def encode_query(self, query_feats, query_mask, *, train: bool = False):
+        return self._encode_query(query_feats, query_mask, train)[0]
+
+    def _encode_video(self, clip_feats, frame_feats, frame_mask, train):
+        keep = frame_mask[..., None] == 1.0
+        clip_emb = self.clip_pos_embed(self.clip_input_proj(clip_feats, train=train), train=train)
+        clips_1 = self.clip_encoder(clip_emb, None, self.weight_token, train=train)
+        clips = mamba_residual(self.clip_mamba, clips_1)
+        frame_emb = self.frame_pos_embed(self.frame_input_proj(frame_feats, train=train), train=train)
+        frame_tcn = self.frame_tcn(frame_emb, train=train)
+        frames_1 = jnp.where(keep, self.frame_encoder_1(frame_tcn, frame_mask, self.weight_token, train=train), 0.0)
+        frames = mamba_residual(self.frame_mamba, frames_1)  # padded rows not re-zeroed (official)
+        video_emb = self.video_pos_embed(self.video_input_proj(frame_feats, train=train), train=train)
+        video_seq = jnp.where(keep, self.video_encoder(video_emb, frame_mask, self.weight_token, train=train), 0.0)
+        video = self.video_pooling(video_seq, frame_mask)
+        out = {"clip_feats": clips, "frame_feats": frames, "video_feats": video}
+        stages = {"clip_embed": clip_emb, "clip_feats_1": clips_1, "frame_embed": frame_emb, "frame_tcn": frame_tcn,
+                  "frame_feats_1": frames_1, "video_embed": video_emb, "video_seq": video_seq}
+        return out, stages
+
+    def encode_video(self, clip_feats, frame_feats, frame_mask, frame_len=None, *, train: bool = False):
+        return self._encode_video(clip_feats, frame_feats, frame_mask, train)[0]
+
+    def _video_scores(self, query, video_feats, train):
+        from jaxprvr.models.layers import l2_normalize
+
+        refined = self.video_guided_text_refinement(query, video_feats, train=train)
+        return l2_normalize(refined) @ l2_normalize(video_feats).T, refined @ video_feats.T, refined
+
+    def score(self, query, video):
+        from jaxprvr.models.layers import l2_normalize, max_scores
+
+        qn = l2_normalize(query)
+        clip, _ = max_scores(qn, l2_normalize(video["clip_feats"]))
+        frame, _ = max_scores(qn, l2_normalize(video["frame_feats"]))
+        return {"clip": clip, "frame": frame, "video": self._video_scores(query, video["video_feats"], False)[0]}
+
+    def __call__(self, batch, *, train: bool = False):
+        from jaxprvr.models.layers import l2_normalize, max_scores
+
+        c = self.cfg
+        video, vstages = self._encode_video(batch["clip_feats"], batch["frame_feats"], batch["frame_mask"], train)
+        # model.py:238 and :372: encode_query runs twice (independent dropout): the first pass ("query2") feeds
+        # the optimal matching, QDL and the text reconstruction; the second the scores and the refiner.
+        q2 = self.encode_query(batch["query_feats"], batch["query_mask"], train=train)
+        q, qstages = self._encode_query(batch["query_feats"], batch["query_mask"], train)
+        qn = l2_normalize(q)
+        clips, frames = video["clip_feats"], video["frame_feats"]
+        clip, _ = max_scores(qn, l2_normalize(clips))
+        clip_raw, _ = max_scores(q, clips)
+        frame, _ = max_scores(qn, l2_normalize(frames))
+        frame_raw, _ = max_scores(q, frames)
+        vid, vid_raw, refined = self._video_scores(q, video["video_feats"], train)
+        recon_text = self.text_reconstructor(q2, train=train).reshape(q.shape[0], c.max_desc_l, c.q_feat_size)
+        v = video["video_feats"]
+        recon_video = self.video_reconstructor(v, train=train).reshape(v.shape[0], c.max_ctx_l, c.visual_feat_dim)
+        scores = {"clip": clip, "clip_raw": clip_raw, "frame": frame, "frame_raw": frame_raw, "video": vid,
+                  "video_raw": vid_raw}
+        aux = {"query": q, "query2": q2, **qstages, **vstages, **video, "refined_query": refined, "recon_text": recon_text,
+               "recon_video": recon_video}
+        return scores, aux
