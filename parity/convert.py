@@ -42,7 +42,7 @@ import numpy as np
 from jaxprvr.errors import JaxprvrError
 from parity.keys import Entry, to_flax, to_torch
 
-MODEL_NAMES = ("ms_sl", "gmmformer", "gmmformer_v2")
+MODEL_NAMES = ("ms_sl", "gmmformer", "gmmformer_v2", "mtm")
 NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")  # official weight-decay groups (Opts/builder.py)
 
 
@@ -85,9 +85,10 @@ def to_numpy(x) -> np.ndarray:
 def to_tensor(a: np.ndarray):
     import torch
 
+    a = np.array(a, order="C", copy=True)  # (np.ascontiguousarray would turn a 0-d scalar into shape (1,))
     if a.dtype.name == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 def flatten(params: Mapping) -> dict[str, Any]:
@@ -153,20 +154,28 @@ def torch_to_flax(model_name: str, state_dict: Mapping, where="state_dict") -> d
     """Official ``state_dict`` (tensors or arrays; ``module.`` prefix allowed) -> nested Flax params (numpy)."""
     tab = table(model_name)
     sd = _strip_module(state_dict)
-    _check_keys(where, [e.torch for e in tab], sd, f"{model_name} state_dict keys")
+    _check_keys(where, [e.torch for e in tab], sd, f"{_label(model_name)} state_dict keys")
     flat = {}
     for e in tab:
         a = to_numpy(sd[e.torch])
         _check_rank(where, e, a)
+        if e.alias:  # the same tensor under a second official name: must be identical
+            if not np.array_equal(to_flax(e.kind, a), flat[e.flax]):
+                raise ConversionError(where, f"{e.torch} equal to its alias of Flax path {e.flax}", "a different tensor")
+            continue
         flat[e.flax] = to_flax(e.kind, a)
     return unflatten(flat)
+
+
+def _label(model_name) -> str:
+    return model_name if isinstance(model_name, str) else "the given table's"
 
 
 def flax_to_arrays(model_name: str, params: Mapping, where="params") -> "collections.OrderedDict[str, np.ndarray]":
     """Flax params -> official ``state_dict`` as numpy arrays, in the official key order."""
     tab = table(model_name)
     flat = flatten(params)
-    _check_keys(where, [e.flax for e in tab], flat, f"{model_name} Flax parameters")
+    _check_keys(where, [e.flax for e in tab if not e.alias], flat, f"{_label(model_name)} Flax parameters")
     out = collections.OrderedDict()
     for e in tab:
         a = to_torch(e.kind, to_numpy(flat[e.flax]))
@@ -201,7 +210,7 @@ def check_shapes(params: Mapping, reference: Mapping, where, model_name: str | N
 
 def official_groups(model_name: str) -> tuple[list[str], list[str]]:
     """The official BertAdam parameter groups (decay, no decay) as torch names, in ``named_parameters`` order."""
-    names = [e.torch for e in table(model_name)]
+    names = [e.torch for e in table(model_name) if not e.alias]  # named_parameters() lists a shared tensor once
     decay = [n for n in names if not any(nd in n for nd in NO_DECAY)]
     plain = [n for n in names if any(nd in n for nd in NO_DECAY)]
     return decay, plain
@@ -230,7 +239,7 @@ def optimizer_to_jax(model_name: str, optimizer_state: Mapping, params: Mapping,
     steps = {int(s["step"]) for s in by_name.values()}
     if len(steps) != 1:
         raise ConversionError(where, "one step count shared by every parameter", f"steps {sorted(steps)}")
-    tab = {e.torch: e for e in table(model_name)}
+    tab = {e.torch: e for e in table(model_name) if not e.alias}
     m = {tab[n].flax: to_flax(tab[n].kind, to_numpy(s["next_m"])) for n, s in by_name.items()}
     v = {tab[n].flax: to_flax(tab[n].kind, to_numpy(s["next_v"])) for n, s in by_name.items()}
     check_shapes(unflatten(m), params, where, model_name)
@@ -244,8 +253,9 @@ def optimizer_to_torch(model_name: str, opt_state, *, lr: float, warmup: float, 
     m = flax_to_torch(model_name, opt_state.m, "opt_state.m")
     v = flax_to_torch(model_name, opt_state.v, "opt_state.v")
     step = int(np.asarray(opt_state.count))
-    moments = {k: (step, m[k], v[k]) for k in m}
-    return bert_adam_state(list(m), lr=lr, warmup=warmup, t_total=t_total, moments=moments)
+    names = [e.torch for e in table(model_name) if not e.alias]  # optimizer groups list each tensor once
+    moments = {k: (step, m[k], v[k]) for k in names}
+    return bert_adam_state(names, lr=lr, warmup=warmup, t_total=t_total, moments=moments)
 
 
 # ------------------------------------------------------------------------------------------ official files

@@ -32,6 +32,7 @@ class Entry(NamedTuple):
     torch: str  # official state_dict key
     flax: str  # Flax params path, "/"-separated
     kind: str  # one of KINDS
+    alias: bool = False  # a second official key for the same tensor (MTM's ``attns.K`` = ``attnK``)
 
 
 def to_flax(kind: str, a: np.ndarray) -> np.ndarray:
@@ -130,6 +131,21 @@ def mamba_layer(t: str, f: str | None = None) -> list[Entry]:
             + linear(f"{tp}out_proj", f"{fp}out_proj", bias=False))
 
 
+def mtm_dygmm_block(t: str, n_branches: int = 11) -> list[Entry]:
+    """MTM ``DyGMMBlock``: ``attn0..attn10``, the same modules again as ``attns.0..10`` (alias rows), ``ca``,
+    ``layer1``, ``fixed_layer2_projection``."""
+    rows = []
+    for k in range(n_branches):
+        rows += bert_attention_v2(f"{t}.attn{k}")
+    for k in range(n_branches):
+        rows += [Entry(e.torch.replace(f"{t}.attn{k}.", f"{t}.attns.{k}.", 1), e.flax, e.kind, True)
+                 for e in bert_attention_v2(f"{t}.attn{k}")]
+    rows += bert_attention_v2(f"{t}.ca")
+    rows += linear(f"{t}.layer1", f"{t}/layer1") + linear(f"{t}.fixed_layer2_projection",
+                                                          f"{t}/fixed_layer2_projection")
+    return rows
+
+
 def tcn(t: str, f: str | None = None) -> list[Entry]:
     """MTM ``TCN``: ``alpha``, ``conv1``, ``conv2`` (Conv1d k=3), ``layer_norm``."""
     f = t.replace(".", "/") if f is None else f
@@ -151,9 +167,11 @@ def mamba_stack(t: str, num_layers: int) -> list[Entry]:
 def check_table(table) -> tuple:
     """A table must name every torch key and Flax path once and use known kinds."""
     t_keys = [e.torch for e in table]
-    f_keys = [e.flax for e in table]
+    f_keys = [e.flax for e in table if not e.alias]
     if len(set(t_keys)) != len(t_keys) or len(set(f_keys)) != len(f_keys):
         raise AssertionError("duplicate key in a conversion table")
+    if not {e.flax for e in table if e.alias} <= set(f_keys):
+        raise AssertionError("an alias row points to no canonical Flax path")
     bad = [e for e in table if e.kind not in KINDS]
     if bad:
         raise AssertionError(f"unknown kinds in a conversion table: {bad}")
