@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from configs.base import ModelConfig
 from jaxprvr.models.layers import (DYGMM_WIDTHS, BertAttentionV2, DyGMMBlock, LinearLayer, QueryBranch,
+                                   clip_frame_scores,
                                    TrainablePositionalEncoding, dense, l2_normalize, max_scores)
 
 
@@ -103,12 +104,7 @@ class GMMFormerV2(QueryBranch, nn.Module):
         video, vstages = self._encode_video(batch["clip_feats"], batch["frame_feats"], batch["frame_mask"], train)
         q, qstages = self._encode_query(batch["query_feats"], batch["query_mask"], train)
         q2 = self.encode_query(batch["query_feats"], batch["query_mask"], train=train)
-        qn = l2_normalize(q)
         clips, frames = video["clip_feats"], video["frame_feats"]
-        clip, _ = max_scores(qn, l2_normalize(clips))
-        clip_raw, _ = max_scores(q, clips)
-        frame, _ = max_scores(qn, l2_normalize(frames))
-        frame_raw, _ = max_scores(q, frames)
-        scores = {"clip": clip, "clip_raw": clip_raw, "frame": frame, "frame_raw": frame_raw}
+        scores = clip_frame_scores(q, clips, frames)
         aux = {"query": q, "query2": q2, **qstages, **vstages, "clip_feats": clips, "frame_feats": frames}
         return scores, aux

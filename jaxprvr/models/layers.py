@@ -85,6 +85,14 @@ def max_scores(query, context):
     return jnp.max(s, axis=-1), jnp.argmax(s, axis=-1).astype(jnp.int32)
 
 
+def clip_frame_scores(query, clips, frames) -> dict:
+    """Training scores of the clip and frame branches (``get_clip_scale_scores`` and the unnormalised
+    ``get_unnormalized_clip_scale_scores``): ``clip``/``clip_raw``/``frame``/``frame_raw``, each ``(Q, B)``."""
+    qn = l2_normalize(query)
+    return {"clip": max_scores(qn, l2_normalize(clips))[0], "clip_raw": max_scores(query, clips)[0],
+            "frame": max_scores(qn, l2_normalize(frames))[0], "frame_raw": max_scores(query, frames)[0]}
+
+
 class QueryBranch:
     """The query branch every PRVR model shares (MS-SL/GMMFormer ``encode_query``): ``query_input_proj``
     (LinearLayer) -> ``query_pos_embed`` -> ``query_encoder`` -> attention pooling with

@@ -26,7 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxprvr.models.layers import dense, layer_norm
+from configs.base import ModelConfig
+from jaxprvr.models.layers import QueryBranch, dense, layer_norm
 from jaxprvr.models.mamba import Mamba
 
 TCN_DROPOUT = 0.1  # hard-coded in MTM_Net (model.py: TCN(hidden_size, dropout=0.1))
@@ -129,7 +130,7 @@ class VideoGuidedTextRefiner(nn.Module):
             out, train=train)
 
 
-class MTM(nn.Module):
+class MTM(QueryBranch, nn.Module):
     """MTM network (``MTM_Net``). Methods as in :mod:`jaxprvr.models` plus the video granularity:
 
     * ``encode_video`` -> ``{"clip_feats" (B, 32, D), "frame_feats" (B, 128, D), "video_feats" (B, D)}``;
@@ -143,7 +144,7 @@ class MTM(nn.Module):
     As in GMMFormer v2, ``encode_query`` runs twice in training; the clip positional table has ``map_size`` rows.
     """
 
-    cfg: "ModelConfig"  # noqa: F821
+    cfg: ModelConfig
     scan: str = "sequential"
 
     def setup(self):
@@ -183,17 +184,6 @@ class MTM(nn.Module):
         self.video_reconstructor = MLPReconstructor(d, c.max_ctx_l * c.visual_feat_dim, 2, 4, c.drop)
 
     # ------------------------------------------------------------------ encoders
-    def _encode_query(self, query_feats, query_mask, train):
-        from jaxprvr.models.layers import attention_pool
-
-        emb = self.query_pos_embed(self.query_input_proj(query_feats, train=train), train=train)
-        tokens = self.query_encoder(emb, query_mask, train=train)
-        q = attention_pool(self.modular_vector_mapping(tokens), query_mask, tokens)
-        return q, {"query_embed": emb, "query_tokens": tokens}
-
-    def encode_query(self, query_feats, query_mask, *, train: bool = False):
-        return self._encode_query(query_feats, query_mask, train)[0]
-
     def _encode_video(self, clip_feats, frame_feats, frame_mask, train):
         keep = frame_mask[..., None] == 1.0
         clip_emb = self.clip_pos_embed(self.clip_input_proj(clip_feats, train=train), train=train)
@@ -229,7 +219,7 @@ class MTM(nn.Module):
         return {"clip": clip, "frame": frame, "video": self._video_scores(query, video["video_feats"], False)[0]}
 
     def __call__(self, batch, *, train: bool = False):
-        from jaxprvr.models.layers import l2_normalize, max_scores
+        from jaxprvr.models.layers import clip_frame_scores
 
         c = self.cfg
         video, vstages = self._encode_video(batch["clip_feats"], batch["frame_feats"], batch["frame_mask"], train)
@@ -237,17 +227,11 @@ class MTM(nn.Module):
         # the optimal matching, QDL and the text reconstruction; the second the scores and the refiner.
         q2 = self.encode_query(batch["query_feats"], batch["query_mask"], train=train)
         q, qstages = self._encode_query(batch["query_feats"], batch["query_mask"], train)
-        qn = l2_normalize(q)
-        clips, frames = video["clip_feats"], video["frame_feats"]
-        clip, _ = max_scores(qn, l2_normalize(clips))
-        clip_raw, _ = max_scores(q, clips)
-        frame, _ = max_scores(qn, l2_normalize(frames))
-        frame_raw, _ = max_scores(q, frames)
         vid, vid_raw, refined = self._video_scores(q, video["video_feats"], train)
         recon_text = self.text_reconstructor(q2, train=train).reshape(q.shape[0], c.max_desc_l, c.q_feat_size)
         v = video["video_feats"]
         recon_video = self.video_reconstructor(v, train=train).reshape(v.shape[0], c.max_ctx_l, c.visual_feat_dim)
-        scores = {"clip": clip, "clip_raw": clip_raw, "frame": frame, "frame_raw": frame_raw, "video": vid,
+        scores = {**clip_frame_scores(q, video["clip_feats"], video["frame_feats"]), "video": vid,
                   "video_raw": vid_raw}
         aux = {"query": q, "query2": q2, **qstages, **vstages, **video, "refined_query": refined, "recon_text": recon_text,
                "recon_video": recon_video}
