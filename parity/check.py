@@ -241,9 +241,10 @@ def compare_blocks(name, cfg, model, params, twin, batch) -> list[Row]:
             j_out = np.asarray(jax.device_get(j_out))
             row = close_row("block", stage, j_out, t_out, *BLOCK)
             if not row.passed and np.issubdtype(j_out.dtype, np.floating):
-                if twin64 is None:
+                if twin64 is None:  # built once, on the first block that needs the arbiter
                     twin64 = copy.deepcopy(twin).double().eval()
-                tfn64 = _block_specs(name, cfg, twin64, taux, batch)[i][2]
+                    specs64 = _block_specs(name, cfg, twin64, taux, batch)
+                tfn64 = specs64[i][2]
                 t64 = _np(tfn64(*[x.double() if torch.is_floating_point(x) else x for x in inputs]))
                 e_jax = float(np.abs(j_out.astype(np.float64) - t64).max())
                 e_torch = float(np.abs(_np(t_out).astype(np.float64) - t64).max())

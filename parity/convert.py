@@ -338,17 +338,12 @@ def _abstract_params(cfg):
 
 
 def _abstract_opt_state(params):
+    import jax
     import jax.numpy as jnp
 
     from jaxprvr.optim import BertAdamState
 
-    return BertAdamState(count=jax_sds((), jnp.int32), m=params, v=params)
-
-
-def jax_sds(shape, dtype):
-    import jax
-
-    return jax.ShapeDtypeStruct(shape, dtype)
+    return BertAdamState(count=jax.ShapeDtypeStruct((), jnp.int32), m=params, v=params)
 
 
 def _official_best_sumr(model_val) -> float:

@@ -58,28 +58,36 @@ def _x(seed=0, n=2):
     return np.random.default_rng(seed).standard_normal((n, L, D)).astype(np.float32)
 
 
+class _TorchHolder(torch.nn.Module):
+    """Registers ``module`` under ``name`` (so its keys are the official ``name.*``) and applies ``fn``."""
+
+    def __init__(self, name, module, fn):
+        super().__init__()
+        self.add_module(name, module)
+        self.__dict__["fn"] = fn  # not a submodule: its parameters are registered under ``name`` only
+
+    def forward(self, x):
+        return self.fn(x)
+
+
 def test_tcn_matches_twin_and_clamps_alpha():
     torch.manual_seed(0)
-    twin = torch.nn.ModuleDict({"frame_tcn": tmtm.TCN(D)}).eval()
-    tl.reset_parameters(twin)  # MTM's reset_parameters: convs back to torch's default, LayerNorm (1, 0)
+    tcn = tmtm.TCN(D)
+    holder = _TorchHolder("frame_tcn", tcn, tcn).eval()
+    tl.reset_parameters(holder)  # MTM's reset_parameters: convs back to torch's default, LayerNorm (1, 0)
     table = keys.check_table(keys.tcn("frame_tcn"))
-    holder = torch.nn.Module()
-    holder.frame_tcn = twin["frame_tcn"]
-    holder.forward = lambda x: holder.frame_tcn(x)  # noqa: E731
     for alpha in (0.5, 1.7, -0.3):  # the clamp to [0, 1] (1.7 -> 1, -0.3 -> 0: the TCN is switched off)
         with torch.no_grad():
-            holder.frame_tcn.alpha.fill_(alpha)
+            tcn.alpha.fill_(alpha)
         _check(_TcnHolder(), holder, table, _x(1))
 
 
 def test_mamba_residual_stack_matches_official_mamba():
     torch.manual_seed(1)
-    holder = torch.nn.Module()
-    holder.clip_mamba = tmtm.mamba_stack(D, 2)
+    stack = tmtm.mamba_stack(D, 2)
+    holder = _TorchHolder("clip_mamba", stack, lambda x: tmtm.mamba_residual(stack, x))
     tl.reset_parameters(holder)  # MTM: every Linear in the Mamba layers N(0, 0.02), zero bias
-    with torch.no_grad():
-        assert not holder.clip_mamba[0].dt_proj.bias.any()
-    holder.forward = lambda x: tmtm.mamba_residual(holder.clip_mamba, x)  # noqa: E731
+    assert not stack[0].dt_proj.bias.any()
     _check(_StackHolder(), holder, keys.check_table(keys.mamba_stack("clip_mamba", 2)), _x(2))
 
 

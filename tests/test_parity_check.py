@@ -7,10 +7,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from configs import load_config
 from parity import check, convert
 from tests.conftest import TINY_QUERY, TINY_VISUAL
+import torch_ref
 
 TINY = ["model.hidden_size=32", "model.n_heads=2", f"model.q_feat_size={TINY_QUERY}",
         f"model.visual_feat_dim={TINY_VISUAL}", "data.eval_context_bsz=64", "data.eval_query_bsz=64"]
@@ -25,9 +27,7 @@ def test_official_size_forward_blocks_and_losses(name):
     failed = [r for r in rows if not r.passed]
     assert not failed, check.format_table(failed)
     stages = {r.stage for r in rows}
-    import torch_ref
-
-    with __import__("torch").no_grad():
+    with torch.no_grad():
         _, taux = torch_ref.build_model(cfg.model)(check.make_batch(cfg.model, 3), train=False)
     assert {f"aux[{k}]" for k in taux} <= stages  # every named stage is compared
     assert {f"scores[{k}]" for k in ("clip", "clip_raw", "frame", "frame_raw")} <= stages

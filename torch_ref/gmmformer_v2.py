@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torch_ref.layers import (DYGMM_WIDTHS, BertAttentionV2, DyGMMBlock, LinearLayer, QueryBranch,
-                              TrainablePositionalEncoding, as_tensor, max_scores, reset_parameters)
+                              as_tensor, max_scores, reset_parameters)
 
 
 class GMMFormerV2(QueryBranch, nn.Module):
@@ -19,11 +19,7 @@ class GMMFormerV2(QueryBranch, nn.Module):
         super().__init__()
         self.cfg = cfg
         d, h = cfg.hidden_size, cfg.n_heads
-        self.query_pos_embed = TrainablePositionalEncoding(cfg.max_desc_l, d, cfg.input_drop)
-        self.clip_pos_embed = TrainablePositionalEncoding(cfg.max_ctx_l, d, cfg.input_drop)
-        self.frame_pos_embed = TrainablePositionalEncoding(cfg.max_ctx_l, d, cfg.input_drop)
-        self.query_input_proj = LinearLayer(cfg.q_feat_size, d, True, cfg.input_drop, True)
-        self.query_encoder = BertAttentionV2(d, h, cfg.drop)
+        self._init_inputs(cfg, BertAttentionV2(d, h, cfg.drop), clip_rows=cfg.max_ctx_l)
         self.clip_input_proj = LinearLayer(cfg.visual_feat_dim, d, True, cfg.input_drop, True)
         self.clip_encoder = DyGMMBlock(d, h, cfg.map_size, cfg.sft_factor, cfg.drop, widths)
         self.frame_input_proj = LinearLayer(cfg.visual_feat_dim, d, True, cfg.input_drop, True)

@@ -268,7 +268,21 @@ def as_tensor(x, device=None, dtype=None):
 class QueryBranch:
     """The query branch every PRVR model shares (official ``encode_query``): ``query_input_proj`` ->
     ``query_pos_embed`` -> ``query_encoder`` -> attention pooling with ``modular_vector_mapping``.
-    Mixed into a model whose ``__init__`` defines those four submodules."""
+    Mixed into a model whose ``__init__`` defines those four submodules (:meth:`_init_inputs` registers the
+    shared ones)."""
+
+    def _init_inputs(self, cfg, query_encoder, clip_rows: int, video_branch: bool = False) -> None:
+        """Registers, in the official order (which is the state_dict order): the positional encodings
+        ``query_pos_embed`` (``max_desc_l`` rows), ``clip_pos_embed`` (``clip_rows``), ``frame_pos_embed``
+        (and MTM's ``video_pos_embed``) of ``max_ctx_l`` rows, then ``query_input_proj`` and ``query_encoder``."""
+        d, drop = cfg.hidden_size, cfg.input_drop
+        self.query_pos_embed = TrainablePositionalEncoding(cfg.max_desc_l, d, drop)
+        self.clip_pos_embed = TrainablePositionalEncoding(clip_rows, d, drop)
+        self.frame_pos_embed = TrainablePositionalEncoding(cfg.max_ctx_l, d, drop)
+        if video_branch:
+            self.video_pos_embed = TrainablePositionalEncoding(cfg.max_ctx_l, d, drop)
+        self.query_input_proj = LinearLayer(cfg.q_feat_size, d, True, drop, True)
+        self.query_encoder = query_encoder
 
     def _encode_query(self, query_feats, query_mask):
         emb = self.query_pos_embed(self.query_input_proj(query_feats))

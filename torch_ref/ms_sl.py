@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch_ref.layers import (BertAttention, LinearLayer, QueryBranch, TrainablePositionalEncoding, as_tensor,
+from torch_ref.layers import (BertAttention, LinearLayer, QueryBranch, as_tensor,
                               max_scores, reset_parameters)
 
 KEY_CLIP_MASK_FILL = -1e9
@@ -21,11 +21,7 @@ class MSSL(QueryBranch, nn.Module):
         super().__init__()
         self.cfg = cfg
         d, h = cfg.hidden_size, cfg.n_heads
-        self.query_pos_embed = TrainablePositionalEncoding(cfg.max_desc_l, d, cfg.input_drop)
-        self.clip_pos_embed = TrainablePositionalEncoding(cfg.max_ctx_l, d, cfg.input_drop)
-        self.frame_pos_embed = TrainablePositionalEncoding(cfg.max_ctx_l, d, cfg.input_drop)
-        self.query_input_proj = LinearLayer(cfg.q_feat_size, d, True, cfg.input_drop, True)
-        self.query_encoder = BertAttention(d, h, cfg.drop)
+        self._init_inputs(cfg, BertAttention(d, h, cfg.drop), clip_rows=cfg.max_ctx_l)
         self.clip_input_proj = LinearLayer(cfg.visual_feat_dim, d, True, cfg.input_drop, True)
         self.clip_encoder = BertAttention(d, h, cfg.drop)
         self.frame_input_proj = LinearLayer(cfg.visual_feat_dim, d, True, cfg.input_drop, True)

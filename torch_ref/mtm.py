@@ -76,7 +76,7 @@ class MLPReconstructor(nn.Module):
 import torch.nn.functional as F  # noqa: E402
 
 from torch_ref.layers import (BertAttentionV2, BertCrossAttention, DyGMMBlock, LinearLayer,  # noqa: E402
-                              QueryBranch, TrainablePositionalEncoding, as_tensor, max_scores, reset_parameters)
+                              QueryBranch, as_tensor, max_scores, reset_parameters)
 
 MTM_WIDTHS = (None, 0.5, 1.0, 5.0, 10.0, 3.0, 0.1, 8.0, 0.05, 2.0, 15.0)  # model_components.py DyGMMBlock
 
@@ -127,12 +127,7 @@ class MTM(QueryBranch, nn.Module):
         super().__init__()
         self.cfg = cfg
         d, h = cfg.hidden_size, cfg.n_heads
-        self.query_pos_embed = TrainablePositionalEncoding(cfg.max_desc_l, d, cfg.input_drop)
-        self.clip_pos_embed = TrainablePositionalEncoding(cfg.map_size, d, cfg.input_drop)
-        self.frame_pos_embed = TrainablePositionalEncoding(cfg.max_ctx_l, d, cfg.input_drop)
-        self.video_pos_embed = TrainablePositionalEncoding(cfg.max_ctx_l, d, cfg.input_drop)
-        self.query_input_proj = LinearLayer(cfg.q_feat_size, d, True, cfg.input_drop, True)
-        self.query_encoder = BertAttentionV2(d, h, cfg.drop)
+        self._init_inputs(cfg, BertAttentionV2(d, h, cfg.drop), clip_rows=cfg.map_size, video_branch=True)
         self.clip_input_proj = LinearLayer(cfg.visual_feat_dim, d, True, cfg.input_drop, True)
         self.clip_encoder = MTMDyGMMBlock(d, h, cfg.map_size, cfg.sft_factor, cfg.drop)
         self.clip_mamba = mamba_stack(d, cfg.num_mamba_layers)
