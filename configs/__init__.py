@@ -11,9 +11,9 @@ import importlib
 from configs.base import DATASETS, Config, apply_overrides
 from jaxprvr.errors import JaxprvrError
 
-MODELS = ("ms_sl", "gmmformer", "gmmformer_v2")
+MODELS = ("ms_sl", "gmmformer", "gmmformer_v2", "mtm")
 # The strongest model implemented so far, per dataset (what `--config tvr` trains).
-BEST_MODEL = {"tvr": "gmmformer_v2", "act": "gmmformer_v2", "cha": "gmmformer_v2"}
+BEST_MODEL = {"tvr": "mtm", "act": "mtm", "cha": "mtm"}
 
 
 def load_config(name: str, model: str | None = None, overrides=()) -> Config:

@@ -41,6 +41,7 @@ class ModelConfig:
     # Test-time branch weights of the fused score.
     clip_scale_w: float = 0.7
     frame_scale_w: float = 0.3
+    video_scale_w: float = 0.0  # MTM's third (video-level) branch
     # GMMFormer v1 quirk: the Gaussian grid of the frame branch is built on the padded *batch* length.
     # False (official) keeps that; True builds it on the fixed max_ctx_l (docs/quirks.md).
     gmm_fixed_length: bool = False
@@ -66,12 +67,16 @@ class DataConfig:
 class LossConfig:
     margin: float = 0.1
     # ms_sl: unused (hard-coded 0.02/0.04 clip/frame NCE in the official code);
-    # gmmformer: [clipNCE, frameNCE, QDL]; gmmformer_v2: [clipNCE, frameNCE, QDL, OT].
+    # gmmformer: [clipNCE, frameNCE, QDL]; gmmformer_v2: [clipNCE, frameNCE, QDL, OT];
+    # mtm: [clipNCE, frameNCE, QDL, OT, videoNCE].
     loss_factor: tuple[float, ...] = (0.05, 0.04, 8e-5, 0.09)
     # gmmformer: [m_q, alpha]; gmmformer_v2: [m_q, alpha, lambda].
     neg_factor: tuple[float, ...] = (0.15, 32.0, 1.0)
     hard_negative_start_epoch: int = 20
     hard_pool_size: int = 20
+    # MTM: [clip, frame, video] triplet weights, and the weight of the text + video reconstruction losses.
+    triplet_loss_factor: tuple[float, ...] = (1.0, 1.0, 1.0)
+    lambda_recon: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,10 @@ class TrainConfig:
     seed: int = 9527
     max_grad_norm: float = 1.0  # BertAdam's per-tensor clip
     log_every: int = 10
+    # MTM: exponential moving average of the weights (Opts/optimization.py EMA), updated after every step;
+    # validation, test and the "best" selection then use the averaged weights.
+    use_ema: bool = False
+    ema_decay: float = 0.9995
     ckpt_every_steps: int = 0  # 0: save "latest" at each epoch end only
 
 

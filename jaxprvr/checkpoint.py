@@ -96,5 +96,22 @@ def load_params(path: str | Path, abstract_params):
     return params, read_meta(step_dir)
 
 
+def load_ema_params(path: str | Path, abstract_params):
+    """The EMA weights (MTM ``train.use_ema``) of a checkpoint: the ``shadow`` of its ``opt_state``."""
+    import jax.numpy as jnp
+
+    from jaxprvr.optim import BertAdamState, EmaState
+
+    step_dir = resolve_params_dir(path)
+    abstract = EmaState(inner=BertAdamState(count=jax.ShapeDtypeStruct((), jnp.int32), m=abstract_params,
+                                            v=abstract_params), shadow=abstract_params)
+    try:
+        opt_state = ocp.StandardCheckpointer().restore(step_dir / "opt_state", abstract)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise JaxprvrError(step_dir / "opt_state", "a BertAdam state with EMA weights (train.use_ema)",
+                           f"{type(e).__name__}: {e}", hint="pass --no-ema to evaluate the raw weights") from None
+    return opt_state.shadow
+
+
 def abstract_tree(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)

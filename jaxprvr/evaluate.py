@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m jaxprvr.evaluate",
         description="Evaluate a PRVR checkpoint on a split (R@1/5/10/100, SumR, median/mean rank); prints JSON.")
     p.add_argument("--config", required=True, help="dataset (tvr|act|cha) or <model>/<dataset>")
-    p.add_argument("--model", default=None, help="ms_sl | gmmformer | gmmformer_v2 (default: the config's)")
+    p.add_argument("--model", default=None, help="ms_sl | gmmformer | gmmformer_v2 | mtm (default: the config's)")
     p.add_argument("--ckpt", required=True, help="a run folder, a checkpoint slot folder, or a step folder")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data-root", default=None, help="folder holding <collection>/TextData and FeatureData")
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["val", "test", "train"])
     p.add_argument("--save-scores", default=None, metavar="DIR", help="write scores.npy + query/video id lists")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-ema", action="store_true",
+                   help="evaluate the raw weights of a run trained with train.use_ema (default: the EMA weights)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -167,12 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> dict:
     from configs import load_config
     from configs.base import apply_overrides, model_config_from_dict
-    from jaxprvr.checkpoint import load_params, read_meta
+    from jaxprvr.checkpoint import load_ema_params, load_params, read_meta
     from jaxprvr.data import PRVRDataset
     from jaxprvr.train import config_with_data_dims, init_params, resolve_data_root
 
     cfg = load_config(args.config, args.model)
-    saved = read_meta(args.ckpt).get("config", {}).get("model")
+    saved_cfg = read_meta(args.ckpt).get("config", {})
+    saved = saved_cfg.get("model")
     if saved is not None:  # the architecture the checkpoint was trained with (e.g. a demo's width)
         if args.model is not None and saved.get("name") != args.model:
             raise JaxprvrError(args.ckpt, f"a checkpoint of --model {args.model}", f"one of {saved.get('name')}")
@@ -186,11 +189,14 @@ def run(args) -> dict:
     model = build_model(cfg.model)
     abstract = jax.eval_shape(lambda: init_params(model, cfg, jax.random.PRNGKey(0)))
     params, meta = load_params(args.ckpt, abstract)
+    use_ema = bool(saved_cfg.get("train", {}).get("use_ema", False)) and not args.no_ema
+    if use_ema:  # as in training: validation, best selection and test all ran on the EMA weights
+        params = load_ema_params(args.ckpt, abstract)
     ev = Evaluator(model, cfg)
     res = ev.evaluate(params, ds, progress=not args.no_progress, keep_scores=bool(args.save_scores))
     if args.save_scores:
         save_scores(args.save_scores, res.pop("_scores"), ds)
-    res.update(split=args.split, model=cfg.model.name, dataset=cfg.data.dataset, ckpt=str(args.ckpt))
+    res.update(split=args.split, model=cfg.model.name, dataset=cfg.data.dataset, ckpt=str(args.ckpt), ema=use_ema)
     return res
 
 

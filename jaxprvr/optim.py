@@ -29,7 +29,8 @@ import optax
 
 from jaxprvr.errors import JaxprvrError
 
-__all__ = ["warmup_linear", "official_weight_decay_mask", "torch_style_name", "BertAdamState", "bert_adam"]
+__all__ = ["warmup_linear", "official_weight_decay_mask", "torch_style_name", "BertAdamState", "bert_adam",
+           "EmaState", "ema_decay_at", "ema_update", "with_ema", "bert_adam_state_of", "eval_params"]
 
 # Substrings of the official no-decay rule (GMMFormer src/Opts/builder.py:6).
 NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")
@@ -167,3 +168,65 @@ def bert_adam(lr: float, warmup: float, t_total: int, weight_decay: float = 0.01
         return new_updates, BertAdamState(count=state.count + 1, m=m, v=v)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------------------------------
+# EMA of the weights (MTM)
+# ----------------------------------------------------------------------------------------------------
+
+class EmaState(NamedTuple):
+    inner: Any  # the wrapped optimizer's state (BertAdamState)
+    shadow: Any  # the averaged parameters (official ``EMA.shadow``), same tree as the params
+
+
+def ema_decay_at(step, decay: float):
+    """Official warm decay ``min(decay, (1 + step) / (10 + step))`` (MTM ``Opts/optimization.py:201``)."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
+def ema_update(shadow, params, step, decay: float):
+    """One official EMA update: ``shadow = (1 - d) p + d shadow`` with ``d = ema_decay_at(step, decay)``
+    (MTM ``Opts/optimization.py:200-206``)."""
+    d = ema_decay_at(step, decay)
+    # 1 - d as torch gets it (a Python double rounded once to float32): max(1 - decay, 9 / (10 + step)).
+    one_minus = jnp.maximum(jnp.float32(1.0 - decay), 9.0 / (10.0 + jnp.asarray(step, jnp.float32)))
+    return jax.tree_util.tree_map(lambda s, p: (one_minus * p + d * s).astype(s.dtype), shadow, params)
+
+
+def with_ema(tx: optax.GradientTransformation, decay: float) -> optax.GradientTransformation:
+    """``tx`` plus an EMA of the parameters it produces, kept in the optimizer state (so checkpoints, resume and
+    sharding carry it unchanged).
+
+    The official MTM ``EMA`` registers the initial weights and is called after each optimizer step; its training
+    script is missing, so the step passed is our choice: the 0-based index of the update just made (the wrapped
+    state's ``count`` before the update), which the official ``__call__(model, step)`` signature suggests
+    (docs/quirks.md, MTM). The shadow tracks ``params + updates``, i.e. the weights after the step.
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise JaxprvrError("ema_decay", "a decay in [0, 1]", repr(decay))
+
+    def init_fn(params):
+        return EmaState(inner=tx.init(params), shadow=jax.tree_util.tree_map(jnp.array, params))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("with_ema needs params: call update(grads, state, params)")
+        new_updates, inner = tx.update(updates, state.inner, params)
+        step = state.inner.count
+        new_params = optax.apply_updates(params, new_updates)
+        return new_updates, EmaState(inner=inner, shadow=ema_update(state.shadow, new_params, step, decay))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def bert_adam_state_of(opt_state) -> BertAdamState:
+    """The BertAdam state inside ``opt_state`` (itself, or the ``inner`` of an :class:`EmaState`)."""
+    return opt_state.inner if isinstance(opt_state, EmaState) else opt_state
+
+
+def eval_params(params, opt_state, use_ema: bool):
+    """The weights to evaluate: the EMA shadow when ``use_ema`` (and the state has one), else ``params``."""
+    if use_ema and isinstance(opt_state, EmaState):
+        return opt_state.shadow
+    return params

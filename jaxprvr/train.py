@@ -1,7 +1,7 @@
 """Train a PRVR model with the official recipe (prvr.md §7), then evaluate the best checkpoint on test.
 
     python -m jaxprvr.train --config tvr --demo                 # built-in synthetic data, a short run
-    python -m jaxprvr.train --config tvr --data-root $ROOT      # the official TVR recipe (GMMFormer v2)
+    python -m jaxprvr.train --config tvr --data-root $ROOT      # the official TVR recipe (MTM)
     python -m jaxprvr.train --config act --model ms_sl --data-root $ROOT --set train.n_epoch=50
 
 Per epoch: video-centric batches (all queries of each video), BertAdam with warmup-linear over
@@ -88,12 +88,14 @@ def init_params(model, cfg, key):
 
 
 def make_optimizer(cfg, params, steps_per_epoch: int):
-    from jaxprvr.optim import bert_adam, official_weight_decay_mask
+    """BertAdam over ``n_epoch × steps_per_epoch``; with ``train.use_ema`` (MTM) it also keeps the EMA weights."""
+    from jaxprvr.optim import bert_adam, official_weight_decay_mask, with_ema
 
     t = cfg.train
-    return bert_adam(lr=t.lr, warmup=t.lr_warmup_proportion, t_total=steps_per_epoch * t.n_epoch,
-                     weight_decay=t.wd, weight_decay_mask=official_weight_decay_mask(params),
-                     max_grad_norm=t.max_grad_norm)
+    tx = bert_adam(lr=t.lr, warmup=t.lr_warmup_proportion, t_total=steps_per_epoch * t.n_epoch,
+                   weight_decay=t.wd, weight_decay_mask=official_weight_decay_mask(params),
+                   max_grad_norm=t.max_grad_norm)
+    return with_ema(tx, t.ema_decay) if t.use_ema else tx
 
 
 def make_train_step(model, cfg, tx, mesh):
@@ -154,6 +156,7 @@ def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = Tru
     from jaxprvr.data import PRVRDataset, prefetch, train_batches
     from jaxprvr.evaluate import Evaluator, format_metrics
     from jaxprvr.models import build_model
+    from jaxprvr.optim import eval_params
 
     out = Path(out_dir)
     mesh = mesh if mesh is not None else shd.make_mesh()
@@ -250,7 +253,8 @@ def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = Tru
             save("latest", {})
             break
         # -- validation, best checkpoint, early stopping (official main.py: es_cnt > max_es_cnt stops)
-        val = evaluator.evaluate(state["params"], val_ds, progress=progress)
+        val = evaluator.evaluate(eval_params(state["params"], state["opt_state"], tc.use_ema), val_ds,
+                                 progress=progress)
         improved = val["sumr"] > m["best_sumr"]
         if improved:
             m.update(best_sumr=val["sumr"], best_epoch=epoch, es_cnt=0)
@@ -274,7 +278,12 @@ def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = Tru
     # -- final test evaluation on the best checkpoint
     test_ds = PRVRDataset(data_root, cfg, "test")
     slot = "best" if ckpts.latest_step("best") is not None else "latest"
-    best_params, _, _ = ckpts.restore(slot, abstract_tree(state["params"]))
+    if tc.use_ema:  # the EMA weights live in the optimizer state
+        best_params, best_opt, _ = ckpts.restore(slot, abstract_tree(state["params"]),
+                                                 abstract_tree(state["opt_state"]))
+        best_params = eval_params(best_params, best_opt, True)
+    else:
+        best_params, _, _ = ckpts.restore(slot, abstract_tree(state["params"]))
     test = evaluator.evaluate(shd.replicate(best_params, mesh), test_ds, progress=progress)
     ckpts.close()
     from jaxprvr.metrics.prvr import chance_sumr
@@ -345,10 +354,10 @@ def _log(enabled, text):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jaxprvr.train",
-        description="Train a PRVR model (MS-SL, GMMFormer, GMMFormer v2) with the official recipe; "
+        description="Train a PRVR model (MS-SL, GMMFormer, GMMFormer v2, MTM) with the official recipe; "
                     "prints a JSON summary with the test metrics of the best checkpoint.")
     p.add_argument("--config", required=True, help="dataset (tvr|act|cha: the best model on it) or <model>/<dataset>")
-    p.add_argument("--model", default=None, help="ms_sl | gmmformer | gmmformer_v2")
+    p.add_argument("--model", default=None, help="ms_sl | gmmformer | gmmformer_v2 | mtm (default: mtm)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data-root", default=None,
                      help="folder holding <collection>/TextData and <collection>/FeatureData (MS-SL release layout)")

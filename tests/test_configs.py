@@ -14,6 +14,13 @@ OFFICIAL = {
     ("gmmformer_v2", "tvr"): dict(lr=3e-4, margin=0.1, drop=0.2, seed=9527, clip_w=0.7, q=768, sft=0.09),
     ("gmmformer_v2", "act"): dict(lr=2.5e-4, margin=0.2, drop=0.31, seed=9527, clip_w=0.7, q=1024, sft=0.6),
     ("gmmformer_v2", "cha"): dict(lr=2e-4, margin=0.2, drop=0.25, seed=9527, clip_w=0.7, q=1024, sft=0.6),
+    # MTM (prvr.md §6.5): batch, epochs, branch weights, loss factors, EMA per dataset.
+    ("mtm", "tvr"): dict(lr=2.5e-4, margin=0.1, drop=0.2, seed=9527, clip_w=0.7, q=768, sft=0.09, hard=50,
+                         bsz=32, epochs=200, w=(0.35, 0.03), lf=(0.05, 0.04, 7e-5, 0.09, 0.015), rec=0.4, ema=False),
+    ("mtm", "act"): dict(lr=2.5e-4, margin=0.2, drop=0.31, seed=9527, clip_w=0.7, q=1024, sft=0.6, hard=50,
+                         bsz=64, epochs=150, w=(0.5, 0.15), lf=(0.02, 0.04, 0.003, 0.11, 0.07), rec=0.6, ema=True),
+    ("mtm", "cha"): dict(lr=2.5e-4, margin=0.2, drop=0.25, seed=9527, clip_w=0.7, q=1024, sft=0.6, hard=50,
+                         bsz=128, epochs=200, w=(0.25, 0.04), lf=(0.02, 0.04, 0.003, 0.11, 0.03), rec=0.6, ema=False),
 }
 
 
@@ -23,7 +30,8 @@ def test_every_config_loads(model, dataset):
     cfg = load_config(dataset, model)
     assert cfg.model.name == model and cfg.data.dataset == dataset
     assert (cfg.model.hidden_size, cfg.model.n_heads, cfg.model.max_ctx_l, cfg.model.max_desc_l) == (384, 4, 128, 30)
-    assert (cfg.train.batch_size, cfg.train.n_epoch, cfg.train.max_es_cnt, cfg.train.wd) == (128, 100, 10, 0.01)
+    bsz, epochs = (OFFICIAL[(model, dataset)]["bsz"], OFFICIAL[(model, dataset)]["epochs"]) if model == "mtm" else (128, 100)
+    assert (cfg.train.batch_size, cfg.train.n_epoch, cfg.train.max_es_cnt, cfg.train.wd) == (bsz, epochs, 10, 0.01)
     assert cfg.data.max_ctx_l == cfg.model.max_ctx_l
 
 
@@ -39,6 +47,11 @@ def test_official_values(key):
         assert cfg.loss.hard_negative_start_epoch == want["hard"]
     if "sft" in want:
         assert cfg.model.sft_factor == want["sft"]
+    if model == "mtm":
+        assert (cfg.model.frame_scale_w, cfg.model.video_scale_w) == want["w"]
+        assert cfg.loss.loss_factor == want["lf"] and cfg.loss.lambda_recon == want["rec"]
+        assert cfg.train.use_ema is want["ema"] and cfg.train.ema_decay == 0.9995
+        assert cfg.loss.triplet_loss_factor == (1.0, 1.0, 1.0) and cfg.model.num_mamba_layers == 2
 
 
 def test_alias_and_path_forms():
@@ -49,7 +62,7 @@ def test_alias_and_path_forms():
 
 
 def test_overrides_are_typed_and_strict():
-    cfg = load_config("tvr", overrides=["train.n_epoch=3", "train.lr=1e-3", "model.gmm_fixed_length=true",
+    cfg = load_config("tvr", "gmmformer", overrides=["train.n_epoch=3", "train.lr=1e-3", "model.gmm_fixed_length=true",
                                         "loss.loss_factor=0.1,0.2,0.3,0.4", "model.max_ctx_l=64"])
     assert cfg.train.n_epoch == 3 and cfg.train.lr == 1e-3 and cfg.model.gmm_fixed_length is True
     assert cfg.loss.loss_factor == (0.1, 0.2, 0.3, 0.4)

@@ -6,7 +6,9 @@ Faithful to the official PyTorch code; ``file:line`` references are to these sna
   ``method/model_components.py`` (``clip_nce`` ``:21-49``, ``frame_nce`` ``:52-79``);
 * ``GMMFormer``: ``src/Losses/loss.py`` (QDL v1 ``:12-36``, total ``:48-78``, triplet ``:80-116``);
 * ``GMMFormer_v2``: ``src/Losses/loss.py`` (QDL v2 ``:12-38``, total ``:50-81``),
-  ``src/Models/gmmformerV2/model.py:100-116`` (optimal matching loss).
+  ``src/Models/gmmformerV2/model.py:100-116`` (optimal matching loss);
+* ``MTM``: ``src/Losses/loss.py`` (QDL v2 ``:9-32``, total ``:54-105``, triplet with a hard pool in both
+  directions ``:107-164``), ``src/Models/MTM/model.py:245-275`` (optimal matching with its guard).
 
 Batch layout (static shapes). ``B`` video slots with ``video_valid (B,)`` 0/1, ``Q`` query slots with
 ``query_valid (Q,)`` 0/1 and ``query_labels (Q,)`` int32 = the batch row of the query's video; the
@@ -46,6 +48,7 @@ __all__ = [
     "query_diverse_loss_v2",
     "optimal_matching_cost",
     "optimal_matching_loss",
+    "reconstruction_loss",
     "sample_t2v_negatives",
     "sample_v2t_negatives",
     "sample_square_negatives",
@@ -54,7 +57,7 @@ __all__ = [
     "total_loss",
 ]
 
-MODEL_NAMES = ("ms_sl", "gmmformer", "gmmformer_v2")
+MODEL_NAMES = ("ms_sl", "gmmformer", "gmmformer_v2", "mtm")
 # Hard-coded in the official MS-SL (method/model.py:102,106), for every dataset.
 MS_SL_CLIP_NCE_WEIGHT = 0.02
 MS_SL_FRAME_NCE_WEIGHT = 0.04
@@ -148,13 +151,14 @@ def frame_nce(scores: jax.Array, query_valid) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------
 
 def clip_triplet_loss(scores: jax.Array, query_labels, query_valid, video_valid, *, margin: float,
-                      t2v_negatives, v2t_negatives) -> jax.Array:
+                      t2v_negatives, v2t_negatives, no_negative_margin: bool = False) -> jax.Array:
     """Official ``get_clip_triplet_loss`` on cosine ``scores (Q, B)``, with given negatives.
 
     ``t2v_negatives (Q,)``: a video index per query; ``v2t_negatives (B,)``: a query index per video.
     ``(1/Nq) sum_i [m + S[i,n_i] - S[i,y(i)]]_+ + (1/Nv) sum_v [m + S[n_v,v] - mean_{i in Q(v)} S[i,v]]_+``
     (ms-sl ``model.py:282-320``; GMMFormer ``Losses/loss.py:80-116``, identical). A row with no valid
-    negative (a batch of one video) contributes 0 (the official ``torch.randint`` would raise).
+    negative (a batch of one video) contributes 0 (the official ``torch.randint`` would raise), or, with
+    ``no_negative_margin`` (MTM ``loss.py:119-120,144-145``: the negative is the positive itself), ``margin``.
     """
     s = _f32(scores)
     qv, vv = _bool(query_valid), _bool(video_valid)
@@ -165,7 +169,8 @@ def clip_triplet_loss(scores: jax.Array, query_labels, query_valid, video_valid,
     t2v_neg = _row_gather(s, t2v_negatives)
     t2v = jnp.maximum(margin + t2v_neg - t2v_pos, 0.0)
     t2v_ok = qv & (n_valid_videos >= 2)
-    t2v_loss = jnp.sum(jnp.where(t2v_ok, t2v, 0.0)) / jnp.maximum(jnp.sum(qv), 1)
+    empty = jnp.maximum(margin, 0.0) if no_negative_margin else 0.0
+    t2v_loss = jnp.sum(jnp.where(t2v_ok, t2v, jnp.where(qv, empty, 0.0))) / jnp.maximum(jnp.sum(qv), 1)
 
     pm = pos_mask.astype(s.dtype)
     n_pos = jnp.sum(pm, axis=0)
@@ -174,7 +179,8 @@ def clip_triplet_loss(scores: jax.Array, query_labels, query_valid, video_valid,
     v2t = jnp.maximum(margin + v2t_neg - v2t_pos, 0.0)
     n_other = jnp.sum(qv) - n_pos
     v2t_ok = vv & (n_pos > 0) & (n_other > 0)
-    v2t_loss = jnp.sum(jnp.where(v2t_ok, v2t, 0.0)) / jnp.maximum(jnp.sum(vv), 1)
+    v2t_empty = jnp.where(vv & (n_pos > 0), empty, 0.0)
+    v2t_loss = jnp.sum(jnp.where(v2t_ok, v2t, v2t_empty)) / jnp.maximum(jnp.sum(vv), 1)
     return t2v_loss + v2t_loss
 
 
@@ -279,6 +285,23 @@ def optimal_matching_loss(clip_feats: jax.Array, query: jax.Array, query_labels,
 
 
 # ----------------------------------------------------------------------------------------------------
+# Reconstruction (MTM)
+# ----------------------------------------------------------------------------------------------------
+
+def reconstruction_loss(recon: jax.Array, target: jax.Array, mask, row_valid) -> jax.Array:
+    """MTM's masked reconstruction loss (``loss.py:85-99``) of ``recon (N, L, D)`` against ``target (N, L, D)``:
+
+    ``sum(mask * (normalize(recon) - target)^2) / (sum(mask) * D + 1e-6)`` with ``normalize`` per token
+    (``F.normalize``, eps 1e-12) and ``mask (N, L)`` the token mask of each row; ``row_valid (N,)`` drops padded
+    rows (queries or videos) from both sums. The targets are the model's own (L2-normalised) inputs."""
+    r = l2_normalize(_f32(recon))
+    t = _f32(target)
+    m = _f32(mask) * _bool(row_valid).astype(jnp.float32)[:, None]
+    err = jnp.sum(jnp.square((r - t) * m[..., None]))
+    return err / (jnp.sum(m) * t.shape[-1] + 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Negative sampling
 # ----------------------------------------------------------------------------------------------------
 
@@ -349,16 +372,28 @@ def negative_keys(model_name: str) -> tuple[str, ...]:
     _check_model(model_name)
     if model_name == "ms_sl":
         return ("clip_t2v", "clip_v2t", "frame_row", "frame_col")
+    if model_name == "mtm":
+        return ("clip_t2v", "clip_v2t", "frame_t2v", "frame_v2t", "video_t2v", "video_v2t")
     return ("clip_t2v", "clip_v2t", "frame_t2v", "frame_v2t")
 
 
 def sample_negatives(model_name: str, scores: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], key,
                      *, hard: bool, hard_pool_size: int) -> dict[str, jax.Array]:
     """All negatives one training step of ``model_name`` needs (shapes: ``*_t2v``/``frame_row``/
-    ``frame_col`` ``(Q,)``; ``*_v2t`` ``(B,)``), drawn from ``key``."""
+    ``frame_col`` ``(Q,)``; ``*_v2t`` ``(B,)``), drawn from ``key``. MTM draws both directions of its three
+    triplets uniformly from the ``hard_pool_size`` hardest (MTM ``loss.py:122-128,150-153``); MS-SL and
+    GMMFormer take the single hardest query per video."""
     names = negative_keys(model_name)
     keys = jax.random.split(key, len(names))
     lab, qv, vv = batch["query_labels"], batch["query_valid"], batch["video_valid"]
+    if model_name == "mtm":
+        out = {}
+        for i, branch in enumerate(("clip", "frame", "video")):
+            out[f"{branch}_t2v"] = sample_t2v_negatives(keys[2 * i], scores[branch], lab, qv, vv, hard=hard,
+                                                        pool_size=hard_pool_size)
+            out[f"{branch}_v2t"] = sample_v2t_negatives(keys[2 * i + 1], scores[branch], lab, qv, vv, hard=hard,
+                                                        pool_size=hard_pool_size)
+        return out
     out = {
         "clip_t2v": sample_t2v_negatives(keys[0], scores["clip"], lab, qv, vv, hard=hard, pool_size=hard_pool_size),
         "clip_v2t": sample_v2t_negatives(keys[1], scores["clip"], lab, qv, vv, hard=hard, pool_size=1),
@@ -396,6 +431,13 @@ def total_loss(model_name: str, scores: Mapping[str, jax.Array], aux: Mapping[st
       + lf2 QDL1(query2)`` (GMMFormer ``Losses/loss.py:68-76``).
     * ``gmmformer_v2``: as ``gmmformer`` with QDL2, ``+ lf3 L_OT(clip_feats, query2)``
       (GMMFormer_v2 ``Losses/loss.py:71-79``).
+    * ``mtm`` (MTM ``Losses/loss.py:76-105``): ``lf0 clipNCE(clip_raw) + t0 Trip(clip) + lf1 clipNCE(frame_raw)
+      + t1 Trip(frame) + lf4 clipNCE(video_raw) + t2 Trip(video) + lf2 QDL2(query2) + lf3 L_OT(clip_feats, query2)
+      + lambda_recon (L_txt + L_vid)`` with ``t = cfg.triplet_loss_factor``; the triplets draw from the hard
+      pool in both directions and count ``margin`` for a row without negatives; the reconstruction terms
+      compare ``aux["recon_text"]`` with ``batch["query_feats"]`` and ``aux["recon_video"]`` with
+      ``batch["frame_feats"]`` (terms ``video_nce``, ``video_trip``, ``recon_text``, ``recon_video`` besides the
+      v2 ones).
 
     ``terms`` holds every weighted term (``clip_nce``, ``clip_trip``, ``frame_nce``, ``frame_trip``, and
     ``qdl``, ``ot`` where used); they sum to ``loss``. ``hard`` (a Python bool, or a traced boolean
@@ -426,18 +468,25 @@ def total_loss(model_name: str, scores: Mapping[str, jax.Array], aux: Mapping[st
     else:
         lf = tuple(float(f) for f in cfg.loss_factor)
         nf = tuple(float(f) for f in cfg.neg_factor)
-        need_lf, need_nf = (3, 2) if model_name == "gmmformer" else (4, 3)
+        need_lf, need_nf = {"gmmformer": (3, 2), "gmmformer_v2": (4, 3), "mtm": (5, 3)}[model_name]
         if len(lf) < need_lf or len(nf) < need_nf:
             raise JaxprvrError("loss config", f"loss_factor with >= {need_lf} and neg_factor with >= {need_nf} "
                                f"entries for {model_name}", f"loss_factor={lf}, neg_factor={nf}")
+        mtm = model_name == "mtm"
+        tf = tuple(float(f) for f in cfg.triplet_loss_factor) if mtm else (1.0, 1.0, 1.0)
+
+        def trip(branch, weight):
+            return weight * clip_triplet_loss(scores[branch], lab, qv, vv, margin=margin,
+                                              t2v_negatives=negatives[f"{branch}_t2v"],
+                                              v2t_negatives=negatives[f"{branch}_v2t"], no_negative_margin=mtm)
+
         terms["clip_nce"] = lf[0] * clip_nce(scores["clip_raw"], lab, qv, vv)
-        terms["clip_trip"] = clip_triplet_loss(scores["clip"], lab, qv, vv, margin=margin,
-                                               t2v_negatives=negatives["clip_t2v"],
-                                               v2t_negatives=negatives["clip_v2t"])
+        terms["clip_trip"] = trip("clip", tf[0])
         terms["frame_nce"] = lf[1] * clip_nce(scores["frame_raw"], lab, qv, vv)
-        terms["frame_trip"] = clip_triplet_loss(scores["frame"], lab, qv, vv, margin=margin,
-                                                t2v_negatives=negatives["frame_t2v"],
-                                                v2t_negatives=negatives["frame_v2t"])
+        terms["frame_trip"] = trip("frame", tf[1])
+        if mtm:
+            terms["video_nce"] = lf[4] * clip_nce(scores["video_raw"], lab, qv, vv)
+            terms["video_trip"] = trip("video", tf[2])
         if model_name == "gmmformer":
             terms["qdl"] = lf[2] * query_diverse_loss_v1(aux["query2"], lab, qv, margin=nf[0], alpha=nf[1])
         else:
@@ -445,5 +494,11 @@ def total_loss(model_name: str, scores: Mapping[str, jax.Array], aux: Mapping[st
                                                          lam=nf[2])
             terms["ot"] = lf[3] * optimal_matching_loss(aux["clip_feats"], aux["query2"], lab, qv, vv,
                                                         assignment=negatives.get("ot_assignment"))
+        if mtm:
+            rec = float(cfg.lambda_recon)
+            terms["recon_text"] = rec * reconstruction_loss(aux["recon_text"], batch["query_feats"],
+                                                            batch["query_mask"], qv)
+            terms["recon_video"] = rec * reconstruction_loss(aux["recon_video"], batch["frame_feats"],
+                                                             batch["frame_mask"], vv)
     loss = sum(terms.values())
     return loss, terms

@@ -110,22 +110,28 @@ class MLPReconstructor(nn.Module):
 
 
 class VideoGuidedTextRefiner(nn.Module):
-    """``model.py:68-82``: each query (``(Nq, D)``) cross-attends, unmasked, over *all* the videos it is given
+    """``model.py:68-82``: each query (``(Nq, D)``) cross-attends over *all* the videos it is given
     (``(Nv, D)``: the batch in training, the whole gallery at evaluation; docs/quirks.md), then
-    ``linear_out`` = LinearLayer(D, D, LayerNorm, dropout, no ReLU)."""
+    ``linear_out`` = LinearLayer(D, D, LayerNorm, dropout, no ReLU).
+
+    The official code expands the videos to ``(Nq, Nv, D)`` and projects keys and values once per query. Every
+    step after the projections is per query row, so here the queries form one length-``Nq`` sequence over one
+    ``(Nv, D)`` key set: the same outputs with the key/value projections computed once (``Nq`` times fewer
+    FLOPs; the whole-gallery evaluation of TVR would otherwise project 2,179 videos for each of 10,895 queries).
+    ``video_valid (Nv,)`` masks padded video slots (the official batches have none; the additive -10000 mask
+    makes their weight exactly 0 in float32)."""
 
     hidden_size: int
     n_heads: int
     drop: float
 
     @nn.compact
-    def __call__(self, query, video, *, train: bool = False):
+    def __call__(self, query, video, video_valid=None, *, train: bool = False):
         from jaxprvr.models.layers import BertCrossAttention, LinearLayer
 
-        nq = query.shape[0]
-        ctx = jnp.broadcast_to(video[None], (nq,) + video.shape)
+        mask = None if video_valid is None else jnp.asarray(video_valid)[None, :]
         out = BertCrossAttention(self.hidden_size, self.n_heads, self.drop, name="cross_attention")(
-            query[:, None], ctx, None, train=train)[:, 0]
+            query[None], video[None], mask, train=train)[0]
         return LinearLayer(self.hidden_size, layer_norm=True, dropout=self.drop, relu=False, name="linear_out")(
             out, train=train)
 
@@ -204,10 +210,10 @@ class MTM(QueryBranch, nn.Module):
     def encode_video(self, clip_feats, frame_feats, frame_mask, frame_len=None, *, train: bool = False):
         return self._encode_video(clip_feats, frame_feats, frame_mask, train)[0]
 
-    def _video_scores(self, query, video_feats, train):
+    def _video_scores(self, query, video_feats, train, video_valid=None):
         from jaxprvr.models.layers import l2_normalize
 
-        refined = self.video_guided_text_refinement(query, video_feats, train=train)
+        refined = self.video_guided_text_refinement(query, video_feats, video_valid, train=train)
         return l2_normalize(refined) @ l2_normalize(video_feats).T, refined @ video_feats.T, refined
 
     def score(self, query, video):
@@ -227,7 +233,7 @@ class MTM(QueryBranch, nn.Module):
         # the optimal matching, QDL and the text reconstruction; the second the scores and the refiner.
         q2 = self.encode_query(batch["query_feats"], batch["query_mask"], train=train)
         q, qstages = self._encode_query(batch["query_feats"], batch["query_mask"], train)
-        vid, vid_raw, refined = self._video_scores(q, video["video_feats"], train)
+        vid, vid_raw, refined = self._video_scores(q, video["video_feats"], train, batch.get("video_valid"))
         recon_text = self.text_reconstructor(q2, train=train).reshape(q.shape[0], c.max_desc_l, c.q_feat_size)
         v = video["video_feats"]
         recon_video = self.video_reconstructor(v, train=train).reshape(v.shape[0], c.max_ctx_l, c.visual_feat_dim)
