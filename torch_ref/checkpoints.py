@@ -6,6 +6,10 @@ Layouts (prvr.md §7, §12):
 * GMMFormer / GMMFormer v2 ``best.ckpt`` (``src/Utils/utils.py`` ``save_ckpt``):
   ``{"config", "epoch", "model_val", "state_dict", "optimizer"}``; the optimizer's param_groups hold a pickled
   ``Opts.optimization.WarmupLinearSchedule`` instance.
+* MTM ``best.ckpt``: the GMMFormer layout, plus ``"ema_shadow"`` (``{name: tensor}`` over
+  ``model.named_parameters()``) when the EMA is on (MTM ``src/Utils/utils.py:33-43``). Its state_dict holds
+  the ``attns.K.*`` aliases of ``attnK.*`` (:mod:`torch_ref.mtm`), which ``named_parameters()`` -- and so the
+  optimizer -- does not list: :func:`official_param_names`.
 
 :func:`load_official` reads them with ``torch.load(..., pickle_module=RESTRICTED)``: globals are resolved from a
 fixed allowlist (tensor rebuilding, ``OrderedDict``, plain builtins, numpy scalars/dtypes) without importing
@@ -23,6 +27,7 @@ import copyreg
 import dataclasses
 import io
 import pickle
+import re
 import sys
 import types
 from typing import Any, Optional
@@ -191,7 +196,8 @@ RESTRICTED.__version__ = getattr(pickle, "format_version", "4.0")
 
 @dataclasses.dataclass
 class OfficialCheckpoint:
-    """``layout``: ``"ms_sl"`` (model.ckpt) or ``"gmmformer"`` (best.ckpt, v1 and v2)."""
+    """``layout``: ``"ms_sl"`` (model.ckpt) or ``"gmmformer"`` (best.ckpt: v1, v2 and MTM). ``ema_shadow``: MTM's
+    ``'ema_shadow'`` entry (``module.``-stripped like the state_dict), ``None`` when absent."""
 
     state_dict: "collections.OrderedDict[str, torch.Tensor]"
     layout: str
@@ -201,6 +207,7 @@ class OfficialCheckpoint:
     config: Any = None  # MS-SL model_cfg (as a plain dict) or the GMMFormer config
     optimizer: Any = None
     raw: Any = None
+    ema_shadow: Any = None
 
 
 def strip_module_prefix(state_dict):
@@ -213,6 +220,8 @@ def strip_module_prefix(state_dict):
 
 def guess_model_name(state_dict) -> Optional[str]:
     keys = set(state_dict)
+    if any(k.startswith(("clip_mamba.", "frame_tcn.", "video_encoder.")) for k in keys):
+        return "mtm"
     if "weight_token" in keys:
         return "gmmformer_v2"
     if any(k.startswith("mapping_linear.") for k in keys):
@@ -237,9 +246,11 @@ def load_official(path, map_location="cpu") -> OfficialCheckpoint:
                                   config=_plain(obj.get("model_cfg")), raw=obj)
     if "state_dict" in obj:
         sd = strip_module_prefix(obj["state_dict"])
+        ema = obj.get("ema_shadow")
         return OfficialCheckpoint(sd, "gmmformer", guess_model_name(sd), epoch=obj.get("epoch"),
                                   model_val=obj.get("model_val"), config=_plain(obj.get("config")),
-                                  optimizer=obj.get("optimizer"), raw=obj)
+                                  optimizer=obj.get("optimizer"), raw=obj,
+                                  ema_shadow=None if ema is None else strip_module_prefix(ema))
     raise ValueError(f"{path}: unknown checkpoint layout with keys {sorted(obj)}")
 
 
@@ -288,6 +299,32 @@ def bert_adam_state(names, lr=3e-4, warmup=0.01, t_total=-1, moments=None) -> di
     return {"state": state, "param_groups": [group(0.01, decay), group(0.0, plain)]}
 
 
+_MTM_ALIAS = re.compile(r"(^|\.)attns\.(\d+)\.")
+
+
+def official_param_names(model_name: str, state_dict) -> list[str]:
+    """The names of ``model.named_parameters()`` as far as a state_dict tells them (state_dict order): every key,
+    except for MTM the ``attns.K.*`` aliases of an ``attnK.*`` key present in ``state_dict`` and any key whose
+    tensor shares storage with an earlier key (``named_parameters()`` drops duplicates). Other models: all keys,
+    as before."""
+    names = list(state_dict)
+    if model_name != "mtm":
+        return names
+    keys, out, seen = set(names), [], set()
+    for k in names:
+        canonical = _MTM_ALIAS.sub(lambda m: f"{m.group(1)}attn{m.group(2)}.", k)
+        if canonical != k and canonical in keys:
+            continue
+        t = state_dict[k]
+        if torch.is_tensor(t) and t.numel() > 0 and t.device.type != "meta":
+            ident = (t.device, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if ident in seen:
+                continue
+            seen.add(ident)
+        out.append(k)
+    return out
+
+
 def easydict(d: dict) -> Placeholder:
     """An inert ``easydict.EasyDict`` (items and attributes both set, as EasyDict does)."""
     ed = placeholder_class("easydict", "EasyDict")()
@@ -299,27 +336,39 @@ def easydict(d: dict) -> Placeholder:
 
 
 def save_official(path, model_name: str, state_dict, *, epoch: int = 0, model_cfg=None, config=None,
-                  model_val: float = 0.0, optimizer=None, module_prefix: bool = False) -> None:
-    """Write ``state_dict`` in the official layout of ``model_name`` (``ms_sl`` | ``gmmformer`` | ``gmmformer_v2``).
+                  model_val: float = 0.0, optimizer=None, module_prefix: bool = False,
+                  ema_shadow: Optional[dict] = None) -> None:
+    """Write ``state_dict`` in the official layout of ``model_name`` (``ms_sl`` | ``gmmformer`` | ``gmmformer_v2``
+    | ``mtm``).
 
     MS-SL: ``model_cfg`` (a dict becomes an ``easydict.EasyDict``; any other object is pickled as it is, under
-    its own class name). GMMFormer/v2: ``config`` (default ``{}``) and ``optimizer`` (default
-    :func:`bert_adam_state`, which holds a ``WarmupLinearSchedule``). ``module_prefix`` adds ``module.``
-    as ``nn.DataParallel`` does.
+    its own class name). GMMFormer/v2/MTM: ``config`` (default ``{}``) and ``optimizer`` (default
+    :func:`bert_adam_state` over :func:`official_param_names` -- for MTM without the ``attns`` aliases -- which
+    holds a ``WarmupLinearSchedule``). MTM only: ``ema_shadow`` (``{name: tensor}``, e.g. ``EMA.shadow``) is
+    written under ``'ema_shadow'`` when given. ``module_prefix`` adds ``module.`` (to the ``ema_shadow`` names
+    too) as ``nn.DataParallel`` does.
     """
+    if ema_shadow is not None and model_name != "mtm":
+        raise ValueError(f"ema_shadow is an MTM checkpoint entry, not one of {model_name!r}")
     sd = collections.OrderedDict(((f"module.{k}" if module_prefix else k), v.detach().cpu())
                                  for k, v in state_dict.items())
     if model_name == "ms_sl":
         cfg = easydict(model_cfg or {}) if (model_cfg is None or type(model_cfg) is dict) else model_cfg
         obj = {"model": sd, "model_cfg": cfg, "epoch": epoch}
-    elif model_name in ("gmmformer", "gmmformer_v2"):
+    elif model_name in ("gmmformer", "gmmformer_v2", "mtm"):
+        if optimizer is None:
+            optimizer = bert_adam_state(official_param_names(model_name, state_dict))
         obj = {"config": {} if config is None else config, "epoch": epoch, "model_val": model_val,
-               "state_dict": sd, "optimizer": bert_adam_state(state_dict) if optimizer is None else optimizer}
+               "state_dict": sd, "optimizer": optimizer}
+        if ema_shadow is not None:
+            obj["ema_shadow"] = {(f"module.{k}" if module_prefix else k): v.detach().cpu()
+                                 for k, v in ema_shadow.items()}
     else:
-        raise ValueError(f"model_name must be ms_sl, gmmformer or gmmformer_v2, got {model_name!r}")
+        raise ValueError(f"model_name must be ms_sl, gmmformer, gmmformer_v2 or mtm, got {model_name!r}")
     torch.save(obj, path, pickle_module=RESTRICTED)
 
 
 __all__ = ["Placeholder", "placeholder_class", "resolve_global", "RestrictedUnpickler", "RESTRICTED",
            "OfficialCheckpoint", "strip_module_prefix", "guess_model_name", "load_official", "load_state_dict",
-           "load_into", "warmup_linear_schedule", "bert_adam_state", "easydict", "save_official"]
+           "load_into", "warmup_linear_schedule", "bert_adam_state", "official_param_names", "easydict",
+           "save_official"]

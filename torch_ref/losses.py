@@ -10,7 +10,11 @@ code writes them, on an unpadded batch (every query and video is real). ``file:l
 * GMMFormer ``src/Losses/loss.py``: ``query_diverse_loss`` (QDL v1) ``:12-36``, ``loss.forward`` ``:48-78``,
   ``get_clip_triplet_loss`` ``:80-116`` (the same code as ms-sl's);
 * GMMFormer_v2 ``src/Losses/loss.py``: QDL v2 ``:12-38``, ``loss.forward`` ``:50-81``;
-  ``src/Models/gmmformerV2/model.py:91-116``: the optimal matching loss (scipy ``linear_sum_assignment``).
+  ``src/Models/gmmformerV2/model.py:91-116``: the optimal matching loss (scipy ``linear_sum_assignment``);
+* MTM ``src/Losses/loss.py``: QDL (= v2) ``:8-32``, ``loss.forward`` ``:51-101`` (video NCE ``:76``, triplet
+  weights ``:46-49``, reconstruction ``:79-93``), ``get_clip_triplet_loss`` ``:103-162`` (its own version: videos
+  without queries skipped, pool from position 0, one draw per query); ``src/Models/MTM/model.py:253-270``: the
+  optimal matching loss, 1.0 when no video has >= 2 queries.
 
 Batch layout: ``query_labels (Q,)`` is the batch row of each query's video (ints; the queries of one video are
 contiguous, as the official collate makes them), scores are ``(Q, B)`` (the MS-SL frame matrices ``(Q, Q)``).
@@ -27,12 +31,15 @@ conventions of :mod:`jaxprvr.losses.prvr`):
   returned here, and the loss reads the same entry of the score matrix (the same value and gradient);
 * MS-SL ``frame_row[i]``: the column ``j != i`` of row ``i`` of the ``(Q, Q)`` frame matrix;
   ``frame_col[i]``: the row ``j != i`` of column ``i`` (official ``get_neg_scores`` on the transpose);
-* GMMFormer v2 ``ot_assignment[q]`` (optional): the clip matched to query ``q`` (-1: none) instead of running
-  the Hungarian matching.
+* GMMFormer v2 / MTM ``ot_assignment[q]`` (optional): the clip matched to query ``q`` (-1: none) instead of
+  running the Hungarian matching;
+* MTM ``clip_*``, ``frame_*``, ``video_*``: as ``clip_*`` above, drawn by MTM's own triplet sampler
+  (:func:`sample_mtm_triplet_negatives`); ``-1`` means "no negative" (the official code then uses the positive
+  score as the negative, a constant ``margin`` contribution).
 
 Everything follows the device of its inputs (CPU or CUDA); the official ``.cuda()`` calls are not reproduced.
 Where the official code crashes (a batch of one video: empty ``torch.randint`` range; no video with >= 2 queries:
-``torch.stack([])``) these functions raise as well.
+``torch.stack([])``) these functions raise as well; MTM's code guards both cases, and so does its form here.
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ __all__ = [
     "clip_triplet_loss",
     "sample_frame_triplet_negatives",
     "frame_triplet_loss",
+    "sample_mtm_triplet_negatives",
+    "mtm_triplet_loss",
+    "reconstruction_loss",
     "query_diverse_loss_v1",
     "query_diverse_loss_v2",
     "optimal_matching_assignment",
@@ -64,7 +74,7 @@ __all__ = [
     "total_loss",
 ]
 
-MODEL_NAMES = ("ms_sl", "gmmformer", "gmmformer_v2")
+MODEL_NAMES = ("ms_sl", "gmmformer", "gmmformer_v2", "mtm")
 MS_SL_CLIP_NCE_WEIGHT = 0.02  # ms-sl method/model.py:102
 MS_SL_FRAME_NCE_WEIGHT = 0.04  # ms-sl method/model.py:106
 MASK_VALUE = 999  # the "impossibly large" positive score of the official sorts (model.py:309,335)
@@ -92,6 +102,13 @@ def _index(idx, device) -> torch.Tensor:
     if torch.is_tensor(idx):
         return idx.to(device=device, dtype=torch.long)
     return torch.as_tensor(np.asarray(idx), dtype=torch.long, device=device)
+
+
+def _like(x, ref: torch.Tensor) -> torch.Tensor:
+    """``x`` (numpy array or tensor) as a tensor of ``ref``'s dtype and device."""
+    if torch.is_tensor(x):
+        return x.to(device=ref.device, dtype=ref.dtype)
+    return torch.as_tensor(np.asarray(x), dtype=ref.dtype, device=ref.device)
 
 
 def _randint(low: int, high, size, device, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -229,6 +246,101 @@ def frame_triplet_loss(scores: torch.Tensor, *, margin: float, row_negatives, co
 
 
 # ----------------------------------------------------------------------------------------------------
+# MTM triplet ranking and reconstruction terms
+# ----------------------------------------------------------------------------------------------------
+
+def sample_mtm_triplet_negatives(scores: torch.Tensor, query_labels, *, hard: bool, hard_pool_size: int,
+                                 generator: Optional[torch.Generator] = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draws of MTM's ``get_clip_triplet_loss`` (MTM ``loss.py:103-152``) -> ``(t2v (Q,), v2t (B,))``, long,
+    ``-1`` where the official code draws nothing.
+
+    v2t (``:110-126``), per video ``i`` in order: no query -> skipped (``:112-113``); no query of another video ->
+    no draw (``:117-118``); else the scores of the other videos' queries sorted descending and position
+    ``randint(0, min(hard_pool_size, n) if hard else n, size=(1,))``; the *query index* of that score is returned.
+    t2v (``:131-152``): the row with the positive set to ``-inf`` (officially written in place into the score
+    matrix through ``.data``, ``:134-135``) sorted descending; the label removed from the order (``:140``); none
+    left -> no draw (``:142-143``); else one ``randint(0, min(hard_pool_size, n) if hard else n, (1,))`` per query
+    (``:145-151``), the video at that position. The official order of RNG calls, so a seeded generator gives the
+    draws of the official global RNG with the same seed.
+    """
+    s = scores.detach()
+    labels = np.asarray(_labels_list(query_labels))
+    n_q, n_v = s.shape
+    v2t = torch.full((n_v,), -1, dtype=torch.long, device=s.device)
+    for i in range(n_v):
+        if len(np.where(labels == i)[0]) == 0:
+            continue
+        neg_indices = np.where(labels != i)[0]
+        if len(neg_indices) == 0:
+            continue
+        neg = torch.as_tensor(neg_indices, dtype=torch.long, device=s.device)
+        _, order = torch.sort(s[:, i][neg], descending=True)
+        n = order.shape[0]
+        high = min(hard_pool_size, n) if hard else n
+        pos = int(_randint(0, high, (1,), s.device, generator)[0])
+        v2t[i] = neg[order[pos]]
+    t2v = torch.full((n_q,), -1, dtype=torch.long, device=s.device)
+    if n_q == 0:
+        return t2v, v2t
+    text_indices = torch.arange(n_q, device=s.device)
+    mask_score = s.clone()
+    mask_score[text_indices, _index(labels, s.device)] = -float("inf")
+    _, sorted_indices = torch.sort(mask_score, descending=True, dim=1)
+    sorted_indices = sorted_indices.cpu().tolist()
+    for i in range(n_q):
+        valid = [idx for idx in sorted_indices[i] if idx != labels[i]]
+        if len(valid) == 0:
+            continue
+        high = min(hard_pool_size, len(valid)) if hard else len(valid)
+        t2v[i] = valid[int(_randint(0, high, (1,), torch.device("cpu"), generator).item())]
+    return t2v, v2t
+
+
+def mtm_triplet_loss(scores: torch.Tensor, query_labels, *, margin: float, t2v_negatives,
+                     v2t_negatives) -> torch.Tensor:
+    """MTM's ``get_clip_triplet_loss`` (``loss.py:103-162``) on cosine ``scores (Q, B)`` with given negatives
+    (``-1``: none, the positive score stands in, ``:118``, ``:143``):
+    ``sum_q [m + S[q, t2v_q] - S[q, y(q)]]_+ / Q
+    + sum_{v with queries} [m + S[v2t_v, v] - mean_{q in Q(v)} S[q, v]]_+ / B``
+    (videos without a query add nothing but count in ``B``, ``:159``)."""
+    labels = np.asarray(_labels_list(query_labels))
+    n_q, n_v = scores.shape
+    v2t_scores = scores.t()
+    v2t_neg = [int(x) for x in _index(v2t_negatives, torch.device("cpu")).tolist()]
+    v2t_loss = scores.new_zeros(())
+    for i in range(n_v):
+        pos_indices = np.where(labels == i)[0]
+        if len(pos_indices) == 0:
+            continue
+        pos_pair_scores = torch.mean(v2t_scores[i][pos_indices])
+        neg = pos_pair_scores if v2t_neg[i] < 0 else v2t_scores[i][v2t_neg[i]]
+        v2t_loss = v2t_loss + (margin + neg - pos_pair_scores).clamp(min=0).sum()
+    if n_q == 0:
+        t2v_loss = scores.new_zeros(())
+    else:
+        text_indices = torch.arange(n_q, device=scores.device)
+        label_idx = _index(labels, scores.device)
+        t2v_idx = _index(t2v_negatives, scores.device)
+        t2v_pos_scores = scores[text_indices, label_idx]
+        # -1: the positive entry itself (official ``t2v_neg_scores_list.append(t2v_pos_scores[i])``)
+        t2v_neg_scores = scores[text_indices, torch.where(t2v_idx >= 0, t2v_idx, label_idx)]
+        t2v_loss = (margin + t2v_neg_scores - t2v_pos_scores).clamp(min=0).sum()
+    return t2v_loss / max(n_q, 1) + v2t_loss / max(n_v, 1)
+
+
+def reconstruction_loss(recon: torch.Tensor, target, mask) -> torch.Tensor:
+    """MTM's text / video reconstruction term (``loss.py:79-92``): ``nn.MSELoss(reduction='sum')`` between
+    ``normalize(recon) * mask`` and ``target * mask`` (the target is not normalised) over
+    ``mask.sum() * D + 1e-6``. ``target (N, L, D)`` and ``mask (N, L)`` may be numpy arrays."""
+    target = _like(target, recon)
+    mask = _like(mask, recon)
+    m = mask.unsqueeze(-1)
+    sq = ((F.normalize(recon, dim=-1) * m - target * m) ** 2).sum()
+    return sq / (mask.sum() * target.shape[-1] + 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Query-diverse losses
 # ----------------------------------------------------------------------------------------------------
 
@@ -295,13 +407,14 @@ def optimal_matching_assignment(clip_feats: torch.Tensor, query: torch.Tensor, q
 
 
 def optimal_matching_loss(clip_feats: torch.Tensor, query: torch.Tensor, query_labels, *,
-                          assignment=None) -> torch.Tensor:
+                          assignment=None, empty: Optional[float] = None) -> torch.Tensor:
     """GMMFormer_v2 optimal matching loss (``model.py:102-116``): ``1 + mean`` of the matched ``-cos`` entries
     pooled over every video with >= 2 queries (single-query videos are skipped, ``:107-108``).
 
     ``assignment (Q,)`` (clip per query, -1 = none) replaces the Hungarian matching; entries of single-query
-    videos are ignored as the official loop skips them. Raises when nothing is matched (official:
-    ``torch.stack([])`` fails).
+    videos are ignored as the official loop skips them. When nothing is matched: ``empty=None`` raises
+    (GMMFormer_v2: ``torch.stack([])`` fails); a number returns that constant (MTM ``model.py:267-270``:
+    ``torch.tensor(1.0)``, no gradient).
     """
     labels = _labels_list(query_labels)
     total_sim = []
@@ -318,6 +431,8 @@ def optimal_matching_loss(clip_feats: torch.Tensor, query: torch.Tensor, query_l
             q_idx, c_idx = [p[0] for p in pairs], [p[1] for p in pairs]
         for qi, ci in zip(q_idx, c_idx):
             total_sim.append(sim[int(qi), int(ci)])
+    if not total_sim and empty is not None:
+        return torch.tensor(float(empty), dtype=query.dtype, device=query.device)
     if not total_sim:
         raise ValueError("optimal_matching_loss: no video with >= 2 matched queries in the batch "
                          "(the official code fails on torch.stack([]))")
@@ -338,15 +453,23 @@ def negative_keys(model_name: str) -> tuple[str, ...]:
     _check_model(model_name)
     if model_name == "ms_sl":
         return ("clip_t2v", "clip_v2t", "frame_row", "frame_col")
+    if model_name == "mtm":
+        return ("clip_t2v", "clip_v2t", "frame_t2v", "frame_v2t", "video_t2v", "video_v2t")
     return ("clip_t2v", "clip_v2t", "frame_t2v", "frame_v2t")
 
 
 def sample_negatives(model_name: str, scores: Mapping[str, torch.Tensor], query_labels, *, hard: bool,
                      hard_pool_size: int, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
     """All negatives of one official training step, drawn in the official order (clip triplet, then frame
-    triplet): ``clip_*`` from ``scores["clip"]``, ``frame_*`` from ``scores["frame"]``."""
+    triplet): ``clip_*`` from ``scores["clip"]``, ``frame_*`` from ``scores["frame"]``. MTM (``loss.py:71-77``):
+    clip, frame, then ``video_*`` from ``scores["video"]``, each with :func:`sample_mtm_triplet_negatives`."""
     _check_model(model_name)
     out = {}
+    if model_name == "mtm":
+        for key in ("clip", "frame", "video"):
+            out[f"{key}_t2v"], out[f"{key}_v2t"] = sample_mtm_triplet_negatives(
+                scores[key], query_labels, hard=hard, hard_pool_size=hard_pool_size, generator=generator)
+        return out
     out["clip_t2v"], out["clip_v2t"] = sample_clip_triplet_negatives(
         scores["clip"], query_labels, hard=hard, hard_pool_size=hard_pool_size, generator=generator)
     if model_name == "ms_sl":
@@ -368,11 +491,19 @@ def total_loss(model_name: str, scores: Mapping[str, torch.Tensor], aux: Mapping
     * ``gmmformer`` (GMMFormer ``loss.py:48-78``): ``lf0 clip_nce(clip_raw) + clip_trip(clip) + lf1 clip_nce(frame_raw)
       + clip_trip(frame) + lf2 QDL1(query2)``.
     * ``gmmformer_v2`` (GMMFormer_v2 ``loss.py:50-81``): as ``gmmformer`` with QDL2, ``+ lf3 L_OT(clip_feats, query2)``.
+    * ``mtm`` (MTM ``loss.py:51-101``; ``lf`` has 5 entries, ``tlf = loss_cfg.triplet_loss_factor`` (default
+      ``(1, 1, 1)``), ``lr = loss_cfg.lambda_recon`` (default 0)): ``lf0 clip_nce(clip_raw) + tlf0 trip(clip)
+      + lf1 clip_nce(frame_raw) + tlf1 trip(frame) + lf4 clip_nce(video_raw) + tlf2 trip(video) + lf2 QDL2(query2)
+      + lf3 L_OT(clip_feats, query2) + lr recon(recon_text, query_feats, query_mask)
+      + lr recon(recon_video, frame_feats, frame_mask)``, ``trip`` = :func:`mtm_triplet_loss` and ``L_OT`` = 1.0
+      when no video has >= 2 queries (``model.py:267-270``).
 
-    ``scores``: ``clip``, ``clip_raw``, ``frame``, ``frame_raw``; ``aux``: ``query2`` (the second ``encode_query``
-    pass) and, for v2, ``clip_feats``; ``batch["query_labels"]``. ``negatives`` (keys :func:`negative_keys`,
-    optional ``ot_assignment``) replaces the sampling, which otherwise uses ``hard``,
-    ``loss_cfg.hard_pool_size`` and ``generator``.
+    ``scores``: ``clip``, ``clip_raw``, ``frame``, ``frame_raw`` (MTM also ``video``, ``video_raw``); ``aux``:
+    ``query2`` (the second ``encode_query`` pass; MTM's ``video_query``, its first) and, for v2 / MTM,
+    ``clip_feats`` (MTM also ``recon_text``, ``recon_video``); ``batch["query_labels"]`` (MTM also
+    ``query_feats``, ``query_mask``, ``frame_feats``, ``frame_mask``: numpy arrays or tensors). ``negatives``
+    (keys :func:`negative_keys`, optional ``ot_assignment``) replaces the sampling, which otherwise uses
+    ``hard``, ``loss_cfg.hard_pool_size`` and ``generator``. Every term is weighted; they sum to the loss.
     """
     _check_model(model_name)
     labels = _labels_list(batch["query_labels"])
@@ -392,6 +523,25 @@ def total_loss(model_name: str, scores: Mapping[str, torch.Tensor], aux: Mapping
         terms["frame_nce"] = MS_SL_FRAME_NCE_WEIGHT * frame_nce(scores["frame_raw"])
         terms["frame_trip"] = frame_triplet_loss(scores["frame"], margin=margin, row_negatives=negatives["frame_row"],
                                                  col_negatives=negatives["frame_col"])
+    elif model_name == "mtm":
+        lf = [float(f) for f in loss_cfg.loss_factor]
+        if len(lf) < 5:
+            raise ValueError(f"mtm loss_factor needs 5 entries [clipNCE, frameNCE, QDL, OT, videoNCE], got {lf}")
+        nf = [float(f) for f in loss_cfg.neg_factor]
+        tlf = [float(f) for f in getattr(loss_cfg, "triplet_loss_factor", (1.0, 1.0, 1.0))]
+        lambda_recon = float(getattr(loss_cfg, "lambda_recon", 0.0))
+        for key, nce_w, trip_w in (("clip", lf[0], tlf[0]), ("frame", lf[1], tlf[1]), ("video", lf[4], tlf[2])):
+            terms[f"{key}_nce"] = nce_w * clip_nce(scores[f"{key}_raw"], labels)
+            terms[f"{key}_trip"] = trip_w * mtm_triplet_loss(scores[key], labels, margin=margin,
+                                                             t2v_negatives=negatives[f"{key}_t2v"],
+                                                             v2t_negatives=negatives[f"{key}_v2t"])
+        terms["qdl"] = lf[2] * query_diverse_loss_v2(aux["query2"], labels, margin=nf[0], alpha=nf[1], lam=nf[2])
+        terms["ot"] = lf[3] * optimal_matching_loss(aux["clip_feats"], aux["query2"], labels,
+                                                    assignment=negatives.get("ot_assignment"), empty=1.0)
+        terms["recon_text"] = lambda_recon * reconstruction_loss(aux["recon_text"], batch["query_feats"],
+                                                                 batch["query_mask"])
+        terms["recon_video"] = lambda_recon * reconstruction_loss(aux["recon_video"], batch["frame_feats"],
+                                                                  batch["frame_mask"])
     else:
         lf = [float(f) for f in loss_cfg.loss_factor]
         nf = [float(f) for f in loss_cfg.neg_factor]

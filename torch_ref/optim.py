@@ -17,6 +17,8 @@ contains ``"bias"``, ``"LayerNorm.bias"`` or ``"LayerNorm.weight"`` get ``weight
 group value that overrides the optimizer's ``weight_decay`` argument (officially the literal ``0.01``, so the
 configured ``wd`` is never used): :func:`official_param_groups`.
 Nothing is device-specific: the state follows each parameter (CPU or CUDA).
+
+MTM also keeps an exponential moving average of the weights: :class:`EMA`, MTM ``src/Opts/optimization.py:187-220``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import torch
 from torch.nn.utils import clip_grad_norm_
 from torch.optim import Optimizer
 
-__all__ = ["NO_DECAY", "warmup_linear", "WarmupLinearSchedule", "ConstantLR", "BertAdam", "official_param_groups"]
+__all__ = ["NO_DECAY", "warmup_linear", "WarmupLinearSchedule", "ConstantLR", "BertAdam", "official_param_groups",
+           "EMA"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,3 +160,63 @@ def official_param_groups(model: torch.nn.Module, weight_decay: float = OFFICIAL
     no_decay = [(n, p) for n, p in named if any(nd in n for nd in NO_DECAY)]
     return [{"params": [p for _, p in decay], "weight_decay": weight_decay, "names": [n for n, _ in decay]},
             {"params": [p for _, p in no_decay], "weight_decay": 0.0, "names": [n for n, _ in no_decay]}]
+
+
+class EMA:
+    """MTM's ``EMA`` (``src/Opts/optimization.py:187-220``, after QANet-PyTorch): a ``shadow`` dict
+    ``name -> tensor`` over ``model.named_parameters()``.
+
+    * ``register(name, val)``: ``shadow[name] = val.clone()`` (``:197-198``);
+    * ``__call__(model, step)`` (``:200-207``): ``decay_t = min(decay, (1 + step) / (10 + step))``, then for every
+      parameter with ``requires_grad``: ``shadow = (1 - decay_t) * p + decay_t * shadow`` (it must be registered);
+    * ``assign(model)`` (``:209-214``): keeps a copy of each trainable parameter in ``original`` and sets
+      ``param.data = shadow[name]`` (the parameter then *shares storage* with the shadow tensor, as officially);
+    * ``resume(model)`` (``:216-220``): ``param.data = original[name]``.
+
+    ``save_ckpt`` writes ``shadow`` under ``'ema_shadow'`` (MTM ``src/Utils/utils.py:41-42``;
+    :func:`torch_ref.checkpoints.save_official`).
+    """
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.original: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, decay: float) -> "EMA":
+        """An EMA with every trainable ``named_parameters()`` entry registered (the QANet-PyTorch pattern the
+        official class cites: ``if param.requires_grad: ema.register(name, param.data)``)."""
+        ema = cls(decay)
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                ema.register(name, param.data)
+        return ema
+
+    def register(self, name: str, val: torch.Tensor) -> None:
+        self.shadow[name] = val.detach().clone()
+
+    def decay_at(self, step) -> float:
+        """The decay used at ``step``: ``min(decay, (1 + step) / (10 + step))`` (``:201``)."""
+        return min(self.decay, (1 + step) / (10.0 + step))
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, step) -> None:
+        decay = self.decay_at(step)
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                assert name in self.shadow, name
+                new_average = (1.0 - decay) * param.data + decay * self.shadow[name]
+                self.shadow[name] = new_average.clone()
+
+    def assign(self, model: torch.nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                assert name in self.shadow, name
+                self.original[name] = param.data.clone()
+                param.data = self.shadow[name]
+
+    def resume(self, model: torch.nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                assert name in self.shadow, name
+                param.data = self.original[name]
