@@ -44,7 +44,6 @@ def test_mtm_trains_with_ema(tiny_root, tmp_path):
     """MTM (the default model) learns; with train.use_ema the validation runs on the EMA weights, which the
     checkpoint carries in its optimizer state: re-evaluating the saved shadow gives the logged val SumR."""
     from jaxprvr.data import PRVRDataset
-    from jaxprvr.evaluate import Evaluator
     from jaxprvr.models import build_model
     from jaxprvr.optim import EmaState
     from jaxprvr.train import config_with_data_dims, init_params, make_optimizer
@@ -75,7 +74,16 @@ def test_mtm_trains_with_ema(tiny_root, tmp_path):
     ck.close()
     assert isinstance(o, EmaState)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(o.shadow)))
-    again = Evaluator(model, cfg).evaluate(o.shadow, val_ds)
+    # The evaluation CLI finds the EMA weights in the checkpoint (its config says use_ema) and reproduces the
+    # validation of the last epoch, which ran on them.
+    from jaxprvr.evaluate import build_parser, run as evaluate_run
+    from tests.conftest import TINY_OVERRIDES
+
+    args = build_parser().parse_args(["--config", "tvr", "--data-root", str(tiny_root), "--ckpt",
+                                      str(run / "ckpt" / "latest"), "--split", "val", "--no-progress",
+                                      *[f"--set={o}" for o in TINY_OVERRIDES if o.startswith("data.")]])
+    again = evaluate_run(args)
+    assert again["ema"] is True and again["model"] == "mtm"
     assert again["sumr"] == pytest.approx(last_val["sumr"])
 
 
