@@ -19,12 +19,22 @@ Command line (``--help`` for all options)::
     python -m parity.convert jax2torch --model gmmformer_v2 --config tvr runs/mine out/best.ckpt
 
 ``torch2jax`` writes ``OUT_DIR/ckpt/best`` (parameters + the config, for ``jaxprvr.evaluate`` and
-``jaxprvr.train --init-from``) and, when the file carries BertAdam moments (GMMFormer/v2 ``best.ckpt``),
+``jaxprvr.train --init-from``) and, when the file carries BertAdam moments (GMMFormer/v2/MTM ``best.ckpt``),
 ``OUT_DIR/ckpt/latest`` with the optimizer state and the epoch, so ``jaxprvr.train --out OUT_DIR --resume``
 continues the official run (as the official ``main.py --resume`` does). ``jax2torch`` writes the official
-file of the model: MS-SL ``model.ckpt`` (``{"model", "model_cfg", "epoch"}``) or GMMFormer/v2 ``best.ckpt``
+file of the model: MS-SL ``model.ckpt`` (``{"model", "model_cfg", "epoch"}``) or GMMFormer/v2/MTM ``best.ckpt``
 (``{"config", "epoch", "model_val", "state_dict", "optimizer"}``, with the moments when the JAX checkpoint has
 them), which the official code loads with its own ``torch.load`` + ``load_state_dict``.
+
+MTM's EMA (``train.use_ema``). The official MTM ``best.ckpt`` may carry ``'ema_shadow'`` (``EMA.shadow``:
+``{named_parameters name: tensor}``, so without the ``attns.K`` aliases). With ``--set train.use_ema=true``
+(ActivityNet's official setting) ``torch2jax`` stores the optimizer state as
+:class:`jaxprvr.optim.EmaState` (``inner`` = the BertAdam moments, ``shadow`` = ``ema_shadow`` converted
+through the key table) in ``ckpt/best`` (``jaxprvr.evaluate`` then evaluates the EMA weights, as training
+does) and ``ckpt/latest``; a file without ``ema_shadow`` gets the shadow initialised from its parameters, and
+the JSON says so (``"ema_shadow"``). ``jax2torch`` writes ``ema_shadow`` from an ``EmaState``. Both directions
+are bit-exact. An MTM with other than 2 Mamba layers per branch converts with the table built for its
+``model.num_mamba_layers`` (:func:`model_table`).
 """
 
 from __future__ import annotations
@@ -63,6 +73,16 @@ def table(model_name) -> tuple[Entry, ...]:
     if model_name not in MODEL_NAMES:
         raise JaxprvrError("--model", f"one of {list(MODEL_NAMES)}", repr(model_name))
     return importlib.import_module(f"parity.{model_name}").TABLE
+
+
+def model_table(model_cfg):
+    """The key-table argument for a model config: ``model_cfg.name``, or for MTM with other than the official 2
+    Mamba layers per branch the table built for that count (:func:`parity.mtm.make_table`)."""
+    if model_cfg.name == "mtm" and int(getattr(model_cfg, "num_mamba_layers", 2)) != 2:
+        from parity.mtm import make_table
+
+        return make_table(int(model_cfg.num_mamba_layers))
+    return model_cfg.name
 
 
 # ------------------------------------------------------------------------------------------ arrays
@@ -258,6 +278,40 @@ def optimizer_to_torch(model_name: str, opt_state, *, lr: float, warmup: float, 
     return bert_adam_state(names, lr=lr, warmup=warmup, t_total=t_total, moments=moments)
 
 
+# ------------------------------------------------------------------------------------------ EMA (MTM)
+
+
+def parameter_table(model_name) -> tuple[Entry, ...]:
+    """The key table without its alias rows: the names of ``model.named_parameters()`` (what the official
+    optimizer and MTM's ``EMA.shadow`` / ``ema_shadow`` are keyed by), in that order."""
+    return tuple(e for e in table(model_name) if not e.alias)
+
+
+def shadow_to_jax(model_name, ema_shadow: Mapping, params: Mapping | None = None, where="ema_shadow") -> dict:
+    """MTM's ``ema_shadow`` (``{named_parameters name: tensor}``, ``module.`` prefix allowed) -> a Flax params
+    tree (numpy), bit-exact; shapes checked against ``params`` when given."""
+    tab = parameter_table(model_name)
+    shadow = torch_to_flax(tab, ema_shadow, where)
+    if params is not None:
+        check_shapes(shadow, params, where, tab)
+    return shadow
+
+
+def shadow_to_torch(model_name, shadow: Mapping, where="ema_shadow") -> "collections.OrderedDict":
+    """A Flax params tree -> MTM's ``ema_shadow`` dict (CPU tensors, ``named_parameters`` order), bit-exact."""
+    return flax_to_torch(parameter_table(model_name), shadow, where)
+
+
+def zero_bert_adam_state(params):
+    """:class:`jaxprvr.optim.BertAdamState` of an optimizer that never stepped (``bert_adam().init``)."""
+    from jaxprvr.optim import BertAdamState
+
+    def zeros():
+        return unflatten({p: np.zeros_like(np.asarray(a)) for p, a in flatten(params).items()})
+
+    return BertAdamState(count=np.asarray(0, np.int32), m=zeros(), v=zeros())
+
+
 # ------------------------------------------------------------------------------------------ official files
 
 
@@ -283,18 +337,32 @@ def official_config(cfg) -> dict:
                max_desc_l=m.max_desc_l, max_ctx_l=m.max_ctx_l, sub_feat_size=768, q_feat_size=m.q_feat_size,
                visual_feat_dim=m.visual_feat_dim, max_position_embeddings=300, hidden_size=m.hidden_size,
                n_heads=m.n_heads, input_drop=m.input_drop, drop=m.drop, initializer_range=0.02)
-    if m.name == "gmmformer_v2":
+    if m.name in ("gmmformer_v2", "mtm"):
         out["sft_factor"] = m.sft_factor
+    if m.name == "mtm":  # MTM src/Configs/<ds>.py additions
+        out.update(video_scale_w=m.video_scale_w, num_mamba_layers=m.num_mamba_layers,
+                   triplet_loss_factor=list(lo.triplet_loss_factor), lambda_recon=lo.lambda_recon,
+                   use_ema=t.use_ema, ema_decay=t.ema_decay)
     return out
 
 
 def write_official(path, cfg, params, *, opt_state=None, epoch: int = 0, model_val=None,
-                   steps_per_epoch: int | None = None) -> Path:
-    """Writes ``params`` (and the BertAdam moments, GMMFormer/v2) in the official file layout of ``cfg.model.name``."""
+                   steps_per_epoch: int | None = None, ema_shadow=None) -> Path:
+    """Writes ``params`` (and the BertAdam moments, GMMFormer/v2/MTM) in the official file layout of
+    ``cfg.model.name``. ``opt_state``: a :class:`jaxprvr.optim.BertAdamState`, or an
+    :class:`jaxprvr.optim.EmaState` whose ``shadow`` becomes MTM's ``ema_shadow`` (unless ``ema_shadow``, a Flax
+    params tree, is given)."""
+    from jaxprvr.optim import EmaState
     from torch_ref.checkpoints import save_official
 
     name = cfg.model.name
-    sd = flax_to_torch(name, params)
+    tab = model_table(cfg.model)
+    if isinstance(opt_state, EmaState):
+        ema_shadow = opt_state.shadow if ema_shadow is None else ema_shadow
+        opt_state = opt_state.inner
+    if ema_shadow is not None and name != "mtm":
+        raise JaxprvrError("ema_shadow", "an MTM checkpoint (the official EMA is MTM's)", f"a {name} one")
+    sd = flax_to_torch(tab, params)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -304,13 +372,15 @@ def write_official(path, cfg, params, *, opt_state=None, epoch: int = 0, model_v
         t_total = -1 if steps_per_epoch is None else steps_per_epoch * cfg.train.n_epoch
         kw = dict(lr=cfg.train.lr, warmup=cfg.train.lr_warmup_proportion, t_total=t_total)
         if opt_state is not None:
-            optimizer = optimizer_to_torch(name, opt_state, **kw)
+            optimizer = optimizer_to_torch(tab, opt_state, **kw)
         else:
             from torch_ref.checkpoints import bert_adam_state
 
-            optimizer = bert_adam_state(list(sd), **kw)
+            optimizer = bert_adam_state([e.torch for e in table(tab) if not e.alias], **kw)
+        extra = {} if ema_shadow is None else {"ema_shadow": shadow_to_torch(tab, ema_shadow)}
         save_official(tmp, name, sd, epoch=epoch, config=official_config(cfg),
-                      model_val=list(model_val) if model_val is not None else [0.0] * 5, optimizer=optimizer)
+                      model_val=list(model_val) if model_val is not None else [0.0] * 5, optimizer=optimizer,
+                      **extra)
     tmp.replace(path)  # never leaves a half-written file under the final name
     return path
 
@@ -337,13 +407,27 @@ def _abstract_params(cfg):
     return jax.eval_shape(lambda: init_params(model, cfg, jax.random.PRNGKey(0)))
 
 
-def _abstract_opt_state(params):
+def _abstract_opt_state(params, ema: bool = False):
     import jax
     import jax.numpy as jnp
 
-    from jaxprvr.optim import BertAdamState
+    from jaxprvr.optim import BertAdamState, EmaState
 
-    return BertAdamState(count=jax.ShapeDtypeStruct((), jnp.int32), m=params, v=params)
+    inner = BertAdamState(count=jax.ShapeDtypeStruct((), jnp.int32), m=params, v=params)
+    return EmaState(inner=inner, shadow=params) if ema else inner
+
+
+def _saved_opt_state_is_ema(opt_dir: Path) -> bool | None:
+    """Whether the orbax ``opt_state`` item at ``opt_dir`` is an :class:`jaxprvr.optim.EmaState` (top-level
+    ``inner`` / ``shadow``); ``None`` when its metadata cannot be read."""
+    import orbax.checkpoint as ocp
+
+    try:
+        md = ocp.StandardCheckpointHandler().metadata(opt_dir)
+        tree = getattr(md, "tree", md)
+        return "shadow" in tree and "inner" in tree
+    except Exception:  # noqa: BLE001 - any unreadable metadata: decide from the config instead
+        return None
 
 
 def _official_best_sumr(model_val) -> float:
@@ -355,9 +439,12 @@ def _official_best_sumr(model_val) -> float:
 
 
 def torch2jax(args) -> dict:
+    import jax
+
     from torch_ref.checkpoints import load_official
 
     from jaxprvr.checkpoint import Checkpoints
+    from jaxprvr.optim import EmaState
 
     src = Path(args.input)
     if not src.is_file():
@@ -371,12 +458,27 @@ def torch2jax(args) -> dict:
         raise ConversionError(src, f"a {args.model} checkpoint", f"the keys of a {ck.model_name} checkpoint",
                               hint=f"pass --model {ck.model_name}")
     cfg = _load_config(args)
-    params = torch_to_flax(args.model, ck.state_dict, where=src)
+    tab = model_table(cfg.model)
+    params = torch_to_flax(tab, ck.state_dict, where=src)
     abstract = _abstract_params(cfg)
-    check_shapes(params, abstract, src, args.model)
+    check_shapes(params, abstract, src, tab)
     opt_state = None
     if ck.optimizer is not None:
-        opt_state = optimizer_to_jax(args.model, ck.optimizer, params, where=f"{src} (optimizer)")
+        opt_state = optimizer_to_jax(tab, ck.optimizer, params, where=f"{src} (optimizer)")
+    file_ema = getattr(ck, "ema_shadow", None)
+    ema_state, ema_note = None, None
+    if cfg.train.use_ema:  # the JAX optimizer state is then EmaState(inner=BertAdam, shadow=EMA weights)
+        if file_ema is not None:
+            shadow = shadow_to_jax(tab, file_ema, params, where=f"{src} (ema_shadow)")
+            ema_note = "from the file's ema_shadow"
+        else:
+            shadow = jax.tree.map(np.copy, params)
+            ema_note = ("initialised from the parameters: the file has no 'ema_shadow' (as the official EMA "
+                        "registers the weights it starts from)")
+        ema_state = EmaState(inner=opt_state if opt_state is not None else zero_bert_adam_state(params),
+                             shadow=shadow)
+    elif file_ema is not None:
+        ema_note = "not converted: train.use_ema is off (--set train.use_ema=true keeps the EMA weights)"
     out = Path(args.out_dir)
     ckpt_dir = out / "ckpt"
     if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not args.force:
@@ -388,16 +490,17 @@ def torch2jax(args) -> dict:
     slots = ("best", "latest") if opt_state is not None else ("best",)
     ckpts = Checkpoints(ckpt_dir, slots=slots)
     step = int(opt_state.count) if opt_state is not None else 0
-    ckpts.save("best", step, params, meta=meta)
+    # with train.use_ema "best" carries the EmaState too: evaluation reads the EMA weights from it
+    ckpts.save("best", step, params, ema_state, meta=meta)
     if opt_state is not None:
         resume = dict(meta, global_step=step, next_epoch=epoch + 1, step_in_epoch=0, es_cnt=0,
                       best_sumr=best_sumr, best_epoch=epoch, stopped=False)
-        ckpts.save("latest", step, params, opt_state, resume)
+        ckpts.save("latest", step, params, ema_state if ema_state is not None else opt_state, resume)
     ckpts.close()
-    return dict(model=args.model, input=str(src), out=str(out), tensors=len(table(args.model)),
+    return dict(model=args.model, input=str(src), out=str(out), tensors=len(table(tab)),
                 parameters=int(sum(np.size(a) for a in flatten(params).values())), epoch=epoch,
                 optimizer_state=opt_state is not None, optimizer_step=step if opt_state is not None else None,
-                slots=list(slots))
+                slots=list(slots), ema=ema_state is not None, ema_shadow=ema_note)
 
 
 def jax2torch(args) -> dict:
@@ -420,24 +523,40 @@ def jax2torch(args) -> dict:
     import orbax.checkpoint as ocp
 
     from jaxprvr.checkpoint import load_params
+    from jaxprvr.optim import EmaState
 
     params, _ = load_params(step_dir, abstract)
-    opt_state = None
-    if (step_dir / "opt_state").is_dir() and not args.no_optimizer:
-        try:
-            opt_state = ocp.StandardCheckpointer().restore(step_dir / "opt_state", _abstract_opt_state(abstract))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise JaxprvrError(step_dir / "opt_state", "a BertAdam state", f"{type(e).__name__}: {e}") from None
+    opt_state, ema_shadow = None, None
+    opt_dir = step_dir / "opt_state"
+    if opt_dir.is_dir():
+        is_ema = _saved_opt_state_is_ema(opt_dir)
+        if is_ema is None:
+            is_ema = bool(meta.get("config", {}).get("train", {}).get("use_ema", cfg.train.use_ema))
+        if is_ema or not args.no_optimizer:  # the EMA weights are exported even with --no-optimizer
+            try:
+                opt_state = ocp.StandardCheckpointer().restore(opt_dir, _abstract_opt_state(abstract, is_ema))
+            except (ValueError, KeyError, FileNotFoundError) as e:
+                what = "a BertAdam state with EMA weights" if is_ema else "a BertAdam state"
+                raise JaxprvrError(opt_dir, what, f"{type(e).__name__}: {e}") from None
+            if isinstance(opt_state, EmaState):
+                ema_shadow = jax.device_get(opt_state.shadow)
+                opt_state = None if args.no_optimizer else opt_state.inner
     params = jax.device_get(params)
     val = meta.get("val") or {}
     model_val = [val.get(k, 0.0) for k in ("r1", "r5", "r10", "r100", "sumr")] if val else None
     # a converted checkpoint records the official epoch; a jaxprvr run saves both slots after next_epoch += 1
     epoch = int(meta["epoch"]) if "epoch" in meta else int(meta.get("next_epoch", 1)) - 1
+    ema_note = None
+    if ema_shadow is not None and args.model != "mtm":
+        ema_shadow, ema_note = None, f"EMA weights not exported: the official {args.model} file has no 'ema_shadow'"
+    elif ema_shadow is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, use_ema=True))
     path = write_official(args.output, cfg, params, opt_state=jax.device_get(opt_state), epoch=epoch,
-                          model_val=model_val, steps_per_epoch=args.steps_per_epoch)
-    return dict(model=args.model, input=str(step_dir), output=str(path), tensors=len(table(args.model)),
+                          model_val=model_val, steps_per_epoch=args.steps_per_epoch, ema_shadow=ema_shadow)
+    return dict(model=args.model, input=str(step_dir), output=str(path), tensors=len(table(model_table(cfg.model))),
                 layout="model.ckpt" if args.model == "ms_sl" else "best.ckpt",
-                optimizer_state=opt_state is not None, epoch=epoch)
+                optimizer_state=opt_state is not None, epoch=epoch, ema_shadow=ema_shadow is not None,
+                **({"note": ema_note} if ema_note else {}))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -274,3 +274,24 @@ def test_converted_checkpoint_fine_tunes_and_resumes(tiny_root, tmp_path, capsys
             assert int(opt.count) == 3 and meta["global_step"] == 3 and meta["next_epoch"] == 1
             for path, a in convert.flatten(want_opt.v).items():
                 np.testing.assert_array_equal(np.asarray(convert.flatten(opt.v)[path]), a, err_msg=path)
+
+
+def test_mtm_table_follows_num_mamba_layers():
+    """An MTM with 1 Mamba layer per branch converts with the table built for it (model_table), bit-exactly;
+    the official 2-layer table names its missing keys."""
+    from configs import load_config
+    from parity.mtm import make_table
+
+    cfg = load_config("tvr", "mtm", ["model.hidden_size=32", "model.n_heads=2", f"model.q_feat_size={TINY_QUERY}",
+                                     f"model.visual_feat_dim={TINY_VISUAL}", "model.num_mamba_layers=1"])
+    assert convert.model_table(load_config("tvr", "mtm").model) == "mtm"  # the official count: the registered table
+    tab = convert.model_table(cfg.model)
+    assert tab == make_table(1)
+    twin = torch_ref.build_model(cfg.model)
+    sd = twin.state_dict()
+    assert [e.torch for e in tab] == list(sd)
+    back = convert.flax_to_torch(tab, convert.torch_to_flax(tab, sd))
+    assert list(back) == list(sd) and all(torch.equal(back[k], v) for k, v in sd.items())
+    with pytest.raises(convert.ConversionError, match="clip_mamba.2.A_log") as ei:
+        convert.torch_to_flax("mtm", sd)
+    assert all(k.startswith(("clip_mamba.", "frame_mamba.")) for k in ei.value.missing) and not ei.value.unexpected

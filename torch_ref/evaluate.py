@@ -14,7 +14,9 @@ official ``__getitem__``); batching, encoding, scoring and ranking are torch, as
    loader order (with ``query_metas`` aligned); here each block is put back in caption-file order, a row
    permutation with the ground truth permuted alike, so the metrics are unchanged.
 3. Per query block the ``(B, Nv)`` clip and frame scores against the whole gallery (``model.score``, the
-   normalised / cosine scores) and ``score_sum = clip_scale_w * clip + frame_scale_w * frame``.
+   normalised / cosine scores) and ``score_sum = clip_scale_w * clip + frame_scale_w * frame``. MTM adds its
+   video branch, ``+ video_scale_w * video`` (the refiner of each query attends over the whole gallery), and
+   pads frames to ``max_ctx_l`` and queries to ``max_desc_l`` as its loader does.
 4. :func:`eval_q2m` on ``errors = -scores`` for the fused matrix and each branch (MS-SL prints all three).
 
 Everything runs under ``torch.no_grad()`` with the model in eval mode, on the device of its parameters (or
@@ -141,15 +143,20 @@ def eval_q2m(scores, gt, *, sort: str = "torch") -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- collation
-def collate_frame_val(items: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+def collate_frame_val(items: Sequence[tuple[np.ndarray, np.ndarray]], pad_to: int | None = None
+                      ) -> dict[str, torch.Tensor]:
     """Official ``collate_frame_val`` on ``[(clip (M, Dv), frames (n_i, Dv)), ...]``: clips stacked; frames
     zero-padded to ``max(n_i)`` of the batch with a float mask; plus ``frame_len`` (the twins' GMMFormer v1
-    builds its Gaussian grid on it, as the official padded length)."""
+    builds its Gaussian grid on it, as the official padded length). ``pad_to``: pad to exactly that many
+    frames instead (MTM ``data_provider.py``: always ``max_ctx_l``)."""
     clips = torch.stack([torch.from_numpy(np.asarray(c, np.float32)) for c, _ in items]).float()
     lengths = [len(f) for _, f in items]
     dim = items[0][1].shape[-1]
-    frames = torch.zeros(len(items), max(lengths), dim)
-    mask = torch.zeros(len(items), max(lengths))
+    width = max(lengths) if pad_to is None else int(pad_to)
+    if width < max(lengths):
+        raise ValueError(f"collate_frame_val: a video of {max(lengths)} frames does not fit pad_to={width}")
+    frames = torch.zeros(len(items), width, dim)
+    mask = torch.zeros(len(items), width)
     for i, (_, f) in enumerate(items):
         frames[i, :lengths[i]] = torch.from_numpy(np.asarray(f, np.float32))
         mask[i, :lengths[i]] = 1.0
@@ -157,15 +164,20 @@ def collate_frame_val(items: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[st
             "frame_len": torch.tensor(lengths, dtype=torch.long)}
 
 
-def collate_text_val(items: Sequence[np.ndarray]) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+def collate_text_val(items: Sequence[np.ndarray], pad_to: int | None = None
+                     ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """Official ``collate_text_val``: the batch sorted by token count, descending (Python's ``list.sort`` is
     stable), zero-padded to the longest query, with a float mask. Returns the batch and the sort order
-    (``order[r]`` = position in ``items`` of batch row ``r``)."""
+    (``order[r]`` = position in ``items`` of batch row ``r``). ``pad_to``: pad to exactly that many tokens
+    instead (MTM: always ``max_desc_l``)."""
     lengths = np.array([len(t) for t in items])
     order = np.array(sorted(range(len(items)), key=lambda j: lengths[j], reverse=True), dtype=np.int64)
     dim = items[0].shape[-1]
-    feats = torch.zeros(len(items), int(lengths.max()), dim)
-    mask = torch.zeros(len(items), int(lengths.max()))
+    width = int(lengths.max()) if pad_to is None else int(pad_to)
+    if width < int(lengths.max()):
+        raise ValueError(f"collate_text_val: a query of {int(lengths.max())} tokens does not fit pad_to={width}")
+    feats = torch.zeros(len(items), width, dim)
+    mask = torch.zeros(len(items), width)
     for r, j in enumerate(order):
         feats[r, :lengths[j]] = torch.from_numpy(np.asarray(items[j], np.float32))
         mask[r, :lengths[j]] = 1.0
@@ -196,6 +208,11 @@ class TorchEvaluator:
     ``cfg`` is the full :class:`configs.base.Config` (``cfg.data.eval_context_bsz``, ``eval_query_bsz``,
     ``cfg.model.clip_scale_w``, ``frame_scale_w``). ``device``: ``None`` keeps the model where it is;
     otherwise the model is moved there. ``sort``: the ranking of :func:`eval_q2m` (official ``"torch"``).
+
+    MTM (``cfg.model.name == "mtm"``): frames are padded to exactly ``max_ctx_l`` and queries to exactly
+    ``max_desc_l`` (MTM ``data_provider.py:64-158``, train and eval); the fused score adds the video branch,
+    ``video_scale_w * video``, whose refiner attends over the whole gallery (``model.score`` gets every gallery
+    video for each query block).
     """
 
     def __init__(self, model: torch.nn.Module, cfg, device=None, sort: str = "torch"):
@@ -207,6 +224,11 @@ class TorchEvaluator:
         self.cfg = cfg
         self.sort = sort
         self.weights = {"clip": float(cfg.model.clip_scale_w), "frame": float(cfg.model.frame_scale_w)}
+        mtm = getattr(cfg.model, "name", None) == "mtm"
+        if mtm:
+            self.weights["video"] = float(cfg.model.video_scale_w)
+        self.frame_pad = int(cfg.model.max_ctx_l) if mtm else None
+        self.text_pad = int(cfg.model.max_desc_l) if mtm else None
 
     @property
     def device(self) -> torch.device:
@@ -225,7 +247,8 @@ class TorchEvaluator:
         n = ds.num_videos
         outs = []
         for start in _bar(range(0, n, bsz), progress, "gallery", -(-n // bsz)):
-            b = self._to(collate_frame_val([ds.video_item(i) for i in range(start, min(start + bsz, n))]))
+            b = self._to(collate_frame_val([ds.video_item(i) for i in range(start, min(start + bsz, n))],
+                                           self.frame_pad))
             outs.append(self.model.encode_video(b["clip_feats"], b["frame_feats"], b["frame_mask"], b["frame_len"]))
         return {k: cat_tensor([o[k] for o in outs]) for k in outs[0]}
 
@@ -238,7 +261,8 @@ class TorchEvaluator:
         n = ds.num_queries
         outs = []
         for start in _bar(range(0, n, bsz), progress, "queries", -(-n // bsz)):
-            batch, order = collate_text_val([ds.query_item(j) for j in range(start, min(start + bsz, n))])
+            batch, order = collate_text_val([ds.query_item(j) for j in range(start, min(start + bsz, n))],
+                                            self.text_pad)
             b = self._to(batch)
             q = self.model.encode_query(b["query_feats"], b["query_mask"])
             back = torch.empty_like(q)
@@ -248,8 +272,9 @@ class TorchEvaluator:
 
     @torch.no_grad()
     def score_matrix(self, query: torch.Tensor, gallery: dict, progress: bool = False) -> dict[str, torch.Tensor]:
-        """``{"clip", "frame", "fused"}`` (Nq, Nv) cosine score matrices; each query block of ``eval_query_bsz``
-        is scored against the whole gallery and fused per block, ``clip_scale_w*clip + frame_scale_w*frame``."""
+        """``{"clip", "frame", "fused"}`` (MTM also ``"video"``) (Nq, Nv) cosine score matrices; each query block
+        of ``eval_query_bsz`` is scored against the whole gallery and fused per block,
+        ``clip_scale_w*clip + frame_scale_w*frame`` (MTM ``+ video_scale_w*video``)."""
         self.model.eval()
         if not torch.is_tensor(query):
             query = torch.from_numpy(np.asarray(query))
@@ -262,7 +287,13 @@ class TorchEvaluator:
         for start in _bar(range(0, n, bsz), progress, "scoring", -(-n // bsz)):
             out = self.model.score(query[start:start + bsz], gallery)
             out = dict(out)
-            out["fused"] = self.weights["clip"] * out["clip"] + self.weights["frame"] * out["frame"]
+            missing = sorted(set(self.weights) - set(out))
+            if missing:
+                raise ValueError(f"model.score gave no {missing} scores for the fused score {sorted(self.weights)}")
+            fused = self.weights["clip"] * out["clip"] + self.weights["frame"] * out["frame"]
+            if "video" in self.weights:
+                fused = fused + self.weights["video"] * out["video"]
+            out["fused"] = fused
             for k, v in out.items():
                 rows.setdefault(k, []).append(v)
         return {k: torch.cat(v, 0) for k, v in rows.items()}

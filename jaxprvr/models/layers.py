@@ -79,10 +79,13 @@ def max_scores(query, context):
     """``max_t <q_i, c_{v,t}>`` and its argmax: ``(Q, D) x (V, T, D) -> (Q, V), (Q, V)`` int32.
 
     Official ``get_clip_scale_scores``/``get_unnormalized_clip_scale_scores``: normalise the inputs
-    first to get the cosine version.
+    first to get the cosine version. The maximum is read at the (first) argmax, so under ties the whole
+    gradient goes to one row as with ``torch.max(dim)``; ``jnp.max`` would split it evenly. Ties are real in
+    MTM: the padded frame rows after the Mamba stack are identical (docs/quirks.md).
     """
     s = jnp.einsum("qd,vtd->qvt", query, context)
-    return jnp.max(s, axis=-1), jnp.argmax(s, axis=-1).astype(jnp.int32)
+    i = jnp.argmax(s, axis=-1)
+    return jnp.take_along_axis(s, i[..., None], axis=-1)[..., 0], i.astype(jnp.int32)
 
 
 def clip_frame_scores(query, clips, frames) -> dict:
