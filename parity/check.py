@@ -516,9 +516,8 @@ def _grad_of(p) -> np.ndarray:
 
 
 def make_grad_fn(name, cfg, model, compiler_options=None):
-    """``fn(params, batch, negatives) -> (loss, grads)`` of the training loss (train mode, dropout off), jitted and
-    compiled once per input shapes (with ``compiler_options``, e.g. XLA's cheap CPU pipeline, if given); the
-    ``grad`` and ``train`` stages share it."""
+    """``fn(params, batch, negatives) -> (loss, grads)`` of the training loss (train mode, dropout off), jitted (with
+    ``compiler_options``, e.g. XLA's cheap CPU pipeline, if given); the ``grad`` and ``train`` stages share it."""
     import jax
 
     from jaxprvr.losses.prvr import total_loss
@@ -527,17 +526,8 @@ def make_grad_fn(name, cfg, model, compiler_options=None):
         scores, aux = model.apply({"params": p}, b, train=_jax_train(name), rngs={"dropout": jax.random.key(0)})
         return total_loss(name, scores, aux, b, cfg.loss, None, hard=False, negatives=n)[0]
 
-    jitted = jax.jit(jax.value_and_grad(loss_fn))
-    compiled: dict = {}
-
-    def fn(p, b, n):
-        sig = str(jax.tree.map(lambda x: (np.shape(x), str(getattr(x, "dtype", type(x).__name__))), (p, b, n)))
-        if sig not in compiled:
-            lowered = jitted.lower(p, b, n)
-            compiled[sig] = lowered.compile(compiler_options) if compiler_options else lowered.compile()
-        return compiled[sig](p, b, n)
-
-    return fn
+    # jit caches one executable per input signature; the second training batch has the first one's shapes
+    return jax.jit(jax.value_and_grad(loss_fn), compiler_options=compiler_options or None)
 
 
 def _grads(name, cfg, model, params, twin, batch, negs, grad_fn=None):
