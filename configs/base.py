@@ -47,6 +47,10 @@ class ModelConfig:
     gmm_fixed_length: bool = False
     # MTM: (Mamba, LayerNorm) pairs in the clip and frame branches (config.num_mamba_layers).
     num_mamba_layers: int = 2
+    # Compute dtype of activations and matmuls: "float32" (official, the parity suites) or "bfloat16"
+    # (parameters, optimizer state, softmax/LayerNorm statistics, the Mamba scan state, scores and losses stay
+    # float32; jaxprvr.models.layers.resolve_compute_dtype validates it when the model is built).
+    compute_dtype: str = "float32"
 
 
 @dataclass(frozen=True)

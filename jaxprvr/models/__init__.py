@@ -10,6 +10,9 @@ Every model is a ``nn.Module`` built from a :class:`configs.base.ModelConfig` wi
 * ``__call__(batch, *, train) -> (scores, aux)`` the training forward; ``scores`` has ``clip``, ``clip_raw``,
   ``frame``, ``frame_raw``; ``aux`` the named intermediates.
 
+``cfg.compute_dtype`` ("float32" | "bfloat16") sets the dtype of activations and matmuls; parameters are
+float32 either way, and encoder outputs, scores and ``aux`` come back float32 (see :mod:`jaxprvr.models.layers`).
+
 Call a method with ``model.apply(variables, ..., method="encode_query", rngs={"dropout": key})``.
 """
 
@@ -21,6 +24,7 @@ from configs.base import ModelConfig
 from jaxprvr.errors import JaxprvrError
 from jaxprvr.models.gmmformer import GMMFormer
 from jaxprvr.models.gmmformer_v2 import GMMFormerV2
+from jaxprvr.models.layers import resolve_compute_dtype
 from jaxprvr.models.ms_sl import MSSL
 from jaxprvr.models.mtm import MTM
 
@@ -31,6 +35,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     """The model named ``cfg.name``."""
     if cfg.name not in MODELS:
         raise JaxprvrError("model.name", f"one of {sorted(MODELS)}", repr(cfg.name))
+    resolve_compute_dtype(cfg)  # an unknown model.compute_dtype fails here, not at the first trace
     return MODELS[cfg.name](cfg)
 
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from configs.base import ModelConfig
 from jaxprvr.models.layers import (GMM_WIDTHS, BertAttention, GMMBlock, LinearLayer, QueryBranch,
                                    TrainablePositionalEncoding, attention_pool, dense, l2_normalize,
-                                   max_scores)
+                                   max_scores, to_dtype, to_float32)
 
 
 def batch_frame_length(frame_len, frame_mask):
@@ -64,22 +64,26 @@ class GMMFormer(QueryBranch, nn.Module):
     def setup(self):
         c = self.cfg
         d = c.hidden_size
-        self.query_pos_embed = TrainablePositionalEncoding(c.max_desc_l, d, c.input_drop)
-        self.clip_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop)
-        self.frame_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop)
-        self.query_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True)
-        self.query_encoder = BertAttention(d, c.n_heads, c.drop)
-        self.clip_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True)
-        self.clip_encoder = GMMBlock(d, c.n_heads, c.drop, self.widths)
-        self.clip_encoder_2 = GMMBlock(d, c.n_heads, c.drop, self.widths)
-        self.frame_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True)
-        self.frame_encoder_1 = GMMBlock(d, c.n_heads, c.drop, self.widths)
-        self.frame_encoder_2 = GMMBlock(d, c.n_heads, c.drop, self.widths)
-        self.modular_vector_mapping = dense(1, use_bias=False)
-        self.modular_vector_mapping_2 = dense(1, use_bias=False)
+        dt = self.compute_dtype  # validates cfg.compute_dtype
+        self.query_pos_embed = TrainablePositionalEncoding(c.max_desc_l, d, c.input_drop, dtype=dt)
+        self.clip_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop, dtype=dt)
+        self.frame_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop, dtype=dt)
+        self.query_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
+        self.query_encoder = BertAttention(d, c.n_heads, c.drop, dtype=dt)
+        self.clip_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
+        self.clip_encoder = GMMBlock(d, c.n_heads, c.drop, self.widths, dtype=dt)
+        self.clip_encoder_2 = GMMBlock(d, c.n_heads, c.drop, self.widths, dtype=dt)
+        self.frame_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
+        self.frame_encoder_1 = GMMBlock(d, c.n_heads, c.drop, self.widths, dtype=dt)
+        self.frame_encoder_2 = GMMBlock(d, c.n_heads, c.drop, self.widths, dtype=dt)
+        self.modular_vector_mapping = dense(1, use_bias=False, dtype=dt)
+        self.modular_vector_mapping_2 = dense(1, use_bias=False, dtype=dt)
 
     # ------------------------------------------------------------------ encoders
     def _encode_video(self, clip_feats, frame_feats, frame_mask, frame_len, train):
+        """Encoders in the compute dtype; the returned ``video`` features are float32."""
+        dt = self.compute_dtype
+        clip_feats, frame_feats = to_dtype(clip_feats, dt), to_dtype(frame_feats, dt)
         clip_emb = self.clip_pos_embed(self.clip_input_proj(clip_feats, train=train), train=train)
         clips_1 = self.clip_encoder(clip_emb, None, train=train)
         clips = self.clip_encoder_2(clips_1, None, train=train)  # model.py:125-127
@@ -90,7 +94,7 @@ class GMMFormer(QueryBranch, nn.Module):
         frames_1 = self.frame_encoder_1(frame_emb, frame_mask, gmm_length=gmm_length, train=train)
         frames = self.frame_encoder_2(frames_1, frame_mask, gmm_length=gmm_length, train=train)
         video_vec = attention_pool(self.modular_vector_mapping_2(frames), frame_mask, frames)  # :169-179
-        video = {"clip_feats": clips, "video_feats": video_vec}
+        video = to_float32({"clip_feats": clips, "video_feats": video_vec})
         stages = {"clip_embed": clip_emb, "clip_feats_1": clips_1, "frame_embed": frame_emb,
                   "frame_feats_1": frames_1, "frame_feats": frames,
                   "gmm_length": jnp.asarray(frame_feats.shape[1] if gmm_length is None else gmm_length, jnp.int32)}
@@ -125,4 +129,4 @@ class GMMFormer(QueryBranch, nn.Module):
         scores = {"clip": clip, "clip_raw": clip_raw,
                   "frame": qn @ l2_normalize(video_vec).T, "frame_raw": q @ video_vec.T}
         aux = {"query": q, "query2": q2, **qstages, **vstages, "clip_feats": clips, "video_feats": video_vec}
-        return scores, aux
+        return to_float32(scores), to_float32(aux)

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 from configs.base import ModelConfig
 from jaxprvr.models.layers import (DYGMM_WIDTHS, BertAttentionV2, DyGMMBlock, LinearLayer, QueryBranch,
                                    clip_frame_scores,
-                                   TrainablePositionalEncoding, dense, l2_normalize, max_scores)
+                                   TrainablePositionalEncoding, dense, l2_normalize, max_scores, to_dtype,
+                                   to_float32)
 
 
 class GMMFormerV2(QueryBranch, nn.Module):
@@ -54,22 +55,26 @@ class GMMFormerV2(QueryBranch, nn.Module):
     def setup(self):
         c = self.cfg
         d = c.hidden_size
-        self.query_pos_embed = TrainablePositionalEncoding(c.max_desc_l, d, c.input_drop)
-        self.clip_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop)
-        self.frame_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop)
-        self.query_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True)
-        self.query_encoder = BertAttentionV2(d, c.n_heads, c.drop)
-        self.clip_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True)
+        dt = self.compute_dtype  # validates cfg.compute_dtype
+        self.query_pos_embed = TrainablePositionalEncoding(c.max_desc_l, d, c.input_drop, dtype=dt)
+        self.clip_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop, dtype=dt)
+        self.frame_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop, dtype=dt)
+        self.query_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
+        self.query_encoder = BertAttentionV2(d, c.n_heads, c.drop, dtype=dt)
+        self.clip_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
         # frame_len=32 / 128 are literals in the official code (model.py:37, :43) = map_size / max_ctx_l.
-        self.clip_encoder = DyGMMBlock(d, c.n_heads, c.map_size, c.sft_factor, c.drop, self.widths)
-        self.frame_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True)
-        self.frame_encoder_1 = DyGMMBlock(d, c.n_heads, c.max_ctx_l, c.sft_factor, c.drop, self.widths)
-        self.modular_vector_mapping = dense(1, use_bias=False)
+        self.clip_encoder = DyGMMBlock(d, c.n_heads, c.map_size, c.sft_factor, c.drop, self.widths, dtype=dt)
+        self.frame_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
+        self.frame_encoder_1 = DyGMMBlock(d, c.n_heads, c.max_ctx_l, c.sft_factor, c.drop, self.widths, dtype=dt)
+        self.modular_vector_mapping = dense(1, use_bias=False, dtype=dt)
         # torch.randn(1, 1, D), not touched by reset_parameters (model.py:47).
         self.weight_token = self.param("weight_token", nn.initializers.normal(stddev=1.0), (1, 1, d))
 
     # ------------------------------------------------------------------ encoders
     def _encode_video(self, clip_feats, frame_feats, frame_mask, train):
+        """Encoders in the compute dtype; the returned ``video`` features are float32."""
+        dt = self.compute_dtype
+        clip_feats, frame_feats = to_dtype(clip_feats, dt), to_dtype(frame_feats, dt)
         clip_emb = self.clip_pos_embed(self.clip_input_proj(clip_feats, train=train), train=train)
         clips = self.clip_encoder(clip_emb, None, self.weight_token, train=train)
         fix = self.cfg.max_ctx_l - frame_feats.shape[1]
@@ -79,7 +84,7 @@ class GMMFormerV2(QueryBranch, nn.Module):
         frame_emb = self.frame_pos_embed(self.frame_input_proj(frame_feats, train=train), train=train)
         frames = self.frame_encoder_1(frame_emb, frame_mask, self.weight_token, train=train)
         frames = jnp.where(frame_mask[..., None] == 1.0, frames, 0.0)  # model.py:150-151
-        video = {"clip_feats": clips, "frame_feats": frames}
+        video = to_float32({"clip_feats": clips, "frame_feats": frames})
         return video, {"clip_embed": clip_emb, "frame_embed": frame_emb}
 
     def encode_video(self, clip_feats, frame_feats, frame_mask, frame_len, *, train: bool = False):
@@ -107,4 +112,4 @@ class GMMFormerV2(QueryBranch, nn.Module):
         clips, frames = video["clip_feats"], video["frame_feats"]
         scores = clip_frame_scores(q, clips, frames)
         aux = {"query": q, "query2": q2, **qstages, **vstages, "clip_feats": clips, "frame_feats": frames}
-        return scores, aux
+        return to_float32(scores), to_float32(aux)

@@ -15,17 +15,26 @@ Official sources (``file:line`` at the snapshots of prvr.md):
 Conventions: masks are ``(N, L)`` floats (1 = valid); ``train`` switches dropout on (Flax ``'dropout'`` rng).
 Init follows the official ``reset_parameters``: Linear/Embedding weights N(0, 0.02), Linear biases 0,
 LayerNorm (1, 0) with eps 1e-5.
+
+Compute dtype (``ModelConfig.compute_dtype``, every module's ``dtype`` attribute): Dense/Conv/Embed and the
+attention matmuls run in ``dtype`` with float32 parameters (``param_dtype`` is never changed); LayerNorm
+statistics are float32 (Flax promotes them), every softmax is taken in float32 (attention logits come out of
+their matmul in float32, so the Gaussian modulation and the -10000 / -1e10 / -1e9 masks act on float32 values)
+and its probabilities are cast back to ``dtype``. The models cast their float inputs to ``dtype`` on entry and
+their outputs (encoder features, scores, aux) back to float32 (:func:`to_float32`). With ``float32`` every
+cast is the identity and the computation is the official one.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxprvr.errors import JaxprvrError
 from jaxprvr.ops.gaussian import gaussian_mask
 
 INIT_STD = 0.02  # config.initializer_range in every official repo
@@ -38,16 +47,57 @@ GMM_WIDTHS = (None, 0.5, 1.0, 5.0)  # GMMFormer v1 GMMBlock attn0..attn3
 DYGMM_WIDTHS = (None, 0.5, 1.0, 5.0, 10.0, 3.0, 0.1, 8.0)  # GMMFormer v2 DyGMMBlock attn0..attn7
 MTM_WIDTHS = DYGMM_WIDTHS + (0.05, 2.0, 15.0)  # MTM DyGMMBlock attn0..attn10
 
+Dtype = Any
+F32 = jnp.float32
+# ModelConfig.compute_dtype -> the activation/matmul dtype.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-def dense(features: int, use_bias: bool = True, name: Optional[str] = None) -> nn.Dense:
-    """A torch ``nn.Linear`` with the official re-init (weight N(0, 0.02), bias 0)."""
+
+def resolve_compute_dtype(cfg) -> Dtype:
+    """The jnp dtype named by ``cfg.compute_dtype`` (a ModelConfig); an unknown name is a JaxprvrError."""
+    name = getattr(cfg, "compute_dtype", "float32")
+    if name not in COMPUTE_DTYPES:
+        raise JaxprvrError("model.compute_dtype", f"one of {sorted(COMPUTE_DTYPES)}", repr(name))
+    return COMPUTE_DTYPES[name]
+
+
+def to_dtype(x, dtype: Dtype):
+    """``x`` cast to ``dtype`` if it is a float array of another dtype (ints, bools and matching arrays
+    are returned unchanged, so the float32 path has no extra op)."""
+    dt = getattr(x, "dtype", None)
+    if dt is None or not jnp.issubdtype(dt, jnp.floating) or dt == jnp.dtype(dtype):
+        return x
+    return x.astype(dtype)
+
+
+def to_float32(tree):
+    """Every float array of ``tree`` as float32 (model outputs: features, scores, aux)."""
+    return jax.tree.map(lambda x: to_dtype(x, F32), tree)
+
+
+def softmax_f32(x, axis: int = -1, dtype: Optional[Dtype] = None):
+    """``softmax`` computed in float32, returned in ``dtype`` (default: the dtype of ``x``)."""
+    out_dtype = x.dtype if dtype is None else dtype
+    return to_dtype(jax.nn.softmax(to_dtype(x, F32), axis=axis), out_dtype)
+
+
+def logits_einsum(spec: str, a, b):
+    """An attention-logit einsum: operands in the compute dtype, accumulated and returned in float32."""
+    if a.dtype == F32 and b.dtype == F32:
+        return jnp.einsum(spec, a, b)
+    return jnp.einsum(spec, a, b, preferred_element_type=F32)
+
+
+def dense(features: int, use_bias: bool = True, name: Optional[str] = None, dtype: Dtype = F32) -> nn.Dense:
+    """A torch ``nn.Linear`` with the official re-init (weight N(0, 0.02), bias 0), computed in ``dtype``."""
     return nn.Dense(features, use_bias=use_bias, kernel_init=nn.initializers.normal(stddev=INIT_STD),
-                    bias_init=nn.initializers.zeros, name=name)
+                    bias_init=nn.initializers.zeros, name=name, dtype=dtype, param_dtype=F32)
 
 
-def layer_norm(name: Optional[str] = None) -> nn.LayerNorm:
-    """A torch ``nn.LayerNorm`` (eps 1e-5, two-pass variance, scale 1 / bias 0)."""
-    return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name=name)
+def layer_norm(name: Optional[str] = None, dtype: Dtype = F32) -> nn.LayerNorm:
+    """A torch ``nn.LayerNorm`` (eps 1e-5, two-pass variance, scale 1 / bias 0); statistics in float32,
+    output in ``dtype``."""
+    return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name=name, dtype=dtype, param_dtype=F32)
 
 
 def mask_logits(target, mask):
@@ -63,10 +113,12 @@ def attention_pool(logits, mask, x):
       mask: ``(N, L)``, 1 = valid.
       x: ``(N, L, D)``.
     Returns ``(N, D)``: ``sum_L softmax_L(mask_logits(logits, mask)) * x``. The official ``.squeeze()``
-    (which breaks a batch of one) is replaced by indexing the single module axis.
+    (which breaks a batch of one) is replaced by indexing the single module axis. The masking and the softmax
+    are float32; the weighted sum is in ``x``'s dtype.
     """
+    logits = to_dtype(logits, F32)
     att = jax.nn.softmax(mask_logits(logits, mask[..., None].astype(logits.dtype)), axis=1)
-    return jnp.einsum("blm,bld->bmd", att, x)[:, 0]
+    return jnp.einsum("blm,bld->bmd", to_dtype(att, x.dtype), x)[:, 0]
 
 
 def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
@@ -99,16 +151,24 @@ def clip_frame_scores(query, clips, frames) -> dict:
 class QueryBranch:
     """The query branch every PRVR model shares (MS-SL/GMMFormer ``encode_query``): ``query_input_proj``
     (LinearLayer) -> ``query_pos_embed`` -> ``query_encoder`` -> attention pooling with
-    ``modular_vector_mapping``. Mixed into a model whose ``setup`` defines those four submodules."""
+    ``modular_vector_mapping``. Mixed into a model whose ``setup`` defines those four submodules.
+
+    Also gives every model its ``compute_dtype`` (from ``cfg.compute_dtype``, validated)."""
+
+    @property
+    def compute_dtype(self) -> Dtype:
+        return resolve_compute_dtype(self.cfg)
 
     def _encode_query(self, query_feats, query_mask, train):
+        """``q`` float32 ``(Q, D)`` and the stages (in the compute dtype)."""
+        query_feats = to_dtype(query_feats, self.compute_dtype)
         emb = self.query_pos_embed(self.query_input_proj(query_feats, train=train), train=train)
         tokens = self.query_encoder(emb, query_mask, train=train)
         q = attention_pool(self.modular_vector_mapping(tokens), query_mask, tokens)
-        return q, {"query_embed": emb, "query_tokens": tokens}
+        return to_dtype(q, F32), {"query_embed": emb, "query_tokens": tokens}
 
     def encode_query(self, query_feats, query_mask, *, train: bool = False):
-        """``(Q, Lq, Dq), (Q, Lq) -> (Q, D)``."""
+        """``(Q, Lq, Dq), (Q, Lq) -> (Q, D)`` float32."""
         return self._encode_query(query_feats, query_mask, train)[0]
 
 
@@ -119,13 +179,14 @@ class LinearLayer(nn.Module):
     layer_norm: bool = True
     dropout: float = 0.1
     relu: bool = True
+    dtype: Dtype = F32
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         if self.layer_norm:
-            x = layer_norm(name="LayerNorm")(x)
+            x = layer_norm(name="LayerNorm", dtype=self.dtype)(x)
         x = nn.Dropout(self.dropout, name="net_0")(x, deterministic=not train)
-        x = dense(self.out_hsz, name="net_1")(x)
+        x = dense(self.out_hsz, name="net_1", dtype=self.dtype)(x)
         if self.relu:
             x = jax.nn.relu(x)
         return x
@@ -137,6 +198,7 @@ class TrainablePositionalEncoding(nn.Module):
     max_position_embeddings: int
     hidden_size: int
     dropout: float = 0.1
+    dtype: Dtype = F32
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -144,8 +206,9 @@ class TrainablePositionalEncoding(nn.Module):
         if seq_len > self.max_position_embeddings:
             raise ValueError(f"sequence length {seq_len} > max_position_embeddings {self.max_position_embeddings}")
         emb = nn.Embed(self.max_position_embeddings, self.hidden_size,
-                       embedding_init=nn.initializers.normal(stddev=INIT_STD), name="position_embeddings")
-        x = layer_norm(name="LayerNorm")(x + emb(jnp.arange(seq_len))[None])
+                       embedding_init=nn.initializers.normal(stddev=INIT_STD), name="position_embeddings",
+                       dtype=self.dtype, param_dtype=F32)
+        x = layer_norm(name="LayerNorm", dtype=self.dtype)(x + emb(jnp.arange(seq_len))[None])
         return nn.Dropout(self.dropout)(x, deterministic=not train)
 
 
@@ -155,12 +218,15 @@ class BertSelfAttention(nn.Module):
     ``scores = QK^T / sqrt(d_head)``; with a width ``wid`` the scores are multiplied by the Gaussian
     mask (:func:`jaxprvr.ops.gaussian.gaussian_mask` on the key length) *before* the additive
     ``(1 - mask) * -10000`` key mask; softmax; dropout on the probabilities; heads concatenated.
+    Under a bf16 ``dtype`` the logits leave their matmul in float32 and everything up to the softmax is
+    float32; the probabilities are cast to ``dtype`` for the value matmul.
     """
 
     hidden_size: int
     num_attention_heads: int
     attention_probs_dropout_prob: float = 0.1
     wid: Optional[float] = None
+    dtype: Dtype = F32
 
     @nn.compact
     def __call__(self, query_states, key_states, value_states, attention_mask=None, *, gmm_length=None,
@@ -172,13 +238,13 @@ class BertSelfAttention(nn.Module):
         d_head = self.hidden_size // n_heads
 
         def heads(x, name):
-            y = dense(self.hidden_size, name=name)(x)
+            y = dense(self.hidden_size, name=name, dtype=self.dtype)(x)
             return y.reshape(y.shape[:-1] + (n_heads, d_head))  # (N, L, nh, dh)
 
         q = heads(query_states, "query")
         k = heads(key_states, "key")
         v = heads(value_states, "value")
-        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k) / math.sqrt(d_head)
+        scores = logits_einsum("nqhd,nkhd->nhqk", q, k) / math.sqrt(d_head)
         if self.wid is not None:
             key_len = key_states.shape[1]
             if query_states.shape[1] != key_len:
@@ -188,7 +254,7 @@ class BertSelfAttention(nn.Module):
         if attention_mask is not None:
             m = attention_mask.astype(scores.dtype)
             scores = scores + (1.0 - m[:, None, None, :]) * ATTN_MASK_FILL
-        probs = jax.nn.softmax(scores, axis=-1)
+        probs = softmax_f32(scores, axis=-1, dtype=v.dtype)
         probs = nn.Dropout(self.attention_probs_dropout_prob)(probs, deterministic=not train)
         ctx = jnp.einsum("nhqk,nkhd->nqhd", probs, v)
         return ctx.reshape(ctx.shape[:2] + (self.hidden_size,))
@@ -199,12 +265,13 @@ class BertSelfOutput(nn.Module):
 
     hidden_size: int
     hidden_dropout_prob: float = 0.1
+    dtype: Dtype = F32
 
     @nn.compact
     def __call__(self, hidden_states, input_tensor, *, train: bool = False):
-        h = dense(self.hidden_size, name="dense")(hidden_states)
+        h = dense(self.hidden_size, name="dense", dtype=self.dtype)(hidden_states)
         h = nn.Dropout(self.hidden_dropout_prob)(h, deterministic=not train)
-        return layer_norm(name="LayerNorm")(h + input_tensor)
+        return layer_norm(name="LayerNorm", dtype=self.dtype)(h + input_tensor)
 
 
 class BertAttention(nn.Module):
@@ -217,12 +284,13 @@ class BertAttention(nn.Module):
     num_attention_heads: int
     drop: float = 0.1
     wid: Optional[float] = None
+    dtype: Dtype = F32
 
     @nn.compact
     def __call__(self, x, attention_mask=None, *, gmm_length=None, train: bool = False):
-        s = BertSelfAttention(self.hidden_size, self.num_attention_heads, self.drop, self.wid, name="self")(
-            x, x, x, attention_mask, gmm_length=gmm_length, train=train)
-        return BertSelfOutput(self.hidden_size, self.drop, name="output")(s, x, train=train)
+        s = BertSelfAttention(self.hidden_size, self.num_attention_heads, self.drop, self.wid, name="self",
+                              dtype=self.dtype)(x, x, x, attention_mask, gmm_length=gmm_length, train=train)
+        return BertSelfOutput(self.hidden_size, self.drop, name="output", dtype=self.dtype)(s, x, train=train)
 
 
 class FeedForward(nn.Module):
@@ -231,12 +299,13 @@ class FeedForward(nn.Module):
     d_model: int
     d_ff: int
     dropout: float = 0.1
+    dtype: Dtype = F32
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
-        x = jax.nn.relu(dense(self.d_ff, name="layer1")(x))
+        x = jax.nn.relu(dense(self.d_ff, name="layer1", dtype=self.dtype)(x))
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        return dense(self.d_model, name="layer2")(x)
+        return dense(self.d_model, name="layer2", dtype=self.dtype)(x)
 
 
 class BertAttentionV2(nn.Module):
@@ -250,16 +319,18 @@ class BertAttentionV2(nn.Module):
     drop: float = 0.1
     wid: Optional[float] = None
     ffn_mult: int = 4
+    dtype: Dtype = F32
 
     @nn.compact
     def __call__(self, x, attention_mask=None, *, gmm_length=None, train: bool = False):
-        s = BertSelfAttention(self.hidden_size, self.num_attention_heads, self.drop, self.wid, name="self")(
-            x, x, x, attention_mask, gmm_length=gmm_length, train=train)
+        s = BertSelfAttention(self.hidden_size, self.num_attention_heads, self.drop, self.wid, name="self",
+                              dtype=self.dtype)(x, x, x, attention_mask, gmm_length=gmm_length, train=train)
         s = nn.Dropout(self.drop)(s, deterministic=not train)  # dropout1
-        h = layer_norm(name="norm1")(x + s)
-        t = FeedForward(self.hidden_size, self.ffn_mult * self.hidden_size, self.drop, name="output")(h, train=train)
+        h = layer_norm(name="norm1", dtype=self.dtype)(x + s)
+        t = FeedForward(self.hidden_size, self.ffn_mult * self.hidden_size, self.drop, name="output",
+                        dtype=self.dtype)(h, train=train)
         t = nn.Dropout(self.drop)(t, deterministic=not train)  # dropout2
-        return layer_norm(name="norm2")(h + t)
+        return layer_norm(name="norm2", dtype=self.dtype)(h + t)
 
 
 class BertCrossAttention(nn.Module):
@@ -268,16 +339,18 @@ class BertCrossAttention(nn.Module):
     hidden_size: int
     num_attention_heads: int
     drop: float = 0.1
+    dtype: Dtype = F32
 
     @nn.compact
     def __call__(self, query, x, attention_mask=None, *, train: bool = False):
-        s = BertSelfAttention(self.hidden_size, self.num_attention_heads, self.drop, name="self")(
+        query, x = to_dtype(query, self.dtype), to_dtype(x, self.dtype)
+        s = BertSelfAttention(self.hidden_size, self.num_attention_heads, self.drop, name="self", dtype=self.dtype)(
             query, x, x, attention_mask, train=train)
         s = nn.Dropout(self.drop)(s, deterministic=not train)
-        q = layer_norm(name="norm1")(query + s)
-        t = FeedForward(self.hidden_size, self.hidden_size, self.drop, name="output")(q, train=train)
+        q = layer_norm(name="norm1", dtype=self.dtype)(query + s)
+        t = FeedForward(self.hidden_size, self.hidden_size, self.drop, name="output", dtype=self.dtype)(q, train=train)
         t = nn.Dropout(self.drop)(t, deterministic=not train)
-        return layer_norm(name="norm2")(q + t)
+        return layer_norm(name="norm2", dtype=self.dtype)(q + t)
 
 
 class GMMBlock(nn.Module):
@@ -291,11 +364,13 @@ class GMMBlock(nn.Module):
     num_attention_heads: int
     drop: float = 0.1
     widths: Sequence[Optional[float]] = GMM_WIDTHS
+    dtype: Dtype = F32
 
     @nn.compact
     def __call__(self, x, attention_mask=None, *, gmm_length=None, train: bool = False):
-        outs = [BertAttention(self.hidden_size, self.num_attention_heads, self.drop, w, name=f"attn{k}")(
-            x, attention_mask, gmm_length=gmm_length, train=train) for k, w in enumerate(self.widths)]
+        outs = [BertAttention(self.hidden_size, self.num_attention_heads, self.drop, w, name=f"attn{k}",
+                              dtype=self.dtype)(x, attention_mask, gmm_length=gmm_length, train=train)
+                for k, w in enumerate(self.widths)]
         return jnp.mean(jnp.stack(outs, axis=-1), axis=-1)
 
 
@@ -318,23 +393,25 @@ class DyGMMBlock(nn.Module):
     widths: Sequence[Optional[float]] = DYGMM_WIDTHS
     layer2_name: str = "layer2"  # MTM calls it fixed_layer2_projection
     slice_logits: bool = False  # MTM: L may be < frame_len (= map_size); the logits are sliced to L
+    dtype: Dtype = F32
 
     @nn.compact
     def __call__(self, x, attention_mask, weight_token, *, train: bool = False):
         n, seq_len, d = x.shape
         if seq_len != self.frame_len and not (self.slice_logits and seq_len < self.frame_len):
             raise ValueError(f"DyGMMBlock expects L == frame_len == {self.frame_len}, got {seq_len}")
-        oo = jnp.stack([BertAttentionV2(self.hidden_size, self.num_attention_heads, self.drop, w, name=f"attn{k}")(
-            x, attention_mask, train=train) for k, w in enumerate(self.widths)], axis=-1)  # (N, L, D, K)
+        oo = jnp.stack([BertAttentionV2(self.hidden_size, self.num_attention_heads, self.drop, w, name=f"attn{k}",
+                                        dtype=self.dtype)(x, attention_mask, train=train)
+                        for k, w in enumerate(self.widths)], axis=-1)  # (N, L, D, K)
         n_br = oo.shape[-1]
         keys = jnp.moveaxis(oo, -1, 0).reshape(n_br * n, seq_len, d)  # branch-major, like the loop :160-162
         token = jnp.broadcast_to(weight_token.astype(x.dtype).reshape(1, 1, d), (n_br * n, 1, d))
         mask = None if attention_mask is None else jnp.tile(attention_mask, (n_br, 1))
-        c = BertCrossAttention(self.hidden_size, self.num_attention_heads, self.drop, name="ca")(
+        c = BertCrossAttention(self.hidden_size, self.num_attention_heads, self.drop, name="ca", dtype=self.dtype)(
             token, keys, mask, train=train)  # (K*N, 1, D)
         c = jnp.moveaxis(c.reshape(n_br, n, d), 0, 1)  # (N, K, D) = torch.cat(weight, dim=1)
-        w = jax.nn.relu(dense(self.hidden_size, name="layer1")(c))
+        w = jax.nn.relu(dense(self.hidden_size, name="layer1", dtype=self.dtype)(c))
         w = nn.Dropout(self.drop)(w, deterministic=not train)
-        w = dense(self.frame_len, name=self.layer2_name)(w)[..., :seq_len]  # (N, K, L)
-        w = jax.nn.softmax(jnp.swapaxes(w, 1, 2) / self.sft_factor, axis=-1)  # (N, L, K)
-        return jnp.sum(oo * w[:, :, None, :], axis=-1)
+        w = dense(self.frame_len, name=self.layer2_name, dtype=self.dtype)(w)[..., :seq_len]  # (N, K, L)
+        w = jax.nn.softmax(to_dtype(jnp.swapaxes(w, 1, 2), F32) / self.sft_factor, axis=-1)  # (N, L, K), float32
+        return jnp.sum(oo * to_dtype(w, oo.dtype)[:, :, None, :], axis=-1)

@@ -24,17 +24,25 @@ Initialisation (``init_scheme``):
 * ``"mtm"`` — MTM's ``reset_parameters`` override: every Linear (``in_proj``, ``x_proj``, ``dt_proj``,
   ``out_proj``) ``N(0, 0.02)`` with zero bias, so ``dt_proj.bias`` starts at 0; the conv, ``A_log`` and ``D``
   keep mamba_ssm's init.
+
+Compute dtype (``dtype``): ``in_proj``, the conv, ``x_proj`` and ``out_proj`` run in ``dtype`` (float32
+parameters); ``dt_proj`` (a rank-``dt_rank`` matmul whose output goes through ``exp(delta * A)``) and the whole
+selective scan, its recurrence state included, are float32 whatever ``dtype`` (as in mamba_ssm's CUDA kernel,
+which takes bf16 ``u``/``B``/``C`` and accumulates in float32); the scan output is cast back to ``dtype``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxprvr.ops.selective_scan import selective_scan
+
+Dtype = Any
 
 INITS = ("mamba", "mtm")
 
@@ -71,6 +79,7 @@ class Mamba(nn.Module):
     init_scheme: str = "mamba"  # "mamba" | "mtm" (see the module docstring)
     scan: str = "sequential"  # selective_scan method (associative | sequential | chunked): measured, docs/benchmarks.md
     chunk_size: int = 64
+    dtype: Dtype = jnp.float32  # compute dtype of the projections and the conv (the scan is float32)
 
     @nn.compact
     def __call__(self, h):
@@ -83,8 +92,8 @@ class Mamba(nn.Module):
         normal = nn.initializers.normal(stddev=0.02)
         zeros = nn.initializers.zeros
 
-        def dense(features, fan_in, name, use_bias, kernel_init=None, bias_init=None):
-            return nn.Dense(features, use_bias=use_bias, name=name,
+        def dense(features, fan_in, name, use_bias, kernel_init=None, bias_init=None, dtype=self.dtype):
+            return nn.Dense(features, use_bias=use_bias, name=name, dtype=dtype, param_dtype=jnp.float32,
                             kernel_init=kernel_init or (normal if mtm else _torch_default(fan_in)),
                             bias_init=bias_init or (zeros if mtm else _torch_default(fan_in)))
 
@@ -93,6 +102,7 @@ class Mamba(nn.Module):
         x, z = jnp.split(xz, 2, axis=-1)
         x = nn.Conv(d_inner, kernel_size=(self.d_conv,), feature_group_count=d_inner,
                     padding=[(self.d_conv - 1, 0)], use_bias=self.conv_bias, name="conv1d",
+                    dtype=self.dtype, param_dtype=jnp.float32,
                     kernel_init=_torch_default(self.d_conv), bias_init=_torch_default(self.d_conv))(x)
         x = jax.nn.silu(x[:, :seq_len])
         x_dbl = dense(dt_rank + 2 * n, d_inner, "x_proj", False)(x)
@@ -100,7 +110,8 @@ class Mamba(nn.Module):
         dt_std = dt_rank ** -0.5 * self.dt_scale
         dt = dense(d_inner, dt_rank, "dt_proj", True,
                    kernel_init=None if mtm else (lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -dt_std, dt_std)),
-                   bias_init=None if mtm else _dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor))(dt)
+                   bias_init=None if mtm else _dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor),
+                   dtype=jnp.float32)(dt)
         a_log = self.param("A_log", lambda k, s: jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), s)),
                            (d_inner, n))
         d_skip = self.param("D", nn.initializers.ones, (d_inner,))

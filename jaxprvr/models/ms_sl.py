@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.base import ModelConfig
-from jaxprvr.models.layers import (BertAttention, LinearLayer, QueryBranch, TrainablePositionalEncoding,
-                                   dense, l2_normalize, max_scores)
+from jaxprvr.models.layers import (F32, BertAttention, LinearLayer, QueryBranch, TrainablePositionalEncoding,
+                                   dense, l2_normalize, max_scores, to_dtype, to_float32)
 
 KEY_CLIP_MASK_FILL = -1e9  # masked_fill value of key_clip_guided_attention (model.py:220, :238)
 
@@ -118,24 +118,33 @@ class MSSL(QueryBranch, nn.Module):
     def setup(self):
         c = self.cfg
         d = c.hidden_size
-        self.query_pos_embed = TrainablePositionalEncoding(c.max_desc_l, d, c.input_drop)
-        self.clip_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop)
-        self.frame_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop)
-        self.query_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True)
-        self.query_encoder = BertAttention(d, c.n_heads, c.drop)
-        self.clip_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True)
-        self.clip_encoder = BertAttention(d, c.n_heads, c.drop)  # deepcopy of query_encoder, re-initialised
-        self.frame_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True)
-        self.frame_encoder = BertAttention(d, c.n_heads, c.drop)
-        self.modular_vector_mapping = dense(1, use_bias=False)
-        self.mapping_linear = [dense(d, use_bias=False) for _ in range(2)]
+        dt = self.compute_dtype  # validates cfg.compute_dtype
+        self.query_pos_embed = TrainablePositionalEncoding(c.max_desc_l, d, c.input_drop, dtype=dt)
+        self.clip_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop, dtype=dt)
+        self.frame_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop, dtype=dt)
+        self.query_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
+        self.query_encoder = BertAttention(d, c.n_heads, c.drop, dtype=dt)
+        self.clip_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
+        self.clip_encoder = BertAttention(d, c.n_heads, c.drop, dtype=dt)  # deepcopy of query_encoder, re-initialised
+        self.frame_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
+        self.frame_encoder = BertAttention(d, c.n_heads, c.drop, dtype=dt)
+        self.modular_vector_mapping = dense(1, use_bias=False, dtype=dt)
+        self.mapping_linear = [dense(d, use_bias=False, dtype=dt) for _ in range(2)]
+
+    def _mapped(self, frames):
+        """``mapping_linear[0/1](frames)`` (the key-clip attention's keys and values), as float32."""
+        return to_dtype(self.mapping_linear[0](frames), F32), to_dtype(self.mapping_linear[1](frames), F32)
 
     # ------------------------------------------------------------------ encoders
     def _encode_video(self, clip_feats, frame_feats, frame_mask, train):
+        """Encoders in the compute dtype; the returned features are float32 (the proposals are window means
+        of the float32 clip features)."""
+        dt = self.compute_dtype
+        clip_feats, frame_feats = to_dtype(clip_feats, dt), to_dtype(frame_feats, dt)
         clip_emb = self.clip_pos_embed(self.clip_input_proj(clip_feats, train=train), train=train)
-        clips = self.clip_encoder(clip_emb, None, train=train)
+        clips = to_dtype(self.clip_encoder(clip_emb, None, train=train), F32)
         frame_emb = self.frame_pos_embed(self.frame_input_proj(frame_feats, train=train), train=train)
-        frames = self.frame_encoder(frame_emb, frame_mask, train=train)
+        frames = to_dtype(self.frame_encoder(frame_emb, frame_mask, train=train), F32)
         proposals = encode_feat_map(clips)
         video = {"proposals": proposals, "frame_feats": frames, "frame_mask": frame_mask}
         return video, {"clip_embed": clip_emb, "clip_feats": clips, "frame_embed": frame_emb}
@@ -154,8 +163,8 @@ class MSSL(QueryBranch, nn.Module):
         qn = l2_normalize(query)
         clip, key_clip_index = max_scores(qn, l2_normalize(video["proposals"]))
         frames = video["frame_feats"]
-        feats = key_clip_attention_inference(self.mapping_linear[0](frames), self.mapping_linear[1](frames),
-                                             video["proposals"], video["frame_mask"], key_clip_index)
+        feats = key_clip_attention_inference(*self._mapped(frames), video["proposals"], video["frame_mask"],
+                                             key_clip_index)
         frame = jnp.einsum("vqd,qd->qv", l2_normalize(feats), qn)
         return {"clip": clip, "frame": frame}
 
@@ -172,8 +181,8 @@ class MSSL(QueryBranch, nn.Module):
         qn = l2_normalize(q)
         clip, key_clip_index = max_scores(qn, l2_normalize(proposals))
         clip_raw, _ = max_scores(q, proposals)
-        feats = key_clip_attention_train(self.mapping_linear[0](frames), self.mapping_linear[1](frames), proposals,
-                                         video["frame_mask"], key_clip_index, labels)
+        feats = key_clip_attention_train(*self._mapped(frames), proposals, video["frame_mask"], key_clip_index,
+                                         labels)
         frame = qn @ l2_normalize(feats).T
         frame_raw = q @ feats.T
         scores = {"clip": clip, "clip_raw": clip_raw, "frame": frame, "frame_raw": frame_raw}
@@ -181,4 +190,4 @@ class MSSL(QueryBranch, nn.Module):
                "key_clip_index": key_clip_index,
                "key_clip_selected": key_clip_index[jnp.arange(labels.shape[0]), labels],
                "frame_scale_feat": feats}
-        return scores, aux
+        return to_float32(scores), to_float32(aux)

@@ -21,17 +21,20 @@ Parameter names follow the torch attributes (``conv1``, ``conv2``, ``layer_norm`
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from configs.base import ModelConfig
-from jaxprvr.models.layers import QueryBranch, dense, layer_norm
+from jaxprvr.models.layers import (F32, MTM_WIDTHS, QueryBranch, dense, layer_norm, softmax_f32, to_dtype,
+                                   to_float32)
 from jaxprvr.models.mamba import Mamba
 
 TCN_DROPOUT = 0.1  # hard-coded in MTM_Net (model.py: TCN(hidden_size, dropout=0.1))
 POOL_FILL = -1e9
+Dtype = Any
 
 
 def _torch_conv_init(fan_in: int):
@@ -42,6 +45,7 @@ def _torch_conv_init(fan_in: int):
 class TCN(nn.Module):
     hidden_size: int
     dropout: float = TCN_DROPOUT
+    dtype: Dtype = F32
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -49,22 +53,23 @@ class TCN(nn.Module):
 
         def conv(name):
             init = _torch_conv_init(3 * d)  # torch Conv1d default: fan_in = in_channels * kernel
-            return nn.Conv(d, kernel_size=(3,), padding=[(1, 1)], name=name, kernel_init=init, bias_init=init)
+            return nn.Conv(d, kernel_size=(3,), padding=[(1, 1)], name=name, kernel_init=init, bias_init=init,
+                           dtype=self.dtype, param_dtype=F32)
 
         y = nn.Dropout(self.dropout)(jax.nn.relu(conv("conv1")(x)), deterministic=not train)
         y = nn.Dropout(self.dropout)(jax.nn.relu(conv("conv2")(y)), deterministic=not train)
         alpha = self.param("alpha", nn.initializers.constant(0.5), ())
-        return layer_norm("layer_norm")(x + jnp.clip(alpha, 0.0, 1.0) * y)
+        return layer_norm("layer_norm", dtype=self.dtype)(x + to_dtype(jnp.clip(alpha, 0.0, 1.0), y.dtype) * y)
 
 
-def make_mamba_stack(d_model: int, num_layers: int, scan: str = "sequential") -> list:
+def make_mamba_stack(d_model: int, num_layers: int, scan: str = "sequential", dtype: Dtype = F32) -> list:
     """``[Mamba, LayerNorm] * num_layers`` (MTM's init: its ``reset_parameters`` re-initialises the Mamba
     Linears). Assign it to an attribute in ``setup`` (``self.clip_mamba = make_mamba_stack(...)``): Flax then
     names the entries ``clip_mamba_0``, ``clip_mamba_1``, ... like the torch ModuleList ``clip_mamba.0``, ..."""
     layers = []
     for _ in range(num_layers):
-        layers.append(Mamba(d_model, d_state=16, d_conv=4, expand=2, init_scheme="mtm", scan=scan))
-        layers.append(layer_norm())
+        layers.append(Mamba(d_model, d_state=16, d_conv=4, expand=2, init_scheme="mtm", scan=scan, dtype=dtype))
+        layers.append(layer_norm(dtype=dtype))
     return layers
 
 
@@ -78,13 +83,14 @@ def mamba_residual(layers, h):
 
 class AttentionPooling(nn.Module):
     hidden_size: int
+    dtype: Dtype = F32
 
     @nn.compact
     def __call__(self, x, mask=None):
-        scores = dense(1, name="attn_proj")(x)  # (N, L, 1)
+        scores = to_dtype(dense(1, name="attn_proj", dtype=self.dtype)(x), F32)  # (N, L, 1), masked in float32
         if mask is not None:
             scores = jnp.where(mask[..., None] == 0, POOL_FILL, scores)
-        w = jax.nn.softmax(scores, axis=1)
+        w = softmax_f32(scores, axis=1, dtype=x.dtype)
         return jnp.sum(x * w, axis=1)
 
 
@@ -94,16 +100,17 @@ class MLPReconstructor(nn.Module):
     num_layers: int = 2
     hidden_dim_factor: float = 2
     dropout: float = 0.1
+    dtype: Dtype = F32
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         cur, idx = self.input_dim, 0
         for _ in range(self.num_layers - 1):
             nxt = min(int(cur * self.hidden_dim_factor), self.output_dim)
-            x = jax.nn.relu(dense(nxt, name=f"mlp_{idx}")(x))
+            x = jax.nn.relu(dense(nxt, name=f"mlp_{idx}", dtype=self.dtype)(x))
             x = nn.Dropout(self.dropout)(x, deterministic=not train)
             cur, idx = nxt, idx + 3
-        return dense(self.output_dim, name=f"mlp_{idx}")(x)
+        return dense(self.output_dim, name=f"mlp_{idx}", dtype=self.dtype)(x)
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -124,16 +131,17 @@ class VideoGuidedTextRefiner(nn.Module):
     hidden_size: int
     n_heads: int
     drop: float
+    dtype: Dtype = F32
 
     @nn.compact
     def __call__(self, query, video, video_valid=None, *, train: bool = False):
         from jaxprvr.models.layers import BertCrossAttention, LinearLayer
 
         mask = None if video_valid is None else jnp.asarray(video_valid)[None, :]
-        out = BertCrossAttention(self.hidden_size, self.n_heads, self.drop, name="cross_attention")(
+        out = BertCrossAttention(self.hidden_size, self.n_heads, self.drop, name="cross_attention", dtype=self.dtype)(
             query[None], video[None], mask, train=train)[0]
-        return LinearLayer(self.hidden_size, layer_norm=True, dropout=self.drop, relu=False, name="linear_out")(
-            out, train=train)
+        return LinearLayer(self.hidden_size, layer_norm=True, dropout=self.drop, relu=False, name="linear_out",
+                           dtype=self.dtype)(out, train=train)
 
 
 class MTM(QueryBranch, nn.Module):
@@ -152,45 +160,49 @@ class MTM(QueryBranch, nn.Module):
 
     cfg: ModelConfig
     scan: str = "sequential"
+    widths: tuple = MTM_WIDTHS  # branch widths of the three DyGMMBlocks, code order (official: 11 branches)
 
     def setup(self):
-        from jaxprvr.models.layers import (MTM_WIDTHS, BertAttentionV2, DyGMMBlock, LinearLayer,
-                                           TrainablePositionalEncoding)
+        from jaxprvr.models.layers import BertAttentionV2, DyGMMBlock, LinearLayer, TrainablePositionalEncoding
 
         c = self.cfg
         d = c.hidden_size
+        dt = self.compute_dtype  # validates cfg.compute_dtype
 
         def dygmm(frame_len):
-            return DyGMMBlock(d, c.n_heads, frame_len, c.sft_factor, c.drop, MTM_WIDTHS,
-                              layer2_name="fixed_layer2_projection", slice_logits=True)
+            return DyGMMBlock(d, c.n_heads, frame_len, c.sft_factor, c.drop, self.widths,
+                              layer2_name="fixed_layer2_projection", slice_logits=True, dtype=dt)
 
         def proj():
-            return LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True)
+            return LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
 
-        self.query_pos_embed = TrainablePositionalEncoding(c.max_desc_l, d, c.input_drop)
-        self.clip_pos_embed = TrainablePositionalEncoding(c.map_size, d, c.input_drop)
-        self.frame_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop)
-        self.video_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop)
+        self.query_pos_embed = TrainablePositionalEncoding(c.max_desc_l, d, c.input_drop, dtype=dt)
+        self.clip_pos_embed = TrainablePositionalEncoding(c.map_size, d, c.input_drop, dtype=dt)
+        self.frame_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop, dtype=dt)
+        self.video_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop, dtype=dt)
         self.query_input_proj = proj()
-        self.query_encoder = BertAttentionV2(d, c.n_heads, c.drop)
+        self.query_encoder = BertAttentionV2(d, c.n_heads, c.drop, dtype=dt)
         self.clip_input_proj = proj()
         self.clip_encoder = dygmm(c.map_size)
-        self.clip_mamba = make_mamba_stack(d, c.num_mamba_layers, self.scan)
+        self.clip_mamba = make_mamba_stack(d, c.num_mamba_layers, self.scan, dtype=dt)
         self.frame_input_proj = proj()
-        self.frame_tcn = TCN(d)
+        self.frame_tcn = TCN(d, dtype=dt)
         self.frame_encoder_1 = dygmm(c.max_ctx_l)
-        self.frame_mamba = make_mamba_stack(d, c.num_mamba_layers, self.scan)
+        self.frame_mamba = make_mamba_stack(d, c.num_mamba_layers, self.scan, dtype=dt)
         self.video_input_proj = proj()
         self.video_encoder = dygmm(c.max_ctx_l)
-        self.video_pooling = AttentionPooling(d)
-        self.video_guided_text_refinement = VideoGuidedTextRefiner(d, c.n_heads, c.drop)
-        self.modular_vector_mapping = dense(1, use_bias=False)
+        self.video_pooling = AttentionPooling(d, dtype=dt)
+        self.video_guided_text_refinement = VideoGuidedTextRefiner(d, c.n_heads, c.drop, dtype=dt)
+        self.modular_vector_mapping = dense(1, use_bias=False, dtype=dt)
         self.weight_token = self.param("weight_token", nn.initializers.normal(stddev=1.0), (1, 1, d))
-        self.text_reconstructor = MLPReconstructor(d, c.max_desc_l * c.q_feat_size, 2, 4, c.drop)
-        self.video_reconstructor = MLPReconstructor(d, c.max_ctx_l * c.visual_feat_dim, 2, 4, c.drop)
+        self.text_reconstructor = MLPReconstructor(d, c.max_desc_l * c.q_feat_size, 2, 4, c.drop, dtype=dt)
+        self.video_reconstructor = MLPReconstructor(d, c.max_ctx_l * c.visual_feat_dim, 2, 4, c.drop, dtype=dt)
 
     # ------------------------------------------------------------------ encoders
     def _encode_video(self, clip_feats, frame_feats, frame_mask, train):
+        """Encoders in the compute dtype; the returned features are float32 (``stages`` in the compute dtype)."""
+        dt = self.compute_dtype
+        clip_feats, frame_feats = to_dtype(clip_feats, dt), to_dtype(frame_feats, dt)
         keep = frame_mask[..., None] == 1.0
         clip_emb = self.clip_pos_embed(self.clip_input_proj(clip_feats, train=train), train=train)
         clips_1 = self.clip_encoder(clip_emb, None, self.weight_token, train=train)
@@ -202,7 +214,7 @@ class MTM(QueryBranch, nn.Module):
         video_emb = self.video_pos_embed(self.video_input_proj(frame_feats, train=train), train=train)
         video_seq = jnp.where(keep, self.video_encoder(video_emb, frame_mask, self.weight_token, train=train), 0.0)
         video = self.video_pooling(video_seq, frame_mask)
-        out = {"clip_feats": clips, "frame_feats": frames, "video_feats": video}
+        out = to_float32({"clip_feats": clips, "frame_feats": frames, "video_feats": video})
         stages = {"clip_embed": clip_emb, "clip_feats_1": clips_1, "frame_embed": frame_emb, "frame_tcn": frame_tcn,
                   "frame_feats_1": frames_1, "video_embed": video_emb, "video_seq": video_seq}
         return out, stages
@@ -213,7 +225,7 @@ class MTM(QueryBranch, nn.Module):
     def _video_scores(self, query, video_feats, train, video_valid=None):
         from jaxprvr.models.layers import l2_normalize
 
-        refined = self.video_guided_text_refinement(query, video_feats, video_valid, train=train)
+        refined = to_dtype(self.video_guided_text_refinement(query, video_feats, video_valid, train=train), F32)
         return l2_normalize(refined) @ l2_normalize(video_feats).T, refined @ video_feats.T, refined
 
     def score(self, query, video):
@@ -222,7 +234,9 @@ class MTM(QueryBranch, nn.Module):
         qn = l2_normalize(query)
         clip, _ = max_scores(qn, l2_normalize(video["clip_feats"]))
         frame, _ = max_scores(qn, l2_normalize(video["frame_feats"]))
-        return {"clip": clip, "frame": frame, "video": self._video_scores(query, video["video_feats"], False)[0]}
+        # ``video_valid`` (optional): gallery padding, e.g. to a multiple of the devices; the refiner skips it.
+        return {"clip": clip, "frame": frame,
+                "video": self._video_scores(query, video["video_feats"], False, video.get("video_valid"))[0]}
 
     def __call__(self, batch, *, train: bool = False):
         from jaxprvr.models.layers import clip_frame_scores
@@ -234,11 +248,13 @@ class MTM(QueryBranch, nn.Module):
         q2 = self.encode_query(batch["query_feats"], batch["query_mask"], train=train)
         q, qstages = self._encode_query(batch["query_feats"], batch["query_mask"], train)
         vid, vid_raw, refined = self._video_scores(q, video["video_feats"], train, batch.get("video_valid"))
-        recon_text = self.text_reconstructor(q2, train=train).reshape(q.shape[0], c.max_desc_l, c.q_feat_size)
+        recon_text = to_dtype(self.text_reconstructor(q2, train=train), F32).reshape(
+            q.shape[0], c.max_desc_l, c.q_feat_size)
         v = video["video_feats"]
-        recon_video = self.video_reconstructor(v, train=train).reshape(v.shape[0], c.max_ctx_l, c.visual_feat_dim)
+        recon_video = to_dtype(self.video_reconstructor(v, train=train), F32).reshape(
+            v.shape[0], c.max_ctx_l, c.visual_feat_dim)
         scores = {**clip_frame_scores(q, video["clip_feats"], video["frame_feats"]), "video": vid,
                   "video_raw": vid_raw}
         aux = {"query": q, "query2": q2, **qstages, **vstages, **video, "refined_query": refined, "recon_text": recon_text,
                "recon_video": recon_video}
-        return scores, aux
+        return to_float32(scores), to_float32(aux)
