@@ -64,6 +64,9 @@ class DataConfig:
     eval_query_bsz: int = 50
     eval_context_bsz: int = 100
     prefetch: int = 2  # batches prepared ahead on a background thread (0 = synchronous)
+    # Threads building training batches in parallel (batches and their order do not change); 0 = auto:
+    # cpu_count // 4, between 1 and 8 (on 2 cores a pool is slower than one thread: benchmarks.prvr "input").
+    workers: int = 0
     query_capacity_multiple: int = 8  # padded query count per batch is rounded up to this
 
 

@@ -21,12 +21,18 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxprvr import sharding as shd
-from jaxprvr.cli import run_cli
+from jaxprvr.cli import add_compile_cache_args, enable_compile_cache, run_cli
 from jaxprvr.errors import JaxprvrError
 from jaxprvr.metrics.prvr import eval_q2m
 from jaxprvr.models import branch_weights
+
+
+# One scoring call's (queries x videos-per-device x rows-per-video) similarity tensor: about 256 MiB of float32.
+SCORE_ELEMENTS = 1 << 26
+MAX_SCORE_ROWS = 1024
 
 
 class Evaluator:
@@ -53,18 +59,25 @@ class Evaluator:
         data, rep = shd.data_sharding(self.mesh), shd.replicated(self.mesh)
         self._encode_video = jax.jit(encode_video, out_shardings=data)
         self._encode_query = jax.jit(encode_query, out_shardings=data)
-        self._score = jax.jit(score, in_shardings=(rep, data, rep), out_shardings=data)
+        # Scoring: the gallery is split over the devices along its video axis (each device scores every query
+        # block against its share of the videos; the (queries, videos) result stays split the same way).
+        self._score = jax.jit(score, in_shardings=(rep, rep, data),
+                              out_shardings=NamedSharding(self.mesh, P(None, shd.DATA_AXIS)))
 
     def _encode_blocks(self, fn, params, batches, n_items, block, valid_key, keys, progress, desc):
         """Runs ``fn`` on each block padded to a static, device-divisible size; keeps the valid rows."""
+        from jaxprvr.data import prefetch
+
         size = shd.round_up(block, self._n)
         outs = []
-        for b in _bar(batches, progress, desc, -(-n_items // block)):
-            b = _pad_rows({k: b[k] for k in keys}, size)
-            valid = np.asarray(b[valid_key]) > 0
-            out = fn(params, shd.shard_batch(b, self.mesh))
-            outs.append(jax.tree.map(lambda x, v=valid: np.asarray(x)[v], out))
-        return jax.tree.map(lambda *xs: np.concatenate(xs, 0), *outs)
+        # The host builds the next blocks on a background thread while the device encodes; outputs stay on the
+        # device until every block is dispatched, then come back in one pass (no per-block synchronisation).
+        with prefetch(({k: b[k] for k in keys} for b in batches), 2) as blocks:
+            for b in _bar(blocks, progress, desc, -(-n_items // block)):
+                b = _pad_rows(b, size)
+                outs.append((fn(params, shd.shard_batch(b, self.mesh)), np.asarray(b[valid_key]) > 0))
+        host = [jax.tree.map(lambda x, v=valid: shd.to_host(x)[v], out) for out, valid in outs]  # to every host
+        return jax.tree.map(lambda *xs: np.concatenate(xs, 0), *host)
 
     def encode_gallery(self, params, ds, progress=False) -> dict:
         """Every gallery video in blocks of ``eval_context_bsz``, caption-file order (as the official loader)."""
@@ -82,20 +95,36 @@ class Evaluator:
         return self._encode_blocks(self._encode_query, params, query_batches(ds, bsz), len(ds.cap_ids), bsz,
                                    "query_valid", ("query_feats", "query_mask", "query_valid"), progress, "queries")
 
+    def score_rows(self, gallery: dict) -> int:
+        """Queries scored per call: a multiple of ``eval_query_bsz`` (at least one block) sized so that one call's
+        ``(queries, videos per device, rows per video)`` similarity tensor stays near ``SCORE_ELEMENTS`` floats.
+        Rows are independent, so the block size changes only the speed, never a score."""
+        q = self.cfg.data.eval_query_bsz
+        nv = shd.round_up(len(next(iter(gallery.values()))), self._n) // self._n
+        per_video = sum(int(np.prod(v.shape[1:-1])) for v in gallery.values() if np.ndim(v) >= 3) or 1
+        rows = (SCORE_ELEMENTS // (nv * per_video)) // q * q
+        return shd.round_up(int(min(max(rows, q), MAX_SCORE_ROWS)), self._n)
+
     def score_matrix(self, params, query: np.ndarray, gallery: dict, progress=False) -> dict:
-        """Per-branch cosine score matrices (Nq, Nv) and their fused sum under key ``"fused"``."""
-        size = shd.round_up(self.cfg.data.eval_query_bsz, self._n)
-        gallery_dev = shd.replicate(gallery, self.mesh)
-        rows = {}
+        """Per-branch cosine score matrices (Nq, Nv) and their fused sum under key ``"fused"``.
+
+        The gallery is padded to a multiple of the device count with videos marked invalid
+        (``video_valid``: MTM's refiner attends over the gallery and skips them; their columns are dropped)."""
+        nv = len(next(iter(gallery.values())))
+        padded = shd.round_up(nv, self._n)
+        gallery = {**{k: np.asarray(v) for k, v in gallery.items()}, "video_valid": np.ones((nv,), np.float32)}
+        gallery = _pad_rows(gallery, padded)
+        gallery_dev = {k: shd.put_global(v, shd.data_sharding(self.mesh)) for k, v in gallery.items()}
+        size = self.score_rows(gallery)
+        query_sharding = shd.replicated(self.mesh)
+        outs = []
         n = len(query)
         for start in _bar(range(0, n, size), progress, "scoring", -(-n // size)):
             blk = query[start:start + size]
             m = len(blk)
             blk = np.concatenate([blk, np.zeros((size - m,) + blk.shape[1:], blk.dtype)]) if m < size else blk
-            out = self._score(params, blk, gallery_dev)
-            for k, v in out.items():
-                rows.setdefault(k, []).append(np.asarray(v)[:m])
-        mats = {k: np.concatenate(v, 0) for k, v in rows.items()}
+            outs.append((self._score(params, shd.put_global(blk, query_sharding), gallery_dev), m))
+        mats = {k: np.concatenate([shd.to_host(out[k])[:m, :nv] for out, m in outs], 0) for k in outs[0][0]}
         mats["fused"] = sum(self.weights[k] * mats[k] for k in self.weights)
         return mats
 
@@ -163,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true",
                    help="evaluate the raw weights of a run trained with train.use_ema (default: the EMA weights)")
     p.add_argument("--no-progress", action="store_true")
+    add_compile_cache_args(p)
     return p
 
 
@@ -173,6 +203,7 @@ def run(args) -> dict:
     from jaxprvr.data import PRVRDataset
     from jaxprvr.train import config_with_data_dims, init_params, resolve_data_root
 
+    enable_compile_cache(args)
     cfg = load_config(args.config, args.model)
     saved_cfg = read_meta(args.ckpt).get("config", {})
     saved = saved_cfg.get("model")

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from jaxprvr import sharding as shd
-from jaxprvr.cli import jsonable, run_cli
+from jaxprvr.cli import add_compile_cache_args, enable_compile_cache, jsonable, run_cli
 from jaxprvr.errors import JaxprvrError
 
 # What `--demo` changes on top of the chosen config, so that the run takes a few minutes on 2 CPU cores: a
@@ -158,12 +158,16 @@ class MetricWriter:
 # ----------------------------------------------------------------------------------------------
 
 def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = True, max_steps: int | None = None,
-          mesh=None, run_test: bool = True, init_from: str | None = None) -> dict:
+          mesh=None, run_test: bool = True, init_from: str | None = None, batch_slices: int | None = None) -> dict:
     """Trains and returns a summary dict. ``max_steps`` stops early (saving ``latest``), as a kill would.
     ``init_from`` (any checkpoint path :func:`jaxprvr.checkpoint.load_params` accepts, e.g. the output of
-    ``python -m parity.convert torch2jax``) starts from those parameters with a fresh optimizer (fine-tuning)."""
+    ``python -m parity.convert torch2jax``) starts from those parameters with a fresh optimizer (fine-tuning).
+    ``batch_slices`` (default: the process count) cuts every batch into that many slices, each process
+    building its own (:mod:`jaxprvr.distributed`); one process with ``batch_slices=S`` reproduces the batches
+    of an ``S``-process run. With 1 (one process), the batches are the plain :func:`train_batches` ones."""
     from jaxprvr.checkpoint import Checkpoints, abstract_tree
     from jaxprvr.data import PRVRDataset, prefetch, train_batches
+    from jaxprvr.data.dataset import batch_workers
     from jaxprvr.evaluate import Evaluator, format_metrics
     from jaxprvr.models import build_model
     from jaxprvr.optim import eval_params
@@ -171,6 +175,8 @@ def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = Tru
     out = Path(out_dir)
     mesh = mesh if mesh is not None else shd.make_mesh()
     n_shards = shd.n_data_shards(mesh)
+    n_slices = jax.process_count() if batch_slices is None else batch_slices
+    progress = progress and jax.process_index() == 0
     t_start = time.perf_counter()
 
     train_ds = PRVRDataset(data_root, cfg, "train")
@@ -179,6 +185,15 @@ def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = Tru
     tc = cfg.train
     bsz = shd.round_up(tc.batch_size, n_shards)
     q_cap = shd.round_up(train_ds.query_capacity(tc.batch_size, cfg.data.query_capacity_multiple), n_shards)
+    slicing = {}
+    if n_slices > 1:  # multi-host layout: per-slice query blocks, each process builds its own slices
+        from jaxprvr.distributed import local_slices
+
+        slices = local_slices(n_slices, mesh)  # checks that n_slices divides the devices
+        slice_size = bsz // n_slices
+        q_cap = shd.round_up(train_ds.query_capacity(slice_size, cfg.data.query_capacity_multiple),
+                             n_shards // n_slices)
+        slicing = {"slice_size": slice_size, "slices": slices}
     steps_per_epoch = -(-len(train_ds.video_ids) // tc.batch_size)
 
     ckpts = Checkpoints(out / "ckpt")
@@ -225,8 +240,9 @@ def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = Tru
         epoch = m["next_epoch"]
         hard = epoch >= cfg.loss.hard_negative_start_epoch
         first = m["step_in_epoch"]  # > 0 when resuming inside an epoch
-        batches = train_batches(train_ds, tc.batch_size, epoch, tc.seed, q_cap, skip=first)
-        batches = prefetch((_pad_batch(b, bsz) for b in batches), cfg.data.prefetch)
+        batches = train_batches(train_ds, tc.batch_size, epoch, tc.seed, q_cap, skip=first,
+                                workers=batch_workers(cfg.data.workers), **slicing)
+        batches = prefetch((b if slicing else _pad_batch(b, bsz) for b in batches), cfg.data.prefetch)
         bar = _progress(progress, steps_per_epoch, f"epoch {epoch}", initial=m["step_in_epoch"])
         losses = []
         t_last, seen_v, seen_q = time.perf_counter(), 0, 0
@@ -234,11 +250,11 @@ def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = Tru
             if max_steps is not None and int(state["step"]) >= max_steps:
                 stopped_by_max_steps = True
                 break
-            dev_batch = shd.shard_batch({k: batch[k] for k in MODEL_BATCH_KEYS}, mesh)
+            dev_batch = shd.shard_local_batch({k: batch[k] for k in MODEL_BATCH_KEYS}, mesh)
             state, metrics = train_step(state, dev_batch, step_keys, np.bool_(hard))
             m["step_in_epoch"] = i + 1
-            seen_v += int(batch["video_valid"].sum())
-            seen_q += int(batch["query_valid"].sum())
+            seen_v += int(batch["n_videos"] if slicing else batch["video_valid"].sum())  # global counts
+            seen_q += int(batch["n_queries"] if slicing else batch["query_valid"].sum())
             gstep = int(state["step"])
             if gstep % tc.log_every == 0 or i + 1 == steps_per_epoch:
                 metrics = jax.device_get(metrics)
@@ -382,12 +398,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set train.n_epoch=1 (repeatable)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many global steps (saves latest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines on stderr")
+    mh = p.add_argument_group(
+        "multi-host (jax.distributed)",
+        "run the same command in every process, with the same coordinator and process count and a distinct "
+        "--process-id; each process reads only its slice of every batch, all share --out (process 0 writes "
+        "the metrics and results). Unset: a single-process run.")
+    mh.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                    help="address of process 0, which serves the coordination service there")
+    mh.add_argument("--num-processes", type=int, default=None, metavar="N", help="number of processes of the run")
+    mh.add_argument("--process-id", type=int, default=None, metavar="I", help="this process, 0 .. N-1")
+    mh.add_argument("--local-device-ids", default=None, metavar="IDS",
+                    help="comma-separated local devices this process uses (default: all of them)")
+    add_compile_cache_args(p)
     return p
 
 
 def run(args) -> dict:
     from configs import load_config
+    from jaxprvr import distributed
 
+    enable_compile_cache(args)
+    # Before any JAX computation. A no-op for a single-process run.
+    multi = distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                                   distributed.parse_device_ids(args.local_device_ids))
     overrides = list(args.overrides)
     if args.demo:
         name = load_config(args.config, args.model).model.name
@@ -397,10 +430,12 @@ def run(args) -> dict:
     out = args.out
     if out is None:
         out = f"runs/{cfg.model.name}-{cfg.data.dataset}"
-        if args.demo and not args.resume:
+        if args.demo and not args.resume and not multi:  # (processes would not agree on the time)
             out += "-demo-" + datetime.now().strftime("%Y%m%d-%H%M%S")
-    return train(cfg, root, out, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps,
-                 init_from=args.init_from)
+    summary = train(cfg, root, out, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps,
+                    init_from=args.init_from)
+    distributed.shutdown()  # waits for the other processes (after a failure, the process just exits)
+    return summary
 
 
 def _report(summary: dict) -> None:

@@ -42,6 +42,7 @@ from typing import Callable
 
 import numpy as np
 
+from jaxprvr.cli import add_compile_cache_args, enable_compile_cache
 from jaxprvr.errors import JaxprvrError
 
 BLOCK = (1e-5, 1e-6)  # rtol, atol
@@ -842,7 +843,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="torch device for the twin (cpu, cuda); JAX uses its default")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
-    return p
+    return add_compile_cache_args(p)
 
 
 def main(argv=None) -> int:
@@ -851,6 +852,7 @@ def main(argv=None) -> int:
     from configs import load_config
 
     args = build_parser().parse_args(argv)
+    enable_compile_cache(args)
     groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
     known = {"convert", "block", "model", "loss", "grad", "train", "metrics"}
     try:

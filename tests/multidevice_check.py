@@ -25,6 +25,9 @@ def main(root, model_name):
     from jaxprvr.train import MODEL_BATCH_KEYS, config_with_data_dims, init_params, make_train_step, train_keys
     from tests.conftest import tiny_config
 
+    # tests.conftest turns the persistent compilation cache on when imported; JAX 0.10 can deadlock running a
+    # multi-device CPU executable loaded from it (jaxprvr.cli.enable_compile_cache skips it for the same reason).
+    jax.config.update("jax_enable_compilation_cache", False)
     assert len(jax.devices()) == 8, jax.devices()
     cfg = tiny_config(model_name)
     ds = PRVRDataset(root, cfg, "train")
@@ -48,14 +51,20 @@ def main(root, model_name):
         for b in batches:
             state, m = step(state, shd.shard_batch(b, mesh), train_keys(0), np.bool_(True))
             losses.append(float(m["loss"]))
-        ev = Evaluator(model, cfg, mesh).evaluate(state["params"], val, keep_scores=True)
-        results[n] = (jax.device_get(state["params"]), losses, ev["_scores"], ev["sumr"])
-    (p1, l1, s1, r1), (p8, l8, s8, r8) = results[1], results[8]
+        evaluator = Evaluator(model, cfg, mesh)
+        ev = evaluator.evaluate(state["params"], val, keep_scores=True)
+        # A gallery of 13 videos: 8 devices need 3 padded (invalid) videos, whose columns must not leak.
+        gallery = {k: v[:13] for k, v in evaluator.encode_gallery(state["params"], val).items()}
+        small = evaluator.score_matrix(state["params"], evaluator.encode_queries(state["params"], val)[:37], gallery)
+        results[n] = (jax.device_get(state["params"]), losses, ev["_scores"], ev["sumr"], small["fused"])
+    (p1, l1, s1, r1, g1), (p8, l8, s8, r8, g8) = results[1], results[8]
     # Elementwise allclose(rtol=1e-5, atol=1e-6): the largest excess over the tolerance (<= 0: equal).
     excess = max(float(np.max(np.abs(a - b) - 1e-5 * np.abs(a) - 1e-6)) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
     moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params)))
     print(json.dumps({"param_allclose_excess": excess, "param_max_change": moved, "loss_1": l1, "loss_8": l8,
-                      "score_max_abs": float(np.max(np.abs(s1 - s8))), "sumr_1": r1, "sumr_8": r8}))
+                      "score_max_abs": float(np.max(np.abs(s1 - s8))), "sumr_1": r1, "sumr_8": r8,
+                      "n_val_videos": int(s1.shape[1]), "padded_gallery_shape": list(g8.shape),
+                      "padded_gallery_max_abs": float(np.max(np.abs(g1 - g8)))}))
 
 
 if __name__ == "__main__":

@@ -117,6 +117,42 @@ def test_skip_resumes_inside_an_epoch(ds):
                 np.testing.assert_array_equal(a[key], b[key])
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+def test_parallel_workers_give_the_serial_batches(ds, workers):
+    """The thread-pool builder yields exactly the serial batches, in order (also with ``skip``), and a
+    consumer that stops early leaves no thread behind."""
+    import threading
+
+    cap = ds.query_capacity(B, 1)
+    for skip in (0, 2):
+        serial = list(train_batches(ds, B, 2, 5, cap, skip=skip))
+        parallel = list(train_batches(ds, B, 2, 5, cap, skip=skip, workers=workers))
+        assert len(parallel) == len(serial)
+        for a, b in zip(serial, parallel):
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+    it = train_batches(ds, B, 2, 5, cap, workers=workers)
+    next(it)
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("jaxprvr-batch")]
+
+
+def test_ordered_map_propagates_errors_in_order():
+    from jaxprvr.data import ordered_map
+
+    def fn(x):
+        if x == 3:
+            raise ValueError("item 3")
+        return x * x
+
+    got = []
+    with pytest.raises(ValueError, match="item 3"):
+        for y in ordered_map(fn, range(6), 3):
+            got.append(y)
+    assert got == [0, 1, 4]
+
+
 def test_sort_ties_are_exercised(ds):
     """Three videos have 128 frames after sampling; some tested epoch puts two of them in one batch, so the
     stable-sort order is checked by test_train_batches_match_brute_force."""

@@ -57,3 +57,31 @@ def test_forward_matches_twin(converted):
         np.testing.assert_allclose(np.asarray(scores[k]), tscores[k].numpy(), rtol=1e-4, atol=1e-4, err_msg=k)
     for k in aux:
         np.testing.assert_allclose(np.asarray(aux[k]), taux[k].numpy(), rtol=1e-4, atol=1e-4, err_msg=k)
+
+
+def test_score_ignores_invalid_gallery_videos(converted):
+    """The refiner of MTM's video branch attends over the whole gallery: padded videos marked invalid
+    (``video_valid`` 0, as the sharded evaluator pads the gallery to a multiple of the devices) change no score
+    of the real videos, whatever their features; brute force against the unpadded gallery."""
+    from jaxprvr.models import build_model
+    from parity.check import make_batch
+
+    _, params = converted
+    cfg = TINY
+    model = build_model(cfg)
+    batch = make_batch(cfg, n_videos=4, seed=3)
+    video = model.apply({"params": params}, batch["clip_feats"], batch["frame_feats"], batch["frame_mask"],
+                        batch["frame_len"], train=False, method=model.encode_video)
+    query = model.apply({"params": params}, batch["query_feats"], batch["query_mask"], train=False,
+                        method=model.encode_query)
+    plain = model.apply({"params": params}, query, video, method=model.score)
+    rng = np.random.default_rng(0)
+    padded = {k: np.concatenate([np.asarray(v), 5 * rng.standard_normal((3,) + v.shape[1:]).astype(np.float32)])
+              for k, v in video.items()}
+    padded["video_valid"] = np.array([1, 1, 1, 1, 0, 0, 0], np.float32)
+    out = model.apply({"params": params}, query, padded, method=model.score)
+    for k in plain:
+        np.testing.assert_allclose(np.asarray(out[k])[:, :4], np.asarray(plain[k]), rtol=1e-5, atol=1e-6)
+    unmasked = dict(padded, video_valid=np.ones(7, np.float32))  # the mask matters: without it scores change
+    assert np.abs(np.asarray(model.apply({"params": params}, query, unmasked, method=model.score)["video"])[:, :4]
+                  - np.asarray(plain["video"])).max() > 1e-4

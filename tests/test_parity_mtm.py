@@ -50,6 +50,39 @@ def _cfg(extra=()):
     return load_config("tvr", "mtm", TINY + list(extra))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def shared_compiled_work():
+    """The module's costliest work that does not depend on the weights is done once and shared by its tests:
+
+    * the jitted training gradient of ``parity.check`` (:func:`parity.check.make_grad_fn`): one per (model config,
+      loss config, XLA options). The full check, the official-init gradients and the wrong-EMA-step check use the
+      same tiny MTM and the same batch shapes (the EMA lives in the optimizer, not in the loss), so they share one
+      executable instead of tracing MTM's forward and backward and compiling (or loading) it three times;
+    * the abstract parameter tree of ``parity.convert`` (``jax.eval_shape`` of MTM's init, a full trace of the
+      model) per model config, traced once for the module's seven conversions.
+
+    Both are pure functions of the configs in the key; every weight, batch, loss, gradient and file is still
+    computed and compared by each test."""
+    real_grad_fn, real_abstract = check.make_grad_fn, convert._abstract_params
+    grad_fns, abstract = {}, {}
+
+    def make_grad_fn(name, cfg, model, compiler_options=None):
+        key = (name, cfg.model, cfg.loss, tuple(sorted((compiler_options or {}).items())))
+        if key not in grad_fns:
+            grad_fns[key] = real_grad_fn(name, cfg, model, compiler_options)
+        return grad_fns[key]
+
+    def abstract_params(cfg):
+        if cfg.model not in abstract:
+            abstract[cfg.model] = real_abstract(cfg)
+        return abstract[cfg.model]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(check, "make_grad_fn", make_grad_fn)
+        mp.setattr(convert, "_abstract_params", abstract_params)
+        yield
+
+
 # ---------------------------------------------------------------------------------------------- parity.check
 @pytest.fixture(scope="module")
 def perturbed_ckpt(tmp_path_factory):

@@ -22,5 +22,7 @@ def test_eight_devices_match_one(tiny_root):
     assert res["param_max_change"] > 1e-3, res  # the steps really moved the parameters
     assert res["param_allclose_excess"] <= 0, res  # |p8 - p1| <= 1e-6 + 1e-5 |p1| for every element
     assert res["loss_1"] == pytest.approx(res["loss_8"], rel=1e-5)
-    assert res["score_max_abs"] < 1e-5, res
+    assert res["score_max_abs"] < 1e-5, res  # the gallery is split over the 8 devices along its videos
+    assert res["padded_gallery_shape"] == [37, 13], res  # 13 videos on 8 devices: padding columns dropped
+    assert res["padded_gallery_max_abs"] < 1e-5, res
     assert res["sumr_1"] == pytest.approx(res["sumr_8"])

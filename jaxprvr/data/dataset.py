@@ -17,7 +17,7 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -177,7 +177,8 @@ def _query_block(ds: PRVRDataset, queries: np.ndarray, capacity: int) -> Batch:
 
 
 def train_batches(ds: PRVRDataset, batch_size: int, epoch: int, seed: int, query_capacity: int,
-                  skip: int = 0) -> Iterator[Batch]:
+                  skip: int = 0, *, slice_size: int | None = None, slices: Sequence[int] = (0,),
+                  workers: int = 1) -> Iterator[Batch]:
     """One epoch of training batches, ``ceil(Nv / batch_size)`` of them, all of the same shapes.
 
     The video order is a permutation drawn from ``np.random.default_rng([seed, epoch])`` (the official
@@ -192,18 +193,89 @@ def train_batches(ds: PRVRDataset, batch_size: int, epoch: int, seed: int, query
     ``clip_feats (B,M,Dv)``, ``frame_feats (B,L,Dv)``, ``frame_mask (B,L)``, ``frame_len (B,)``,
     ``video_valid (B,)``, ``video_index (B,)`` (-1 = pad), ``query_feats (Q,T,Dq)``, ``query_mask (Q,T)``,
     ``query_valid (Q,)``, ``query_labels (Q,)`` (0 for pads), ``query_index (Q,)`` (-1 = pad).
+
+    Sliced layout (multi-host, see :mod:`jaxprvr.distributed`): with ``slice_size``, the sorted videos of a
+    batch are cut into consecutive slices of ``slice_size`` video slots (slice ``s``: sorted rows
+    ``s*slice_size ...``, padded; slices past the batch's videos are all padding), each with its videos'
+    queries in its own block of ``query_capacity`` slots (the capacity is per slice). The global batch is
+    the concatenation of all slices (``ceil(batch_size / slice_size)`` or more); what is yielded is the
+    concatenation of the slices ``slices`` only (a process's rows), so only their features are read.
+    ``query_labels`` are rows of the global batch (``s*slice_size + row in slice``); the extra scalars
+    ``n_videos`` and ``n_queries`` count the valid videos and queries of the whole global batch.
+
+    ``workers > 1`` builds up to that many batches at once on a thread pool (reading memory-mapped frames
+    and normalising them is numpy work that releases the GIL); batches still come in order and are
+    identical to ``workers=1``'s.
     """
     order = np.random.default_rng([seed, epoch]).permutation(ds.num_videos)
-    for start in range(skip * batch_size, ds.num_videos, batch_size):
-        chunk = order[start:start + batch_size]
-        rows = chunk[np.argsort(-ds.frame_lengths[chunk], kind="stable")]
+
+    def build(rows: np.ndarray) -> Batch:
+        if slice_size is not None:
+            return _sliced_batch(ds, rows, slice_size, slices, query_capacity)
         queries = np.concatenate([ds.video_query_index[v] for v in rows])
         labels = np.repeat(np.arange(len(rows), dtype=np.int32), ds.query_counts[rows])
         batch = _video_block(ds, rows, batch_size)
         batch.update(_query_block(ds, queries, query_capacity))
         batch["query_labels"] = np.zeros((query_capacity,), np.int32)
         batch["query_labels"][: len(labels)] = labels
-        yield batch
+        return batch
+
+    def plans() -> Iterator[np.ndarray]:
+        for start in range(skip * batch_size, ds.num_videos, batch_size):
+            chunk = order[start:start + batch_size]
+            yield chunk[np.argsort(-ds.frame_lengths[chunk], kind="stable")]
+
+    yield from ordered_map(build, plans(), workers)
+
+
+def batch_workers(configured: int) -> int:
+    """``data.workers``: a positive value as given; 0 = auto, ``cpu_count // 4`` clamped to 1..8."""
+    if configured > 0:
+        return int(configured)
+    return max(1, min(8, (os.cpu_count() or 1) // 4))
+
+
+def ordered_map(fn, items: Iterable, workers: int) -> Iterator:
+    """``map(fn, items)`` with up to ``workers`` calls running at once on threads, results in input order.
+    At most ``workers`` results are held ahead of the consumer; ``workers <= 1`` is the plain serial map."""
+    if workers <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="jaxprvr-batch")
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _sliced_batch(ds: PRVRDataset, rows: np.ndarray, slice_size: int, slices: Sequence[int],
+                  query_capacity: int) -> Batch:
+    """The slices ``slices`` of one sorted batch ``rows`` (see :func:`train_batches`), concatenated."""
+    parts = []
+    for s in slices:
+        mine = rows[s * slice_size:(s + 1) * slice_size]
+        queries = (np.concatenate([ds.video_query_index[v] for v in mine]) if len(mine)
+                   else np.zeros((0,), np.int64))
+        labels = s * slice_size + np.repeat(np.arange(len(mine), dtype=np.int32), ds.query_counts[mine])
+        part = _video_block(ds, mine, slice_size)
+        part.update(_query_block(ds, queries, query_capacity))
+        part["query_labels"] = np.zeros((query_capacity,), np.int32)
+        part["query_labels"][: len(labels)] = labels
+        parts.append(part)
+    batch = {k: np.concatenate([p[k] for p in parts], 0) for k in parts[0]}
+    batch["n_videos"] = np.int64(len(rows))
+    batch["n_queries"] = np.int64(ds.query_counts[rows].sum())
+    return batch
 
 
 def video_batches(ds: PRVRDataset, batch_size: int) -> Iterator[Batch]:
@@ -317,4 +389,4 @@ class prefetch:  # noqa: N801 - used like a function: ``for batch in prefetch(ba
         self.close()
 
 
-__all__ = ["PRVRDataset", "open_splits", "train_batches", "video_batches", "query_batches", "prefetch", "Batch"]
+__all__ = ["PRVRDataset", "open_splits", "train_batches", "ordered_map", "video_batches", "query_batches", "prefetch", "Batch"]
