@@ -6,6 +6,11 @@
 #   bash scripts/gpu_mtm_parity.sh fetch            # here (PyPI reachable): the two sdists -> .sdist/
 #   bash scripts/gpu_mtm_parity.sh run [OUT_DIR]    # there (H100/H200, torch 2.11 + CUDA 13, jax[cuda] installed)
 #
+# `run` is `build` (the two CUDA packages into MAMBA_PREFIX, default .gpu_site/, with build.log and
+# build_seconds.txt) then `check OUT_DIR` (parity.check on the GPU) and the selective-scan benchmark; the steps
+# can be run one by one. Afterwards `PYTHONPATH=.gpu_site python -m benchmarks.prvr --device gpu` runs MTM's
+# torch side on the official kernels.
+#
 # `run` unpacks the sdists, keeps only the target GPU architecture in their setup.py (they hard-code a list and
 # ignore TORCH_CUDA_ARCH_LIST; MTM_CUDA_ARCH, default 90 = H100/H200), builds both with --no-build-isolation and
 # FORCE_BUILD into a private prefix, then runs `python -m parity.check --model mtm --config tvr --device cuda`
@@ -45,36 +50,50 @@ print(f"{path}: kept sm_{arch} of {n} architectures")
 EOF
 }
 
-run() {
-    local out=${1:-${OUT:-gpu_out}}
-    mkdir -p "$out"
-    local arch=${MTM_CUDA_ARCH:-90} work prefix py t0 t1
-    py=${PYTHON:-python3}
+build() {  # causal_conv1d + mamba_ssm for one GPU architecture into PREFIX (default .gpu_site)
+    local prefix=${1:-${MAMBA_PREFIX:-.gpu_site}} arch=${MTM_CUDA_ARCH:-90} py=${PYTHON:-python3} work t0 log
+    prefix=$(mkdir -p "$prefix" && cd "$prefix" && pwd)
+    log=$prefix/build.log
     work=$(mktemp -d)
-    prefix=$work/site
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
-    "$py" -c "import torch, jax; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| jax', jax.__version__, jax.devices())"
     t0=$(date +%s)
     for pkg in "causal_conv1d-$CONV_VERSION" "mamba_ssm-$MAMBA_VERSION"; do
         tar xzf "$SDIST_DIR/$pkg.tar.gz" -C "$work"
         keep_one_arch "$arch" "$work/$pkg/setup.py"
-        ( cd "$work/$pkg" && MAX_JOBS=$(nproc) MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
+        ( cd "$work/$pkg" && MAX_JOBS=${MAX_JOBS:-$(nproc)} MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
             "$py" -m pip install --no-build-isolation --no-deps --no-index --target "$prefix" . ) \
-            >> "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+            >> "$log" 2>&1 || { tail -40 "$log"; return 1; }
         echo "built $pkg ($(( $(date +%s) - t0 )) s so far)"
     done
-    t1=$(date +%s)
-    echo "$(( t1 - t0 ))" > "$out/build_seconds.txt"
+    echo "$(( $(date +%s) - t0 ))" > "$prefix/build_seconds.txt"
+    echo "build: $(cat "$prefix/build_seconds.txt") s for causal_conv1d + mamba_ssm (sm_$arch, MAX_JOBS=${MAX_JOBS:-$(nproc)}) -> $prefix"
+}
+
+check() {  # parity.check --model mtm on the GPU with the kernels built into PREFIX
+    local out=${1:-${OUT:-gpu_out}} prefix=${MAMBA_PREFIX:-.gpu_site} py=${PYTHON:-python3}
+    mkdir -p "$out"
+    prefix=$(cd "$prefix" && pwd)
     export PYTHONPATH="$prefix:$PWD${PYTHONPATH:+:$PYTHONPATH}"
     "$py" -c "import mamba_ssm, selective_scan_cuda, causal_conv1d_cuda; print('mamba_ssm', mamba_ssm.__version__, 'CUDA kernels loaded')"
-    "$py" -m parity.check --model mtm --config tvr --device cuda --json "$out/mtm_parity_gpu.json" \
+    "$py" -m parity.check --model mtm --config tvr --device cuda --json "$out/mtm_parity_gpu.json" "$@" \
         | tee "$out/mtm_parity_gpu.md" || echo "parity.check exit status $?"
-    "$py" -m benchmarks.selective_scan --out "$out/selective_scan_gpu.json" || true
-    echo "build: $(( t1 - t0 )) s for causal_conv1d + mamba_ssm (sm_$arch, MAX_JOBS=$(nproc))"
+}
+
+run() {
+    local out=${1:-${OUT:-gpu_out}}
+    mkdir -p "$out"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
+    ${PYTHON:-python3} -c "import torch, jax; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| jax', jax.__version__, jax.devices())"
+    build
+    cp "${MAMBA_PREFIX:-.gpu_site}/build_seconds.txt" "$out/" 2>/dev/null || true
+    check "$out"
+    PYTHONPATH="$(cd "${MAMBA_PREFIX:-.gpu_site}" && pwd):$PWD" ${PYTHON:-python3} -m benchmarks.selective_scan \
+        --out "$out/selective_scan_gpu.json" || true
 }
 
 case "${1:-}" in
     fetch) fetch ;;
+    build) shift; build "$@" ;;
+    check) shift; check "$@" ;;
     run) shift; run "$@" ;;
-    *) echo "usage: bash scripts/gpu_mtm_parity.sh fetch | run [OUT_DIR]" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/gpu_mtm_parity.sh fetch | build [PREFIX] | check [OUT_DIR] | run [OUT_DIR]" >&2; exit 2 ;;
 esac
