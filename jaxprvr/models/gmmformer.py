@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from configs.base import ModelConfig
 from jaxprvr.models.layers import (GMM_WIDTHS, BertAttention, GMMBlock, LinearLayer, QueryBranch,
-                                   TrainablePositionalEncoding, attention_pool, dense, l2_normalize,
+                                   attention_pool, dense, l2_normalize,
                                    max_scores, to_dtype, to_float32)
 
 
@@ -65,10 +65,7 @@ class GMMFormer(QueryBranch, nn.Module):
         c = self.cfg
         d = c.hidden_size
         dt = self.compute_dtype  # validates cfg.compute_dtype
-        self.query_pos_embed = TrainablePositionalEncoding(c.max_desc_l, d, c.input_drop, dtype=dt)
-        self.clip_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop, dtype=dt)
-        self.frame_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop, dtype=dt)
-        self.query_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
+        self._setup_inputs(clip_rows=c.max_ctx_l)  # query/clip/frame positional encodings, query_input_proj
         self.query_encoder = BertAttention(d, c.n_heads, c.drop, dtype=dt)
         self.clip_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
         self.clip_encoder = GMMBlock(d, c.n_heads, c.drop, self.widths, dtype=dt)

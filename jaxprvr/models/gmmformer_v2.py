@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from configs.base import ModelConfig
 from jaxprvr.models.layers import (DYGMM_WIDTHS, BertAttentionV2, DyGMMBlock, LinearLayer, QueryBranch,
                                    clip_frame_scores,
-                                   TrainablePositionalEncoding, dense, l2_normalize, max_scores, to_dtype,
+                                   dense, l2_normalize, max_scores, to_dtype,
                                    to_float32)
 
 
@@ -56,10 +56,7 @@ class GMMFormerV2(QueryBranch, nn.Module):
         c = self.cfg
         d = c.hidden_size
         dt = self.compute_dtype  # validates cfg.compute_dtype
-        self.query_pos_embed = TrainablePositionalEncoding(c.max_desc_l, d, c.input_drop, dtype=dt)
-        self.clip_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop, dtype=dt)
-        self.frame_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop, dtype=dt)
-        self.query_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
+        self._setup_inputs(clip_rows=c.max_ctx_l)  # query/clip/frame positional encodings, query_input_proj
         self.query_encoder = BertAttentionV2(d, c.n_heads, c.drop, dtype=dt)
         self.clip_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
         # frame_len=32 / 128 are literals in the official code (model.py:37, :43) = map_size / max_ctx_l.

@@ -159,6 +159,15 @@ class QueryBranch:
     def compute_dtype(self) -> Dtype:
         return resolve_compute_dtype(self.cfg)
 
+    def _setup_inputs(self, clip_rows: int) -> None:
+        """Called from ``setup``: the positional encodings of queries (``max_desc_l`` rows), clips (``clip_rows``)
+        and frames (``max_ctx_l``), and ``query_input_proj``, as every model defines them."""
+        c, dt = self.cfg, self.compute_dtype  # compute_dtype validates cfg.compute_dtype
+        self.query_pos_embed = TrainablePositionalEncoding(c.max_desc_l, c.hidden_size, c.input_drop, dtype=dt)
+        self.clip_pos_embed = TrainablePositionalEncoding(clip_rows, c.hidden_size, c.input_drop, dtype=dt)
+        self.frame_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, c.hidden_size, c.input_drop, dtype=dt)
+        self.query_input_proj = LinearLayer(c.hidden_size, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
+
     def _encode_query(self, query_feats, query_mask, train):
         """``q`` float32 ``(Q, D)`` and the stages (in the compute dtype)."""
         query_feats = to_dtype(query_feats, self.compute_dtype)

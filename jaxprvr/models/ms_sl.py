@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.base import ModelConfig
-from jaxprvr.models.layers import (F32, BertAttention, LinearLayer, QueryBranch, TrainablePositionalEncoding,
+from jaxprvr.models.layers import (F32, BertAttention, LinearLayer, QueryBranch,
                                    dense, l2_normalize, max_scores, to_dtype, to_float32)
 
 KEY_CLIP_MASK_FILL = -1e9  # masked_fill value of key_clip_guided_attention (model.py:220, :238)
@@ -119,10 +119,7 @@ class MSSL(QueryBranch, nn.Module):
         c = self.cfg
         d = c.hidden_size
         dt = self.compute_dtype  # validates cfg.compute_dtype
-        self.query_pos_embed = TrainablePositionalEncoding(c.max_desc_l, d, c.input_drop, dtype=dt)
-        self.clip_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop, dtype=dt)
-        self.frame_pos_embed = TrainablePositionalEncoding(c.max_ctx_l, d, c.input_drop, dtype=dt)
-        self.query_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
+        self._setup_inputs(clip_rows=c.max_ctx_l)  # query/clip/frame positional encodings, query_input_proj
         self.query_encoder = BertAttention(d, c.n_heads, c.drop, dtype=dt)
         self.clip_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
         self.clip_encoder = BertAttention(d, c.n_heads, c.drop, dtype=dt)  # deepcopy of query_encoder, re-initialised
