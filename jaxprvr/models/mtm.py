@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from configs.base import ModelConfig
-from jaxprvr.models.layers import (F32, MTM_WIDTHS, QueryBranch, dense, layer_norm, softmax_f32, to_dtype,
-                                   to_float32)
+from jaxprvr.models.layers import (F32, MTM_WIDTHS, Dropout, QueryBranch, dense, layer_norm, softmax_f32,
+                                   to_dtype, to_float32)
 from jaxprvr.models.mamba import Mamba
 
 TCN_DROPOUT = 0.1  # hard-coded in MTM_Net (model.py: TCN(hidden_size, dropout=0.1))
@@ -56,8 +56,8 @@ class TCN(nn.Module):
             return nn.Conv(d, kernel_size=(3,), padding=[(1, 1)], name=name, kernel_init=init, bias_init=init,
                            dtype=self.dtype, param_dtype=F32)
 
-        y = nn.Dropout(self.dropout)(jax.nn.relu(conv("conv1")(x)), deterministic=not train)
-        y = nn.Dropout(self.dropout)(jax.nn.relu(conv("conv2")(y)), deterministic=not train)
+        y = Dropout(self.dropout)(jax.nn.relu(conv("conv1")(x)), deterministic=not train)
+        y = Dropout(self.dropout)(jax.nn.relu(conv("conv2")(y)), deterministic=not train)
         alpha = self.param("alpha", nn.initializers.constant(0.5), ())
         return layer_norm("layer_norm", dtype=self.dtype)(x + to_dtype(jnp.clip(alpha, 0.0, 1.0), y.dtype) * y)
 
@@ -108,7 +108,7 @@ class MLPReconstructor(nn.Module):
         for _ in range(self.num_layers - 1):
             nxt = min(int(cur * self.hidden_dim_factor), self.output_dim)
             x = jax.nn.relu(dense(nxt, name=f"mlp_{idx}", dtype=self.dtype)(x))
-            x = nn.Dropout(self.dropout)(x, deterministic=not train)
+            x = Dropout(self.dropout)(x, deterministic=not train)
             cur, idx = nxt, idx + 3
         return dense(self.output_dim, name=f"mlp_{idx}", dtype=self.dtype)(x)
 
