@@ -39,8 +39,9 @@ def tiny_root(tmp_path_factory):
 
 # The long tests (whole training runs, the parity suites) go first: with two xdist workers a long test
 # collected last leaves one worker idle at the end (about 3 minutes of the suite's wall time).
-SLOW_FIRST = ("tests/test_train.py", "tests/test_parity_mtm.py", "tests/test_parity_check.py",
-              "tests/test_parity_train.py", "tests/test_mtm_model.py", "tests/test_parity_metrics.py")
+SLOW_FIRST = ("tests/test_train.py", "tests/test_sharding.py", "tests/test_multihost.py", "tests/test_parity_mtm.py",
+              "tests/test_bf16.py", "tests/test_parity_check.py", "tests/test_parity_train.py",
+              "tests/test_mtm_model.py", "tests/test_parity_metrics.py")
 
 
 def pytest_collection_modifyitems(config, items):
