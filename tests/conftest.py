@@ -37,8 +37,11 @@ def tiny_root(tmp_path_factory):
     return root
 
 
-# The long tests (whole training runs, the parity suites) go first: with two xdist workers a long test
-# collected last leaves one worker idle at the end (about 3 minutes of the suite's wall time).
+# The long tests (whole training runs, the parity suites, the 8-device and 2-process checks) start first on
+# both workers. pytest-xdist's worksteal scheduler hands each of the 2 workers a contiguous half of the list
+# and later moves tests from the tail of a busy worker's queue: the long tests therefore alternate between the
+# heads of the two halves. (All at the front of the list, they all went to the first worker and the last of
+# them started 13 minutes into the run.)
 SLOW_FIRST = ("tests/test_train.py", "tests/test_sharding.py", "tests/test_multihost.py", "tests/test_parity_mtm.py",
               "tests/test_bf16.py", "tests/test_parity_check.py", "tests/test_parity_train.py",
               "tests/test_mtm_model.py", "tests/test_parity_metrics.py")
@@ -49,4 +52,9 @@ def pytest_collection_modifyitems(config, items):
         path = item.nodeid.split("::", 1)[0]
         return SLOW_FIRST.index(path) if path in SLOW_FIRST else len(SLOW_FIRST)
 
-    items.sort(key=rank)  # stable: the order inside each group is kept
+    ordered = sorted(items, key=rank)  # stable: the order inside each group is kept
+    slow = [it for it in ordered if rank(it) < len(SLOW_FIRST)]
+    rest = ordered[len(slow):]
+    head0, head1 = slow[0::2], slow[1::2]
+    cut = max(len(items) // 2 - len(head0), 0)  # the first worker's half: head0 and the first fast tests
+    items[:] = head0 + rest[:cut] + head1 + rest[cut:]
