@@ -51,6 +51,11 @@ class ModelConfig:
     # (parameters, optimizer state, softmax/LayerNorm statistics, the Mamba scan state, scores and losses stay
     # float32; jaxprvr.models.layers.resolve_compute_dtype validates it when the model is built).
     compute_dtype: str = "float32"
+    # How the K Gaussian attention branches of a GMMBlock/DyGMMBlock run (same math, same parameter layout):
+    # "batched" (one vmapped computation: ~30% fewer XLA ops, 22-36% shorter compiles), "loop" (K separate
+    # modules: on 2 CPU cores their independent ops keep both cores busy, a 5-9% faster train step), or "auto"
+    # ("loop" on CPU, "batched" on GPU/TPU). docs/benchmarks.md has the measurements.
+    branch_impl: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -235,10 +235,11 @@ def test_attention_pool_and_mask_logits():
     close(L.mask_logits(jnp.float32(3.0), jnp.float32(0.0)), -1e10, rtol=1e-7)
 
 
-def test_gmm_block():
+@pytest.mark.parametrize("batched", [True, False])
+def test_gmm_block(batched):
     x = rand(0, N, T, D)
     mask = mask_of([T, 5, 3], T)
-    m = L.GMMBlock(D, NH, 0.3)
+    m = L.GMMBlock(D, NH, 0.3, batched=batched)
     v, p = init(m, x, mask)
     assert {k.split("/")[0] for k in paths(v["params"])} == {"attn0", "attn1", "attn2", "attn3"}
     close(m.apply(v, x, mask), np_gmm_block(p, x, mask, NH, L.GMM_WIDTHS))
@@ -246,12 +247,12 @@ def test_gmm_block():
     assert one.shape == (1, T, D)
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_dygmm_block(masked):
+@pytest.mark.parametrize("masked,batched", [(False, True), (True, True), (True, False)])
+def test_dygmm_block(masked, batched):
     x = rand(0, N, T, D)
     token = rand(2, 1, 1, D)
     mask = mask_of([T, 5, 2], T) if masked else None
-    m = L.DyGMMBlock(D, NH, frame_len=T, sft_factor=0.09, drop=0.3)
+    m = L.DyGMMBlock(D, NH, frame_len=T, sft_factor=0.09, drop=0.3, batched=batched)
     v, p = init(m, x, mask, token)
     top = {k.split("/")[0] for k in paths(v["params"])}
     assert top == {f"attn{k}" for k in range(8)} | {"ca", "layer1", "layer2"}
@@ -267,6 +268,60 @@ def test_dygmm_block_custom_widths():
     m = L.DyGMMBlock(D, NH, frame_len=T, sft_factor=0.6, widths=widths)
     v, p = init(m, x, None, token)
     close(m.apply(v, x, None, token), np_dygmm(p, x, None, token, NH, widths, 0.6))
+
+
+def test_branch_impls_share_parameters_and_agree_in_training():
+    """``batched`` and ``loop`` blocks have the same parameter tree and the same init (checkpoints move between
+    them), and the same forward; in train mode both draw dropout (different masks, so only the eval forward can
+    agree). ``model.branch_impl`` picks one, ``auto`` by backend."""
+    from configs.base import ModelConfig
+
+    x = rand(0, N, T, D)
+    token = rand(2, 1, 1, D)
+    mask = mask_of([T, 5, 2], T)
+    blocks = [L.DyGMMBlock(D, NH, frame_len=T, sft_factor=0.09, drop=0.3, batched=b) for b in (True, False)]
+    vs = [b.init(jax.random.key(0), x, mask, token) for b in blocks]
+    assert jax.tree.structure(vs[0]) == jax.tree.structure(vs[1])
+    for a, b in zip(jax.tree.leaves(vs[0]), jax.tree.leaves(vs[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    outs = [np.asarray(b.apply(vs[0], x, mask, token)) for b in blocks]
+    close(outs[0], outs[1], atol=1e-6)
+    tr = [np.asarray(b.apply(vs[0], x, mask, token, train=True, rngs={"dropout": jax.random.key(1)})) for b in blocks]
+    assert all(np.isfinite(t).all() and not np.allclose(t, outs[0]) for t in tr)
+    assert L.resolve_branch_impl(ModelConfig(branch_impl="batched")) is True
+    assert L.resolve_branch_impl(ModelConfig(branch_impl="loop")) is False
+    assert L.resolve_branch_impl(ModelConfig()) is (jax.default_backend() != "cpu")
+    with pytest.raises(Exception, match="branch_impl"):
+        L.resolve_branch_impl(ModelConfig(branch_impl="fast"))
+
+
+def test_batched_branches_draw_independent_dropout_and_get_their_own_gradients():
+    """The vmapped branches of a block (attention_branches) are K modules, not K copies of one: with identical
+    weights and widths, eval gives identical outputs, train gives each branch its own dropout masks (as K separate
+    torch modules would), and each branch's parameters get the gradient of their own branch only."""
+    import flax.linen as nn
+
+    class Two(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return L.attention_branches(self, lambda w, **kw: L.BertAttentionV2(D, NH, 0.3, w, **kw), (1.0, 1.0), x,
+                                        None, train=train)
+
+    x = jnp.asarray(rand(0, N, T, D))
+    m = Two()
+    p = m.init(jax.random.key(0), x)["params"]
+    p = {"attn0": p["attn0"], "attn1": p["attn0"]}  # the same weights in both branches
+    ev = np.asarray(m.apply({"params": p}, x))
+    np.testing.assert_allclose(ev[0], ev[1], rtol=1e-6, atol=1e-7)
+    tr = np.asarray(m.apply({"params": p}, x, True, rngs={"dropout": jax.random.key(3)}))
+    assert not np.allclose(tr[0], tr[1]) and not np.allclose(tr[0], ev[0])
+
+    def loss(q):  # depends on branch 0 only
+        return jnp.sum(m.apply({"params": q}, x)[0] ** 2)
+
+    g = jax.grad(loss)(p)
+    assert all(np.all(np.asarray(a) == 0) for a in jax.tree.leaves(g["attn1"]))
+    assert any(np.any(np.asarray(a) != 0) for a in jax.tree.leaves(g["attn0"]))
 
 
 def test_dropout_train_flag():

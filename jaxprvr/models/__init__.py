@@ -24,7 +24,7 @@ from configs.base import ModelConfig
 from jaxprvr.errors import JaxprvrError
 from jaxprvr.models.gmmformer import GMMFormer
 from jaxprvr.models.gmmformer_v2 import GMMFormerV2
-from jaxprvr.models.layers import resolve_compute_dtype
+from jaxprvr.models.layers import resolve_branch_impl, resolve_compute_dtype
 from jaxprvr.models.ms_sl import MSSL
 from jaxprvr.models.mtm import MTM
 
@@ -36,6 +36,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.name not in MODELS:
         raise JaxprvrError("model.name", f"one of {sorted(MODELS)}", repr(cfg.name))
     resolve_compute_dtype(cfg)  # an unknown model.compute_dtype fails here, not at the first trace
+    resolve_branch_impl(cfg)  # and so does an unknown model.branch_impl
     return MODELS[cfg.name](cfg)
 
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from configs.base import ModelConfig
 from jaxprvr.models.layers import (GMM_WIDTHS, BertAttention, GMMBlock, LinearLayer, QueryBranch,
                                    attention_pool, dense, l2_normalize,
-                                   max_scores, to_dtype, to_float32)
+                                   max_scores, resolve_branch_impl, to_dtype, to_float32)
 
 
 def batch_frame_length(frame_len, frame_mask):
@@ -65,14 +65,15 @@ class GMMFormer(QueryBranch, nn.Module):
         c = self.cfg
         d = c.hidden_size
         dt = self.compute_dtype  # validates cfg.compute_dtype
+        batched = resolve_branch_impl(c)  # validates cfg.branch_impl
         self._setup_inputs(clip_rows=c.max_ctx_l)  # query/clip/frame positional encodings, query_input_proj
         self.query_encoder = BertAttention(d, c.n_heads, c.drop, dtype=dt)
         self.clip_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
-        self.clip_encoder = GMMBlock(d, c.n_heads, c.drop, self.widths, dtype=dt)
-        self.clip_encoder_2 = GMMBlock(d, c.n_heads, c.drop, self.widths, dtype=dt)
+        self.clip_encoder = GMMBlock(d, c.n_heads, c.drop, self.widths, dtype=dt, batched=batched)
+        self.clip_encoder_2 = GMMBlock(d, c.n_heads, c.drop, self.widths, dtype=dt, batched=batched)
         self.frame_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
-        self.frame_encoder_1 = GMMBlock(d, c.n_heads, c.drop, self.widths, dtype=dt)
-        self.frame_encoder_2 = GMMBlock(d, c.n_heads, c.drop, self.widths, dtype=dt)
+        self.frame_encoder_1 = GMMBlock(d, c.n_heads, c.drop, self.widths, dtype=dt, batched=batched)
+        self.frame_encoder_2 = GMMBlock(d, c.n_heads, c.drop, self.widths, dtype=dt, batched=batched)
         self.modular_vector_mapping = dense(1, use_bias=False, dtype=dt)
         self.modular_vector_mapping_2 = dense(1, use_bias=False, dtype=dt)
 

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from configs.base import ModelConfig
 from jaxprvr.models.layers import (DYGMM_WIDTHS, BertAttentionV2, DyGMMBlock, LinearLayer, QueryBranch,
                                    clip_frame_scores,
-                                   dense, l2_normalize, max_scores, to_dtype,
+                                   dense, l2_normalize, max_scores, resolve_branch_impl, to_dtype,
                                    to_float32)
 
 
@@ -56,13 +56,16 @@ class GMMFormerV2(QueryBranch, nn.Module):
         c = self.cfg
         d = c.hidden_size
         dt = self.compute_dtype  # validates cfg.compute_dtype
+        batched = resolve_branch_impl(c)  # validates cfg.branch_impl
         self._setup_inputs(clip_rows=c.max_ctx_l)  # query/clip/frame positional encodings, query_input_proj
         self.query_encoder = BertAttentionV2(d, c.n_heads, c.drop, dtype=dt)
         self.clip_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
         # frame_len=32 / 128 are literals in the official code (model.py:37, :43) = map_size / max_ctx_l.
-        self.clip_encoder = DyGMMBlock(d, c.n_heads, c.map_size, c.sft_factor, c.drop, self.widths, dtype=dt)
+        self.clip_encoder = DyGMMBlock(d, c.n_heads, c.map_size, c.sft_factor, c.drop, self.widths, dtype=dt,
+                                       batched=batched)
         self.frame_input_proj = LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
-        self.frame_encoder_1 = DyGMMBlock(d, c.n_heads, c.max_ctx_l, c.sft_factor, c.drop, self.widths, dtype=dt)
+        self.frame_encoder_1 = DyGMMBlock(d, c.n_heads, c.max_ctx_l, c.sft_factor, c.drop, self.widths, dtype=dt,
+                                          batched=batched)
         self.modular_vector_mapping = dense(1, use_bias=False, dtype=dt)
         # torch.randn(1, 1, D), not touched by reset_parameters (model.py:47).
         self.weight_token = self.param("weight_token", nn.initializers.normal(stddev=1.0), (1, 1, d))

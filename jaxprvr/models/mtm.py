@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from configs.base import ModelConfig
-from jaxprvr.models.layers import (F32, MTM_WIDTHS, Dropout, QueryBranch, dense, layer_norm, softmax_f32,
-                                   to_dtype, to_float32)
+from jaxprvr.models.layers import (F32, MTM_WIDTHS, Dropout, QueryBranch, dense, layer_norm, resolve_branch_impl,
+                                   softmax_f32, to_dtype, to_float32)
 from jaxprvr.models.mamba import Mamba
 
 TCN_DROPOUT = 0.1  # hard-coded in MTM_Net (model.py: TCN(hidden_size, dropout=0.1))
@@ -168,10 +168,12 @@ class MTM(QueryBranch, nn.Module):
         c = self.cfg
         d = c.hidden_size
         dt = self.compute_dtype  # validates cfg.compute_dtype
+        batched = resolve_branch_impl(c)  # validates cfg.branch_impl
 
         def dygmm(frame_len):
             return DyGMMBlock(d, c.n_heads, frame_len, c.sft_factor, c.drop, self.widths,
-                              layer2_name="fixed_layer2_projection", slice_logits=True, dtype=dt)
+                              layer2_name="fixed_layer2_projection", slice_logits=True, dtype=dt,
+                              batched=batched)
 
         def proj():
             return LinearLayer(d, layer_norm=True, dropout=c.input_drop, relu=True, dtype=dt)
