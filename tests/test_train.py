@@ -67,8 +67,8 @@ def test_mtm_trains_with_ema(tiny_root, tmp_path):
     val_ds = PRVRDataset(tiny_root, cfg, "val")
     cfg = config_with_data_dims(cfg, val_ds)
     model = build_model(cfg.model)
-    params = init_params(model, cfg, jax.random.PRNGKey(0))
-    opt = make_optimizer(cfg, params, 10).init(params)
+    params = jax.eval_shape(lambda: init_params(model, cfg, jax.random.PRNGKey(0)))  # the tree, not its values
+    opt = jax.eval_shape(lambda q: make_optimizer(cfg, q, 10).init(q), params)
     ck = Checkpoints(run / "ckpt")
     p, o, _ = ck.restore("latest", abstract_tree(params), abstract_tree(opt))
     ck.close()
