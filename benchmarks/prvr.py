@@ -79,6 +79,8 @@ def _config(spec, batch=None):
         over.append(f"train.batch_size={batch}")
     if spec.get("compute_dtype"):
         over.append(f"model.compute_dtype={spec['compute_dtype']}")
+    if spec.get("branch_impl"):
+        over.append(f"model.branch_impl={spec['branch_impl']}")
     return load_config(f"{spec['model']}/{spec['dataset']}", None, over)
 
 
@@ -716,6 +718,9 @@ def main(argv=None) -> int:
     p.add_argument("--bf16", action="store_true",
                    help="add JAX rows with model.compute_dtype=bfloat16 (bf16 activations and matmuls, float32 "
                         "parameters, optimizer and losses) to the train and eval sections")
+    p.add_argument("--branch-impl", choices=("auto", "batched", "loop"), default="auto",
+                   help="model.branch_impl of the JAX models: how the Gaussian attention branches run (auto: loop on "
+                        "CPU, batched on GPU)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per measurement subprocess")
     p.add_argument("--out", default=None, help="write all results as JSON")
     p.add_argument("--log", default=None, help="the workers' stderr (default: a temp file)")
@@ -745,6 +750,8 @@ def main(argv=None) -> int:
             "precision": None if precision == "default" else precision}
     if args.hidden:
         base["hidden"] = args.hidden
+    if args.branch_impl != "auto":
+        base["branch_impl"] = args.branch_impl
     if args.batch:
         base["batch"] = args.batch
     gallery = tuple(int(x) for x in args.gallery.split(",")) if args.gallery else TVR_GALLERY
@@ -752,7 +759,7 @@ def main(argv=None) -> int:
                    (models if device == "gpu" else [m for m in models if m == "gmmformer_v2"] or models[:1]))
     log_path = args.log or tempfile.mkstemp(prefix="benchmarks-prvr-", suffix=".log")[1]
     results = {"device": device, "device_desc": _device_desc(device), "size": size, "dataset": args.dataset,
-               "matmul_precision": precision,
+               "matmul_precision": precision, "branch_impl": args.branch_impl,
                "repeats": repeats, "date": time.strftime("%Y-%m-%d %H:%M"), "gallery": gallery,
                "models": models, "log": log_path}
     t_start = time.perf_counter()
