@@ -53,7 +53,7 @@ class ModelConfig:
     compute_dtype: str = "float32"
     # How the K Gaussian attention branches of a GMMBlock/DyGMMBlock run (same math, same parameter layout):
     # "batched" (one vmapped computation: ~30% fewer XLA ops, 22-36% shorter compiles), "loop" (K separate
-    # modules: on 2 CPU cores their independent ops keep both cores busy, a 5-9% faster train step), or "auto"
+    # modules: on 2 CPU cores their independent ops keep both cores busy, a train step up to 9% faster), or "auto"
     # ("loop" on CPU, "batched" on GPU/TPU). docs/benchmarks.md has the measurements.
     branch_impl: str = "auto"
 

@@ -287,8 +287,8 @@ class BertSelfAttention(nn.Module):
             key_len = key_states.shape[1]
             if query_states.shape[1] != key_len:
                 raise ValueError("the Gaussian mask is defined for self-attention (Lq == Lk)")
-            g = gaussian_mask(key_len if gmm_length is None else gmm_length, self.wid, key_len) if gaussian is None \
-                else gaussian
+            g = gaussian if gaussian is not None else \
+                gaussian_mask(key_len if gmm_length is None else gmm_length, self.wid, key_len)
             scores = scores * g[None, None]  # multiplicative, before the padding mask (model_components.py:224-231)
         if attention_mask is not None:
             m = attention_mask.astype(scores.dtype)
@@ -403,20 +403,17 @@ def attention_branches(parent: nn.Module, branch, widths: Sequence[Optional[floa
     under ``parent``, whichever way the branches run:
 
     - ``batched=False``: K separate modules, called one after the other (K sets of small ops).
-    - ``batched=True``: the branches are created by calling them once at init (so names and init are those
-      of K separate modules); each call stacks their parameters along a new leading axis and maps one branch
-      over (parameters, Gaussian mask, dropout key) with ``jax.vmap``. Every projection, softmax and FFN
+    - ``batched=True``: at init the branches are created as K separate modules (so names and init are
+      theirs); every later call stacks their parameters along a new leading axis and maps one branch over
+      (parameters, Gaussian mask, dropout key) with ``jax.vmap``. Every projection, softmax and FFN
       becomes one op over all K branches (the GMMFormer v2 step: 7,354 XLA ops instead of 10,573). The branch
       without a width gets an all-ones mask; multiplying by 1 is exact, so it computes what plain attention
       does. Each branch draws its own dropout masks.
     """
     names = [f"attn{k}" for k in range(len(widths))]
-    if not batched:
+    if not batched or parent.is_initializing():
         return jnp.stack([branch(w, name=name)(x, attention_mask, gmm_length=gmm_length, train=train)
                           for name, w in zip(names, widths)])
-    if parent.is_initializing():
-        for name, w in zip(names, widths):
-            branch(w, name=name)(x, attention_mask, gmm_length=gmm_length, train=False)
     params = parent.variables["params"]
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params[n] for n in names])
     key_len = x.shape[1]
