@@ -1,11 +1,12 @@
-"""Configs: every file loads, official values (prvr.md §3.3, §4.5, §5.4) and strict overrides."""
+"""Configs: every file loads, official values (ms-sl ``method/config.py`` and ``do_*.sh``; GMMFormer,
+GMMFormer_v2 and MTM ``src/Configs/{tvr,act,cha}.py``) and strict overrides."""
 
 import pytest
 
 from configs import BEST_MODEL, MODELS, load_config
 from jaxprvr.errors import JaxprvrError
 
-# (model, dataset) -> official values transcribed from the reference tables.
+# (model, dataset) -> official values transcribed from those official files.
 OFFICIAL = {
     ("ms_sl", "tvr"): dict(lr=2.5e-4, margin=0.1, drop=0.1, seed=2018, clip_w=0.7, q=768),
     ("ms_sl", "cha"): dict(lr=2.5e-4, margin=0.2, drop=0.1, seed=2018, clip_w=0.5, q=1024),
@@ -14,7 +15,7 @@ OFFICIAL = {
     ("gmmformer_v2", "tvr"): dict(lr=3e-4, margin=0.1, drop=0.2, seed=9527, clip_w=0.7, q=768, sft=0.09),
     ("gmmformer_v2", "act"): dict(lr=2.5e-4, margin=0.2, drop=0.31, seed=9527, clip_w=0.7, q=1024, sft=0.6),
     ("gmmformer_v2", "cha"): dict(lr=2e-4, margin=0.2, drop=0.25, seed=9527, clip_w=0.7, q=1024, sft=0.6),
-    # MTM (prvr.md §6.5): batch, epochs, branch weights, loss factors, EMA per dataset.
+    # MTM (``src/Configs/{tvr,act,cha}.py``): batch, epochs, branch weights, loss factors, EMA per dataset.
     ("mtm", "tvr"): dict(lr=2.5e-4, margin=0.1, drop=0.2, seed=9527, clip_w=0.7, q=768, sft=0.09, hard=50,
                          bsz=32, epochs=200, w=(0.35, 0.03), lf=(0.05, 0.04, 7e-5, 0.09, 0.015), rec=0.4, ema=False),
     ("mtm", "act"): dict(lr=2.5e-4, margin=0.2, drop=0.31, seed=9527, clip_w=0.7, q=1024, sft=0.6, hard=50,

@@ -1,4 +1,5 @@
-"""Sampling against loop-based transcriptions of prvr.md §1.6 and against the official torch calls."""
+"""Sampling against loop-based transcriptions of the official ``average_to_fixed_length`` and
+``uniform_feature_sampling`` (ms-sl ``method/data_provider.py:27-64``) and against the official torch calls."""
 
 import math
 

@@ -1,7 +1,8 @@
 """Shared blocks against an independent float64 numpy transcription of the official PyTorch math.
 
 References: ms-sl ``method/model_components.py`` (v1 blocks), GMMFormer ``model_components.py`` (Gaussian
-attention, GMMBlock), GMMFormer_v2 ``model_components.py`` (v2 blocks, DyGMMBlock); prvr.md §2, §4.1, §5.1.
+attention, GMMBlock), GMMFormer_v2 ``model_components.py`` (v2 blocks, DyGMMBlock); line ranges in the docstring of
+:mod:`jaxprvr.models.layers`.
 """
 
 import math

@@ -170,8 +170,9 @@ def test_build_model_and_branch_weights():
     assert branch_weights(ModelConfig(clip_scale_w=0.5, frame_scale_w=0.5)) == {"clip": 0.5, "frame": 0.5}
 
 
-# Exact counts of the official torch models at TVR size (instantiated once: prvr.md §12 gives 4.853 M,
-# 12.848 M, 32.273 M); also reproduced from the block sizes of prvr.md §9.
+# Exact counts of the official torch models at TVR size (the official classes instantiated: 4.853 M,
+# 12.848 M, 32.273 M); the table and the block sizes are in docs/parity.md, "Parameter counts of the
+# official models".
 OFFICIAL_COUNTS = {"ms_sl": 4_852_992, "gmmformer": 12_848_256, "gmmformer_v2": 32_273_440}
 
 

@@ -1,5 +1,5 @@
 """MTM: the twin has the official state_dict (1,101 keys with the 462 ``attns`` aliases, 708.7 M parameters at
-TVR dims, prvr.md §12); the key table converts it both ways bit-exactly (aliases checked equal); the Flax model
+TVR dims: docs/parity.md, "Parameter counts of the official models"); the key table converts it both ways bit-exactly (aliases checked equal); the Flax model
 computes the twin's scores and every aux stage from the converted weights (the twin runs the official Mamba)."""
 
 from __future__ import annotations

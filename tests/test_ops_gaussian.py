@@ -1,4 +1,5 @@
-"""gaussian_mask against the numpy formula of prvr.md §4.1 (GMMFormer model_components.py:186-199)."""
+"""gaussian_mask against a numpy transcription of GMMFormer's ``generate_gauss_weight``
+(``src/Models/gmmformer/model_components.py:186-199``)."""
 
 import jax
 import jax.numpy as jnp

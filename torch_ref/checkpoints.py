@@ -1,6 +1,7 @@
 """Official PRVR checkpoint files: a restricted loader and writers of the official layouts.
 
-Layouts (prvr.md §7, §12):
+Layouts, as the official code writes them (ms-sl ``method/train.py:164-165``; GMMFormer / GMMFormer v2
+``src/Utils/utils.py:42-49``; MTM ``src/Utils/utils.py:33-43``):
 
 * MS-SL ``model.ckpt``: ``{"model": state_dict, "model_cfg": easydict.EasyDict, "epoch": int}``.
 * GMMFormer / GMMFormer v2 ``best.ckpt`` (``src/Utils/utils.py`` ``save_ckpt``):

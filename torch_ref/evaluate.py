@@ -1,4 +1,5 @@
-"""PyTorch gallery evaluation of the twins, mirroring the official protocol (prvr.md §8).
+"""PyTorch gallery evaluation of the twins, mirroring the official protocol (code below; what we
+keep or change of it: docs/quirks.md, "Evaluation").
 
 Official code: ms-sl ``method/eval.py`` (``compute_context_info``, ``compute_query2ctx_info``, ``eval_q2m``,
 ``t2v_map``) and GMMFormer / GMMFormer v2 ``src/Validations/validations.py``. Features are read with the

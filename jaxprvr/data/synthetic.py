@@ -58,7 +58,8 @@ _WORDS = ("a person walks into the room and opens door while another man sits on
 
 @dataclass(frozen=True)
 class _Profile:
-    """Per-dataset statistics imitating the real splits (prvr.md §1.5)."""
+    """Per-dataset statistics imitating the real splits (queries per video from the split sizes in ms-sl
+    ``dataset/readme.md:15-33``; listed in docs/data.md, "Synthetic data")."""
 
     frames_median: float  # log-normal frame counts
     queries: tuple[int, int, float]  # 1 + Binomial(n, p) queries per video, as (low, n, p)

@@ -1,4 +1,4 @@
-"""GMMFormer v1 (huangmozhi9527/GMMFormer, ``src/Models/gmmformer/model.py``), prvr.md §4.
+"""GMMFormer v1 (huangmozhi9527/GMMFormer, ``GMMFormer_Net`` in ``src/Models/gmmformer/model.py:14-225``).
 
 Query: LinearLayer -> positional encoding (30) -> v1 BertAttention -> masked attention pooling.
 Clip: LinearLayer -> positional encoding -> GMMBlock -> GMMBlock (no mask) -> 32 clip vectors.

@@ -1,4 +1,4 @@
-"""GMMFormer v2 (huangmozhi9527/GMMFormer_v2, ``src/Models/gmmformerV2/model.py``), prvr.md §5.
+"""GMMFormer v2 (huangmozhi9527/GMMFormer_v2, ``GMMFormerV2_Net`` in ``src/Models/gmmformerV2/model.py:14-233``).
 
 Query: LinearLayer -> positional encoding (30) -> v2 BertAttention (4xFFN) -> masked attention pooling.
 Clip: LinearLayer -> positional encoding -> DyGMMBlock(frame_len=32, no mask) -> 32 clip vectors.

@@ -1,11 +1,11 @@
-"""Shared building blocks of the PRVR models, with the official PyTorch semantics (prvr.md §2).
+"""Shared building blocks of the PRVR models, with the official PyTorch semantics (sources below).
 
 Every submodule is named exactly as the official torch attribute so that a state_dict key maps to a
 Flax path by replacing ``.`` with ``/`` (``query_input_proj.net.1.weight`` -> ``query_input_proj/net_1/kernel``,
 transposed). Torch ``nn.Sequential``/``nn.ModuleList`` index ``k`` becomes the suffix ``_k``; a torch
 ``LayerNorm.weight`` is the Flax ``LayerNorm/scale``.
 
-Official sources (``file:line`` at the snapshots of prvr.md):
+Official sources (``file:line`` at the commits listed in docs/parity.md, "Official sources"):
   * v1 blocks: ms-sl ``method/model_components.py`` (LinearLayer :106-124, TrainablePositionalEncoding
     :81-96, BertAttention :151-165, BertSelfAttention :191-248, BertSelfOutput :251-262); GMMFormer
     ``src/Models/gmmformer/model_components.py`` (GMMBlock :127-145, Gaussian self-attention :165-245).

@@ -1,4 +1,6 @@
-"""Mamba-1 layer with ``mamba_ssm.modules.mamba_simple.Mamba``'s parameter layout and math (prvr.md §6.1).
+"""Mamba-1 layer with ``mamba_ssm.modules.mamba_simple.Mamba``'s parameter layout and math (``__init__`` and
+``forward``, ``mamba_ssm/modules/mamba_simple.py:32-206`` in mamba_ssm 2.3.2.post1, unchanged since 2.0.0; MTM
+builds it at ``src/Models/MTM/model.py:138,163``).
 
 Forward (``use_fast_path=False``, no inference cache), for ``h (B, L, d_model)``::
 

@@ -1,4 +1,4 @@
-"""MS-SL (HuiGuanLab/ms-sl, ``method/model.py``), prvr.md §3.
+"""MS-SL (HuiGuanLab/ms-sl, ``MS_SL_Net`` in ``method/model.py:12-375``).
 
 Query: LinearLayer -> positional encoding (30) -> v1 BertAttention -> masked attention pooling.
 Clip: LinearLayer -> positional encoding -> v1 BertAttention (no mask) -> 528 multi-scale proposals

@@ -1,4 +1,4 @@
-"""MTM (tianxinlin666/MTM, ``src/Models/MTM/model.py``), prvr.md §6: building blocks.
+"""MTM (tianxinlin666/MTM, ``src/Models/MTM/model.py``; ``MTM_Net`` is :84-405): building blocks.
 
 * :class:`TCN` (``model.py:28-50``): ``LN(x + clamp(alpha, 0, 1) * Drop(ReLU(conv2(Drop(ReLU(conv1(x)))))))``,
   both convs ``Conv1d(D, D, k=3, padding=1)`` (torch default init under MTM's ``reset_parameters``), dropout

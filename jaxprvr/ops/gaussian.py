@@ -10,7 +10,8 @@ The official ``BertSelfAttention.generate_gauss_weight(props_len, width)``
     g_ij = 0.3989.../s * exp(-(x_j - c_i)^2 / (2 s^2)),   g /= max_j g_ij
 
 and multiplies the *scaled* attention logits by it, before the additive padding mask
-(prvr.md §4.1). The factor 0.3989.../s cancels in the row-max normalisation; it is kept so the
+(``BertSelfAttention.forward``: GMMFormer ``model_components.py:220-231``, GMMFormer_v2 ``:297-307``).
+The factor 0.3989.../s cancels in the row-max normalisation; it is kept so the
 float32 rounding follows the official code. ``linspace`` and the divisions round exactly as torch's CPU
 path; XLA's ``exp`` differs from torch's CPU ``exp`` by 1 ulp on about 9% of float32 inputs, so entries
 of the mask can differ from the official ones by ~1e-7 (far below the parity tolerances).

@@ -3,7 +3,8 @@
 Semantics follow ``mamba_ssm/ops/selective_scan_interface.py::selective_scan_ref`` with the
 channels-first layout of mamba_ssm and *variable* (input-dependent) ``B`` and ``C``, which is how
 MTM's ``Mamba(d_model=384, d_state=16, d_conv=4, expand=2)`` calls it (d_inner = 768, L = 32 for
-clips and 128 for frames; prvr.md §6.1)::
+clips and 128 for frames; the layers are built at MTM ``src/Models/MTM/model.py:138,163`` and the call
+is ``mamba_ssm/modules/mamba_simple.py:182-200``, mamba_ssm 2.3.2.post1)::
 
     u      (b, d, L)     delta (b, d, L)     A (d, N) real
     B      (b, N, L)     C     (b, N, L)     D (d,)   z (b, d, L)   delta_bias (d,)
