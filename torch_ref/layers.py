@@ -3,7 +3,9 @@
 Module attribute names equal the official ones (ms-sl ``method/model_components.py``, GMMFormer
 ``src/Models/gmmformer/model_components.py``, GMMFormer_v2 ``src/Models/gmmformerV2/model_components.py``), so
 ``state_dict()`` keys are the official keys. Masks passed in are ``(N, L)`` floats (1 = valid). Nothing is
-hard-coded to a device: every tensor made here follows its inputs.
+hard-coded to a device: every tensor made here follows its inputs. Every dropout is a
+:class:`torch_ref.dropout.HashDropout`: ``nn.Dropout`` itself unless :func:`torch_ref.dropout.shared_dropout`
+gives it the Flax model's masks.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from torch_ref.dropout import HashDropout
 
 INIT_STD = 0.02  # config.initializer_range
 ATTN_MASK_FILL = -10000.0
@@ -87,7 +91,7 @@ class LinearLayer(nn.Module):
         self.layer_norm = layer_norm
         if layer_norm:
             self.LayerNorm = nn.LayerNorm(in_hsz)
-        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_hsz, out_hsz))
+        self.net = nn.Sequential(HashDropout(dropout), nn.Linear(in_hsz, out_hsz))
 
     def forward(self, x):
         if self.layer_norm:
@@ -103,7 +107,7 @@ class TrainablePositionalEncoding(nn.Module):
         super().__init__()
         self.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size)
         self.LayerNorm = nn.LayerNorm(hidden_size)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = HashDropout(dropout)
 
     def forward(self, x):
         bsz, seq_length = x.shape[:2]
@@ -124,7 +128,7 @@ class BertSelfAttention(nn.Module):
         self.query = nn.Linear(hidden_size, hidden_size)
         self.key = nn.Linear(hidden_size, hidden_size)
         self.value = nn.Linear(hidden_size, hidden_size)
-        self.dropout = nn.Dropout(drop)
+        self.dropout = HashDropout(drop)
         self.wid = wid
 
     def _heads(self, x):
@@ -151,7 +155,7 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.LayerNorm = nn.LayerNorm(hidden_size)
-        self.dropout = nn.Dropout(drop)
+        self.dropout = HashDropout(drop)
 
     def forward(self, h, input_tensor):
         return self.LayerNorm(self.dropout(self.dense(h)) + input_tensor)
@@ -173,7 +177,7 @@ class FeedForward(nn.Module):
     def __init__(self, d_model, d_ff, dropout=0.1):
         super().__init__()
         self.layer1 = nn.Linear(d_model, d_ff)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = HashDropout(dropout)
         self.layer2 = nn.Linear(d_ff, d_model)
 
     def forward(self, x):
@@ -189,8 +193,8 @@ class BertAttentionV2(nn.Module):
         self.output = FeedForward(hidden_size, int(ffn_mult * hidden_size), drop)
         self.norm1 = nn.LayerNorm(hidden_size)
         self.norm2 = nn.LayerNorm(hidden_size)
-        self.dropout1 = nn.Dropout(drop)
-        self.dropout2 = nn.Dropout(drop)
+        self.dropout1 = HashDropout(drop)
+        self.dropout2 = HashDropout(drop)
 
     def forward(self, x, attention_mask=None):
         h = self.norm1(x + self.dropout1(self.self(x, x, x, attention_mask)))
@@ -206,8 +210,8 @@ class BertCrossAttention(nn.Module):
         self.output = FeedForward(hidden_size, hidden_size, drop)
         self.norm1 = nn.LayerNorm(hidden_size)
         self.norm2 = nn.LayerNorm(hidden_size)
-        self.dropout1 = nn.Dropout(drop)
-        self.dropout2 = nn.Dropout(drop)
+        self.dropout1 = HashDropout(drop)
+        self.dropout2 = HashDropout(drop)
 
     def forward(self, query, x, attention_mask=None):
         q = self.norm1(query + self.dropout1(self.self(query, x, x, attention_mask)))
@@ -241,7 +245,7 @@ class DyGMMBlock(nn.Module):
             setattr(self, f"attn{k}", BertAttentionV2(hidden_size, num_heads, drop, w))
         self.ca = BertCrossAttention(hidden_size, num_heads, drop)
         self.layer1 = nn.Linear(hidden_size, hidden_size)
-        self.dropout = nn.Dropout(drop)
+        self.dropout = HashDropout(drop)
         self.layer2 = nn.Linear(hidden_size, frame_len)
         self.frame_len = frame_len
         self.sft_factor = sft_factor

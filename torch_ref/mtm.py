@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from torch_ref.dropout import HashDropout
 from torch_ref.mamba import load as load_mamba
 
 TCN_DROPOUT = 0.1
@@ -18,7 +19,7 @@ class TCN(nn.Module):
         self.alpha = nn.Parameter(torch.tensor(0.5))
         self.conv1 = nn.Conv1d(hidden_size, hidden_size, kernel_size=3, padding=1)
         self.relu = nn.ReLU()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = HashDropout(dropout)
         self.conv2 = nn.Conv1d(hidden_size, hidden_size, kernel_size=3, padding=1)
         self.layer_norm = nn.LayerNorm(hidden_size)
 
@@ -63,7 +64,7 @@ class MLPReconstructor(nn.Module):
         layers, cur = [], input_dim
         for _ in range(num_layers - 1):
             nxt = min(int(cur * hidden_dim_factor), output_dim)
-            layers += [nn.Linear(cur, nxt), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(cur, nxt), nn.ReLU(), HashDropout(dropout)]
             cur = nxt
         layers.append(nn.Linear(cur, output_dim))
         self.mlp = nn.Sequential(*layers)

@@ -48,6 +48,9 @@ GMM_WIDTHS = (None, 0.5, 1.0, 5.0)  # GMMFormer v1 GMMBlock attn0..attn3
 DYGMM_WIDTHS = (None, 0.5, 1.0, 5.0, 10.0, 3.0, 0.1, 8.0)  # GMMFormer v2 DyGMMBlock attn0..attn7
 MTM_WIDTHS = DYGMM_WIDTHS + (0.05, 2.0, 15.0)  # MTM DyGMMBlock attn0..attn10
 
+# The collection where every train-mode Dropout call records its key when it is mutable (sow_dropout_key).
+DROPOUT_KEYS = "dropout_keys"
+
 Dtype = Any
 F32 = jnp.float32
 # ModelConfig.compute_dtype -> the activation/matmul dtype.
@@ -197,15 +200,30 @@ class QueryBranch:
 class Dropout(nn.Module):
     """``torch.nn.Dropout`` (inverted: kept values scaled by ``1 / (1 - rate)``) with masks from
     :mod:`jaxprvr.ops.dropout`'s counter hash, keyed by the Flax ``'dropout'`` rng: the interface of
-    ``flax.linen.Dropout`` (``rate``; ``deterministic`` at call time), several times cheaper on CPU."""
+    ``flax.linen.Dropout`` (``rate``; ``deterministic`` at call time), several times cheaper on CPU.
+
+    Each train-mode call with ``rate > 0`` draws one key (``make_rng``: distinct per module path and per call)
+    and, when :data:`DROPOUT_KEYS` is mutable, records it (:func:`sow_dropout_key`), so that the torch twin can
+    draw the same masks (:func:`torch_ref.dropout.shared_dropout`)."""
 
     rate: float
     rng_collection: str = "dropout"
 
     def __call__(self, x, deterministic: bool):
         if deterministic or self.rate == 0.0:
-            return x
-        return hash_dropout(self.make_rng(self.rng_collection), x, self.rate)
+            return x  # no mask and no key drawn (the torch twin's HashDropout skips these calls too)
+        key = self.make_rng(self.rng_collection)
+        sow_dropout_key(self, key)
+        return hash_dropout(key, x, self.rate)
+
+
+def sow_dropout_key(module: nn.Module, key) -> None:
+    """Records ``key`` (its raw uint32 data) in the :data:`DROPOUT_KEYS` collection, one entry per call, when
+    that collection is mutable (``model.apply(..., mutable=[DROPOUT_KEYS])``): how :mod:`torch_ref.dropout`
+    learns every mask a forward drew. Otherwise nothing is traced, so the training step is unchanged."""
+    if module.is_mutable_collection(DROPOUT_KEYS):
+        data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+        module.sow(DROPOUT_KEYS, "key", data)
 
 
 class LinearLayer(nn.Module):
@@ -421,12 +439,29 @@ def attention_branches(parent: nn.Module, branch, widths: Sequence[Optional[floa
     gaussians = jnp.stack([gaussian_mask(length, w, key_len) for w in widths])  # (K, L, L)
     keys = jax.random.split(parent.make_rng("dropout"), len(widths)) if train else None
     one = branch(None, parent=None)
+    capture = train and parent.is_mutable_collection(DROPOUT_KEYS)
 
     def run(p, g, key):
-        return one.apply({"params": p}, x, attention_mask, gaussian=g, train=train,
-                         rngs=None if key is None else {"dropout": key})
+        kw = dict(gaussian=g, train=train, rngs=None if key is None else {"dropout": key})
+        if capture:
+            return one.apply({"params": p}, x, attention_mask, mutable=[DROPOUT_KEYS], **kw)
+        return one.apply({"params": p}, x, attention_mask, **kw)
 
-    return jax.vmap(run)(stacked, gaussians, keys)
+    if not capture:
+        return jax.vmap(run)(stacked, gaussians, keys)
+    out, sown = jax.vmap(run)(stacked, gaussians, keys)
+    _sow_branch_keys(parent, names, sown.get(DROPOUT_KEYS, {}))
+    return out
+
+
+def _sow_branch_keys(parent: nn.Module, names: Sequence[str], sown) -> None:
+    """The dropout keys the vmapped branches recorded (leading axis: branch) re-recorded in ``parent``'s
+    :data:`DROPOUT_KEYS`, branch ``k``'s tree under its module name ``attn<k>``: the paths then read as in the
+    loop form, e.g. ``clip_encoder/attn3/self/Dropout_0`` (the keys themselves differ from the loop's)."""
+    if not sown:
+        return
+    for k, name in enumerate(names):
+        parent.sow(DROPOUT_KEYS, name, jax.tree.map(lambda a: a[k], sown))
 
 
 class GMMBlock(nn.Module):

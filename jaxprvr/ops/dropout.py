@@ -16,9 +16,13 @@ masks are the same whether the array lives on one device or is split over many (
 with its offsets).
 
 The keep decision is ``bits >= round(rate * 2**32)``: the keep probability is ``1 - rate`` to within 2**-32,
-and kept values are scaled by ``1 / (1 - rate)`` as in ``torch.nn.Dropout`` and ``flax.linen.Dropout``. The
-masks differ from PyTorch's draws, as any JAX dropout does (torch's Philox stream is not reproducible here);
-parity suites compare with dropout off.
+and kept values are scaled by ``1 / (1 - rate)`` as in ``torch.nn.Dropout`` and ``flax.linen.Dropout``
+(:func:`keep_scale`). The masks differ from the draws of ``torch.nn.Dropout`` (torch's Philox stream is not
+reproducible here), but not from those of the torch twins when asked: :mod:`torch_ref.dropout` computes the same
+bits in PyTorch, and ``torch_ref.dropout.shared_dropout`` makes a twin's train-mode forward draw exactly the
+masks of one Flax forward (its keys recorded per module and call, ``layers.sow_dropout_key``), so forwards,
+losses and gradients with dropout on compare across frameworks (docs/parity.md, "Shared dropout masks").
+Without it the twins keep ``nn.Dropout``'s own masks, the official behaviour.
 """
 
 from __future__ import annotations
@@ -80,4 +84,12 @@ def dropout(key, x, rate: float):
     if rate >= 1.0:
         return jnp.zeros_like(x)
     keep = keep_mask(key, x.shape, rate)
-    return jax.lax.select(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+    return jax.lax.select(keep, x * keep_scale(rate, x.dtype), jnp.zeros_like(x))
+
+
+def keep_scale(rate: float, dtype) -> np.ndarray:
+    """The multiplier of kept values, ``1 / (1 - rate)``: the reciprocal of ``1 - rate`` rounded to ``dtype``,
+    taken in ``dtype`` on the host. XLA compiles ``x / c`` for a constant ``c`` into this very multiplication
+    (its algebraic simplifier), so float32 results are those of ``x / (1 - rate)``; written out, they do not
+    depend on that rewrite, and the torch twin (:func:`torch_ref.dropout.dropout`) reproduces them bit for bit."""
+    return np.reciprocal(np.asarray(1.0 - rate, dtype))
