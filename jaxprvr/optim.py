@@ -38,24 +38,32 @@ NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
 
-def warmup_linear(step, warmup: float, t_total: float):
+def _float_dtype(tree):
+    """float64 if ``tree`` has a float64 leaf (a float64 parity check, x64 enabled), else float32: the dtype of
+    the schedule and EMA arithmetic, which torch does in Python doubles on float64 tensors."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.float64 if any(getattr(x, "dtype", None) == jnp.float64 for x in leaves) else jnp.float32
+
+
+def warmup_linear(step, warmup: float, t_total: float, dtype=jnp.float32):
     """Official ``WarmupLinearSchedule`` multiplier at ``step`` (works on Python numbers and jax arrays).
 
     ``progress = step / t_total``; ``progress / warmup`` while ``progress < warmup``, else
     ``max((progress - 1) / (warmup - 1), 0)`` (GMMFormer ``Opts/optimization.py:172-175``). As in
     ``_LRSchedule`` (``:46-61``): ``t_total < 0`` gives a constant 1, and ``warmup = -1`` means 0.
+    ``dtype``: of a traced ``step``'s schedule (float64 only with x64, for float64 parameters).
     """
     _check_warmup(warmup)
     warmup = max(float(warmup), 0.0)
     t_total = float(t_total)
     if t_total < 0:
-        return jnp.ones_like(jnp.asarray(step, jnp.float32)) if isinstance(step, jax.Array) else 1.0
+        return jnp.ones_like(jnp.asarray(step, dtype)) if isinstance(step, jax.Array) else 1.0
     if isinstance(step, (int, float)):
         progress = step / t_total
         if progress < warmup:
             return progress / warmup
         return max((progress - 1.0) / (warmup - 1.0), 0.0)
-    progress = jnp.asarray(step, jnp.float32) / t_total
+    progress = jnp.asarray(step, dtype) / t_total
     during = progress / (warmup if warmup > 0 else 1.0)
     after = jnp.maximum((progress - 1.0) / (warmup - 1.0), 0.0)
     return jnp.where(progress < warmup, during, after)
@@ -145,14 +153,14 @@ def bert_adam(lr: float, warmup: float, t_total: int, weight_decay: float = 0.01
         def clip(g):
             if max_grad_norm <= 0:
                 return g
-            norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+            norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.promote_types(g.dtype, jnp.float32)))))
             coef = jnp.minimum(max_grad_norm / (norm + 1e-6), 1.0)  # torch clip_grad_norm_
             return (g * coef).astype(g.dtype)
 
         grads = jax.tree_util.tree_map(clip, updates)
         m = jax.tree_util.tree_map(lambda m_, g: b1 * m_ + (1.0 - b1) * g, state.m, grads)
         v = jax.tree_util.tree_map(lambda v_, g: b2 * v_ + (1.0 - b2) * g * g, state.v, grads)
-        lr_t = lr * warmup_linear(state.count, warmup, t_total)
+        lr_t = lr * warmup_linear(state.count, warmup, t_total, dtype=_float_dtype(params))
 
         def step(m_, v_, p, decay):
             u = m_ / (jnp.sqrt(v_) + eps)
@@ -179,18 +187,21 @@ class EmaState(NamedTuple):
     shadow: Any  # the averaged parameters (official ``EMA.shadow``), same tree as the params
 
 
-def ema_decay_at(step, decay: float):
-    """Official warm decay ``min(decay, (1 + step) / (10 + step))`` (MTM ``Opts/optimization.py:201``)."""
-    step = jnp.asarray(step, jnp.float32)
-    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+def ema_decay_at(step, decay: float, dtype=jnp.float32):
+    """Official warm decay ``min(decay, (1 + step) / (10 + step))`` (MTM ``Opts/optimization.py:201``), in
+    ``dtype`` (float32; float64 for float64 parameters)."""
+    step = jnp.asarray(step, dtype)
+    return jnp.minimum(jnp.asarray(decay, dtype), (1.0 + step) / (10.0 + step))
 
 
 def ema_update(shadow, params, step, decay: float):
     """One official EMA update: ``shadow = (1 - d) p + d shadow`` with ``d = ema_decay_at(step, decay)``
     (MTM ``Opts/optimization.py:200-206``)."""
-    d = ema_decay_at(step, decay)
-    # 1 - d as torch gets it (a Python double rounded once to float32): max(1 - decay, 9 / (10 + step)).
-    one_minus = jnp.maximum(jnp.float32(1.0 - decay), 9.0 / (10.0 + jnp.asarray(step, jnp.float32)))
+    dt = _float_dtype(shadow)
+    d = ema_decay_at(step, decay, dt)
+    # 1 - d as torch gets it (a Python double rounded once to float32, or kept for float64 tensors):
+    # max(1 - decay, 9 / (10 + step)).
+    one_minus = jnp.maximum(jnp.asarray(1.0 - decay, dt), 9.0 / (10.0 + jnp.asarray(step, dt)))
     return jax.tree_util.tree_map(lambda s, p: (one_minus * p + d * s).astype(s.dtype), shadow, params)
 
 

@@ -237,7 +237,11 @@ class TorchEvaluator:
         return p.device if p is not None else torch.device("cpu")
 
     def _to(self, batch: dict) -> dict:
-        return {k: v.to(self.device) for k, v in batch.items()}
+        """On the model's device; float tensors in the model's dtype (a float64 twin gets the float32 features
+        exactly, in double precision)."""
+        p = next(self.model.parameters(), None)
+        dt = p.dtype if p is not None else torch.float32
+        return {k: v.to(self.device, dtype=dt) if v.is_floating_point() else v.to(self.device) for k, v in batch.items()}
 
     @torch.no_grad()
     def encode_gallery(self, ds, progress: bool = False) -> dict[str, torch.Tensor]:

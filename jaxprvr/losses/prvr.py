@@ -96,8 +96,9 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def _f32(x) -> jax.Array:
+    """``x`` as float32; float64 (a float64 model, ``parity.check --dtype float64``) stays float64."""
     x = jnp.asarray(x)
-    return x.astype(jnp.float32) if x.dtype != jnp.float32 else x
+    return x.astype(jnp.float32) if x.dtype not in (jnp.float32, jnp.float64) else x
 
 
 def _positive_mask(query_labels, query_valid, n_videos) -> jax.Array:

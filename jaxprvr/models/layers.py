@@ -22,7 +22,10 @@ statistics are float32 (Flax promotes them), every softmax is taken in float32 (
 their matmul in float32, so the Gaussian modulation and the -10000 / -1e10 / -1e9 masks act on float32 values)
 and its probabilities are cast back to ``dtype``. The models cast their float inputs to ``dtype`` on entry and
 their outputs (encoder features, scores, aux) back to float32 (:func:`to_float32`). With ``float32`` every
-cast is the identity and the computation is the official one.
+cast is the identity and the computation is the official one. ``float64`` (only with ``jax_enable_x64``;
+``python -m parity.check --dtype float64``) runs everything in double precision: float64 parameters as
+given, and the statistics, softmaxes, Gaussian masks and outputs that are float32 otherwise are float64
+(:func:`stat_dtype`).
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ DROPOUT_KEYS = "dropout_keys"
 
 Dtype = Any
 F32 = jnp.float32
-# ModelConfig.compute_dtype -> the activation/matmul dtype.
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# ModelConfig.compute_dtype -> the activation/matmul dtype. "float64" (parity checks in double precision,
+# python -m parity.check --dtype float64) needs jax_enable_x64; every float32 statistic is then float64 too.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 def resolve_compute_dtype(cfg) -> Dtype:
@@ -62,7 +66,21 @@ def resolve_compute_dtype(cfg) -> Dtype:
     name = getattr(cfg, "compute_dtype", "float32")
     if name not in COMPUTE_DTYPES:
         raise JaxprvrError("model.compute_dtype", f"one of {sorted(COMPUTE_DTYPES)}", repr(name))
+    if name == "float64" and not jax.config.jax_enable_x64:
+        raise JaxprvrError("model.compute_dtype", "float32 or bfloat16; float64 only with jax_enable_x64 ("
+                           "jax.config.update('jax_enable_x64', True) or JAX_ENABLE_X64=1)", "'float64' without x64")
     return COMPUTE_DTYPES[name]
+
+
+def stat_dtype(dtype) -> Dtype:
+    """The dtype of statistics, softmaxes, logits and outputs for a compute ``dtype``: float32, except float64
+    for a float64 computation."""
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else F32
+
+
+def to_stat(x):
+    """``x`` (a float array) in :func:`stat_dtype` of its own dtype: bfloat16 -> float32, float64 kept."""
+    return to_dtype(x, stat_dtype(x.dtype))
 
 
 BRANCH_IMPLS = ("auto", "batched", "loop")
@@ -87,19 +105,20 @@ def to_dtype(x, dtype: Dtype):
 
 
 def to_float32(tree):
-    """Every float array of ``tree`` as float32 (model outputs: features, scores, aux)."""
-    return jax.tree.map(lambda x: to_dtype(x, F32), tree)
+    """Every float array of ``tree`` as float32 (model outputs: features, scores, aux); float64 arrays (a float64
+    computation) stay float64."""
+    return jax.tree.map(lambda x: x if getattr(x, "dtype", None) == jnp.float64 else to_dtype(x, F32), tree)
 
 
 def softmax_f32(x, axis: int = -1, dtype: Optional[Dtype] = None):
-    """``softmax`` computed in float32, returned in ``dtype`` (default: the dtype of ``x``)."""
+    """``softmax`` computed in float32 (float64 for float64 ``x``), returned in ``dtype`` (default: ``x``'s)."""
     out_dtype = x.dtype if dtype is None else dtype
-    return to_dtype(jax.nn.softmax(to_dtype(x, F32), axis=axis), out_dtype)
+    return to_dtype(jax.nn.softmax(to_stat(x), axis=axis), out_dtype)
 
 
 def logits_einsum(spec: str, a, b):
     """An attention-logit einsum: operands in the compute dtype, accumulated and returned in float32."""
-    if a.dtype == F32 and b.dtype == F32:
+    if a.dtype == b.dtype and a.dtype in (F32, jnp.float64):
         return jnp.einsum(spec, a, b)
     return jnp.einsum(spec, a, b, preferred_element_type=F32)
 
@@ -132,7 +151,7 @@ def attention_pool(logits, mask, x):
     (which breaks a batch of one) is replaced by indexing the single module axis. The masking and the softmax
     are float32; the weighted sum is in ``x``'s dtype.
     """
-    logits = to_dtype(logits, F32)
+    logits = to_stat(logits)
     att = jax.nn.softmax(mask_logits(logits, mask[..., None].astype(logits.dtype)), axis=1)
     return jnp.einsum("blm,bld->bmd", to_dtype(att, x.dtype), x)[:, 0]
 
@@ -190,7 +209,7 @@ class QueryBranch:
         emb = self.query_pos_embed(self.query_input_proj(query_feats, train=train), train=train)
         tokens = self.query_encoder(emb, query_mask, train=train)
         q = attention_pool(self.modular_vector_mapping(tokens), query_mask, tokens)
-        return to_dtype(q, F32), {"query_embed": emb, "query_tokens": tokens}
+        return to_stat(q), {"query_embed": emb, "query_tokens": tokens}
 
     def encode_query(self, query_feats, query_mask, *, train: bool = False):
         """``(Q, Lq, Dq), (Q, Lq) -> (Q, D)`` float32."""
@@ -306,7 +325,7 @@ class BertSelfAttention(nn.Module):
             if query_states.shape[1] != key_len:
                 raise ValueError("the Gaussian mask is defined for self-attention (Lq == Lk)")
             g = gaussian if gaussian is not None else \
-                gaussian_mask(key_len if gmm_length is None else gmm_length, self.wid, key_len)
+                gaussian_mask(key_len if gmm_length is None else gmm_length, self.wid, key_len, dtype=scores.dtype)
             scores = scores * g[None, None]  # multiplicative, before the padding mask (model_components.py:224-231)
         if attention_mask is not None:
             m = attention_mask.astype(scores.dtype)
@@ -436,7 +455,7 @@ def attention_branches(parent: nn.Module, branch, widths: Sequence[Optional[floa
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params[n] for n in names])
     key_len = x.shape[1]
     length = key_len if gmm_length is None else gmm_length
-    gaussians = jnp.stack([gaussian_mask(length, w, key_len) for w in widths])  # (K, L, L)
+    gaussians = jnp.stack([gaussian_mask(length, w, key_len, dtype=stat_dtype(x.dtype)) for w in widths])  # (K, L, L)
     keys = jax.random.split(parent.make_rng("dropout"), len(widths)) if train else None
     one = branch(None, parent=None)
     capture = train and parent.is_mutable_collection(DROPOUT_KEYS)
@@ -531,5 +550,5 @@ class DyGMMBlock(nn.Module):
         w = jax.nn.relu(dense(self.hidden_size, name="layer1", dtype=self.dtype)(c))
         w = Dropout(self.drop)(w, deterministic=not train)
         w = dense(self.frame_len, name=self.layer2_name, dtype=self.dtype)(w)[..., :seq_len]  # (N, K, L)
-        w = jax.nn.softmax(to_dtype(jnp.swapaxes(w, 1, 2), F32) / self.sft_factor, axis=-1)  # (N, L, K), float32
+        w = jax.nn.softmax(to_stat(jnp.swapaxes(w, 1, 2)) / self.sft_factor, axis=-1)  # (N, L, K), float32 (or 64)
         return jnp.sum(oo * to_dtype(jnp.moveaxis(w, -1, 0), oo.dtype)[..., None], axis=0)

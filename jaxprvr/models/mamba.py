@@ -31,6 +31,7 @@ Compute dtype (``dtype``): ``in_proj``, the conv, ``x_proj`` and ``out_proj`` ru
 parameters); ``dt_proj`` (a rank-``dt_rank`` matmul whose output goes through ``exp(delta * A)``) and the whole
 selective scan, its recurrence state included, are float32 whatever ``dtype`` (as in mamba_ssm's CUDA kernel,
 which takes bf16 ``u``/``B``/``C`` and accumulates in float32); the scan output is cast back to ``dtype``.
+With a float64 ``dtype`` (double-precision parity checks) they are float64.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class Mamba(nn.Module):
         dt_rank = self.dt_rank or math.ceil(self.d_model / 16)
         n = self.d_state
         mtm = self.init_scheme == "mtm"
+        stat = jnp.float64 if jnp.dtype(self.dtype) == jnp.float64 else jnp.float32  # dt, A, D and the scan
         normal = nn.initializers.normal(stddev=0.02)
         zeros = nn.initializers.zeros
 
@@ -113,11 +115,11 @@ class Mamba(nn.Module):
         dt = dense(d_inner, dt_rank, "dt_proj", True,
                    kernel_init=None if mtm else (lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -dt_std, dt_std)),
                    bias_init=None if mtm else _dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor),
-                   dtype=jnp.float32)(dt)
+                   dtype=stat)(dt)
         a_log = self.param("A_log", lambda k, s: jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), s)),
                            (d_inner, n))
         d_skip = self.param("D", nn.initializers.ones, (d_inner,))
         t = lambda v: jnp.swapaxes(v, 1, 2)  # noqa: E731  (B, L, C) -> (B, C, L), mamba_ssm's layout
-        y = selective_scan(t(x), t(dt), -jnp.exp(a_log.astype(jnp.float32)), t(b), t(c), d_skip.astype(jnp.float32),
+        y = selective_scan(t(x), t(dt), -jnp.exp(a_log.astype(stat)), t(b), t(c), d_skip.astype(stat),
                            z=t(z), delta_softplus=True, method=self.scan, chunk_size=self.chunk_size)
         return dense(self.d_model, d_inner, "out_proj", self.bias)(t(y).astype(h.dtype))

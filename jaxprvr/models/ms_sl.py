@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.base import ModelConfig
-from jaxprvr.models.layers import (F32, BertAttention, LinearLayer, QueryBranch,
-                                   dense, l2_normalize, max_scores, to_dtype, to_float32)
+from jaxprvr.models.layers import (BertAttention, LinearLayer, QueryBranch,
+                                   dense, l2_normalize, max_scores, to_dtype, to_float32, to_stat)
 
 KEY_CLIP_MASK_FILL = -1e9  # masked_fill value of key_clip_guided_attention (model.py:220, :238)
 
@@ -130,7 +130,7 @@ class MSSL(QueryBranch, nn.Module):
 
     def _mapped(self, frames):
         """``mapping_linear[0/1](frames)`` (the key-clip attention's keys and values), as float32."""
-        return to_dtype(self.mapping_linear[0](frames), F32), to_dtype(self.mapping_linear[1](frames), F32)
+        return to_stat(self.mapping_linear[0](frames)), to_stat(self.mapping_linear[1](frames))
 
     # ------------------------------------------------------------------ encoders
     def _encode_video(self, clip_feats, frame_feats, frame_mask, train):
@@ -139,9 +139,9 @@ class MSSL(QueryBranch, nn.Module):
         dt = self.compute_dtype
         clip_feats, frame_feats = to_dtype(clip_feats, dt), to_dtype(frame_feats, dt)
         clip_emb = self.clip_pos_embed(self.clip_input_proj(clip_feats, train=train), train=train)
-        clips = to_dtype(self.clip_encoder(clip_emb, None, train=train), F32)
+        clips = to_stat(self.clip_encoder(clip_emb, None, train=train))
         frame_emb = self.frame_pos_embed(self.frame_input_proj(frame_feats, train=train), train=train)
-        frames = to_dtype(self.frame_encoder(frame_emb, frame_mask, train=train), F32)
+        frames = to_stat(self.frame_encoder(frame_emb, frame_mask, train=train))
         proposals = encode_feat_map(clips)
         video = {"proposals": proposals, "frame_feats": frames, "frame_mask": frame_mask}
         return video, {"clip_embed": clip_emb, "clip_feats": clips, "frame_embed": frame_emb}

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from configs.base import ModelConfig
 from jaxprvr.models.layers import (F32, MTM_WIDTHS, Dropout, QueryBranch, dense, layer_norm, resolve_branch_impl,
-                                   softmax_f32, to_dtype, to_float32)
+                                   softmax_f32, to_dtype, to_float32, to_stat)
 from jaxprvr.models.mamba import Mamba
 
 TCN_DROPOUT = 0.1  # hard-coded in MTM_Net (model.py: TCN(hidden_size, dropout=0.1))
@@ -87,7 +87,7 @@ class AttentionPooling(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask=None):
-        scores = to_dtype(dense(1, name="attn_proj", dtype=self.dtype)(x), F32)  # (N, L, 1), masked in float32
+        scores = to_stat(dense(1, name="attn_proj", dtype=self.dtype)(x))  # (N, L, 1), masked in float32 (or 64)
         if mask is not None:
             scores = jnp.where(mask[..., None] == 0, POOL_FILL, scores)
         w = softmax_f32(scores, axis=1, dtype=x.dtype)
@@ -227,7 +227,7 @@ class MTM(QueryBranch, nn.Module):
     def _video_scores(self, query, video_feats, train, video_valid=None):
         from jaxprvr.models.layers import l2_normalize
 
-        refined = to_dtype(self.video_guided_text_refinement(query, video_feats, video_valid, train=train), F32)
+        refined = to_stat(self.video_guided_text_refinement(query, video_feats, video_valid, train=train))
         return l2_normalize(refined) @ l2_normalize(video_feats).T, refined @ video_feats.T, refined
 
     def score(self, query, video):
@@ -250,10 +250,10 @@ class MTM(QueryBranch, nn.Module):
         q2 = self.encode_query(batch["query_feats"], batch["query_mask"], train=train)
         q, qstages = self._encode_query(batch["query_feats"], batch["query_mask"], train)
         vid, vid_raw, refined = self._video_scores(q, video["video_feats"], train, batch.get("video_valid"))
-        recon_text = to_dtype(self.text_reconstructor(q2, train=train), F32).reshape(
+        recon_text = to_stat(self.text_reconstructor(q2, train=train)).reshape(
             q.shape[0], c.max_desc_l, c.q_feat_size)
         v = video["video_feats"]
-        recon_video = to_dtype(self.video_reconstructor(v, train=train), F32).reshape(
+        recon_video = to_stat(self.video_reconstructor(v, train=train)).reshape(
             v.shape[0], c.max_ctx_l, c.visual_feat_dim)
         scores = {**clip_frame_scores(q, video["clip_feats"], video["frame_feats"]), "video": vid,
                   "video_raw": vid_raw}

@@ -35,6 +35,28 @@ import numpy as np
 _GAUSS_NORM = 0.3989422804014327
 
 
+def _gaussian_mask_f64(length, width, size: int):
+    """:func:`gaussian_mask` in float64: ``c_i = i / L``, ``x_j`` = torch's ``linspace(0, 1, L)`` formula
+    (``step * j`` below ``L // 2``, ``1 - step * (L - 1 - j)`` above), ``s = max(w, 1e-2) / 9``."""
+    f64 = jnp.float64
+    if width is None:
+        return jnp.ones((size, size), f64)
+    n = jnp.clip(jnp.asarray(length, jnp.int32), 1, size)
+    nf = n.astype(f64)
+    j = jnp.arange(size, dtype=f64)
+    step = jnp.where(n > 1, 1.0 / jnp.maximum(nf - 1.0, 1.0), 0.0)
+    pos = jnp.where(j < (n // 2).astype(f64), step * j, 1.0 - step * (nf - 1.0 - j))
+    center = j / nf
+    sigma = max(float(width), 1e-2) / 9.0
+    diff = pos[None, :] - center[:, None]
+    g = (_GAUSS_NORM / sigma) * jnp.exp(-(diff * diff) / (2.0 * sigma * sigma))
+    valid = jnp.arange(size) < n
+    inside = valid[:, None] & valid[None, :]
+    row_max = jnp.max(jnp.where(valid[None, :], g, 0.0), axis=-1, keepdims=True)
+    g = g / jnp.where(row_max > 0, row_max, 1.0)
+    return jnp.where(inside, g, 1.0)
+
+
 def _exact_div(a, b):
     """IEEE ``a / b`` for same-shape arrays: XLA's algebraic simplifier rewrites a division by a broadcast
     scalar into a multiplication by its reciprocal (an ulp off); the barrier keeps torch's true division."""
@@ -79,7 +101,7 @@ def linspace01(length, size: int):
     return jnp.asarray(_linspace_table(size))[index]
 
 
-def gaussian_mask(length, width: float | None, size: int, *, cuda_center: bool = False):
+def gaussian_mask(length, width: float | None, size: int, *, cuda_center: bool = False, dtype=jnp.float32):
     """The ``(size, size)`` multiplicative Gaussian mask of a GMMFormer attention branch.
 
     Args:
@@ -90,11 +112,16 @@ def gaussian_mask(length, width: float | None, size: int, *, cuda_center: bool =
       cuda_center: compute ``c_i = i * (1/L)`` as torch does when ``torch.arange(L).cuda() / L`` runs on a GPU
         (``div_true_kernel_cuda`` multiplies by the reciprocal of a scalar divisor); the default ``i / L`` is
         the torch CPU result. They differ by at most an ulp.
+      dtype: float32 (the official rounding, above), or float64 (needs jax_enable_x64): the same formula in
+        double precision, as the float64 twin computes it under ``torch.set_default_dtype(torch.float64)``
+        (``python -m parity.check --dtype float64``).
 
     Returns:
-      float32 ``(size, size)``; entry ``[i, j]`` for ``i, j < L`` is the official ``g_ij``,
+      ``(size, size)`` in ``dtype``; entry ``[i, j]`` for ``i, j < L`` is the official ``g_ij``,
       every other entry is 1.
     """
+    if jnp.dtype(dtype) == jnp.float64:
+        return _gaussian_mask_f64(length, width, size)
     if width is None:
         return jnp.ones((size, size), jnp.float32)
     if isinstance(length, (int, np.integer)):
