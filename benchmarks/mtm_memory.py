@@ -37,10 +37,11 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from configs import load_config
+    from jaxprvr.config import load_config
     from jaxprvr import sharding as shd
     from jaxprvr.models import build_model
-    from jaxprvr.train import dummy_batch, init_params, make_optimizer, make_train_step, train_keys
+    from jaxprvr.tasks.prvr import TASK
+    from jaxprvr.train import init_params, make_optimizer, make_train_step, train_keys
 
     cfg = load_config(args.config, "mtm", args.overrides)
     bsz = args.batch or cfg.train.batch_size
@@ -55,22 +56,22 @@ def main(argv=None) -> int:
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
     state_bytes = int(sum(x.nbytes for x in jax.tree.leaves(state)))
     rng = np.random.default_rng(0)
-    batch = dummy_batch(cfg, bsz, nq)
+    batch = TASK.dummy_batch(cfg, bsz, nq)
     for k in ("clip_feats", "frame_feats", "query_feats"):
         batch[k] = rng.standard_normal(batch[k].shape).astype(np.float32)
     batch["query_labels"] = np.repeat(np.arange(bsz), args.queries_per_video).astype(np.int32)
-    step = make_train_step(model, cfg, tx, mesh)
+    step = make_train_step(model, cfg, tx, mesh, steps_per_epoch=100)  # step 0: epoch 0, easy negatives
     keys = train_keys(0)
     rss_before = _rss_gib()
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch, keys, np.bool_(False)).compile()
+    compiled = step.lower(state, batch, keys).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     rss_compiled = _rss_gib()
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        state, metrics = compiled(state, batch, keys, np.bool_(False))
+        state, metrics = compiled(state, batch, keys)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     out = {

@@ -67,32 +67,33 @@ def profile(model: str, hidden: int, batch: int, steps: int) -> dict:
     from benchmarks.prvr import _config, train_batch
     from jaxprvr import sharding as shd
     from jaxprvr.models import build_model
+    from jaxprvr.config import apply_overrides
     from jaxprvr.train import init_params, make_optimizer, make_train_step, train_keys
 
     spec = {"model": model, "dataset": "tvr", "device": "cpu", "hidden": hidden, "batch": batch}
-    cfg = _config(spec)
+    cfg = apply_overrides(_config(spec), {"loss.hard_negative_start_epoch": 0})  # hard negatives, as the benchmark
     mesh = shd.make_mesh(jax.devices()[:1])
     net = build_model(cfg.model)
     params = jax.jit(lambda k: init_params(net, cfg, k))(jax.random.PRNGKey(0))
     tx = make_optimizer(cfg, params, 1000)
     state = shd.replicate({"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}, mesh)
     batches = [shd.shard_batch(train_batch(cfg, "tvr", batch, s), mesh) for s in range(3)]
-    keys, hard = train_keys(0), np.bool_(True)
-    step = make_train_step(net, cfg, tx, mesh)
-    names = hlo_op_names(step.lower(state, batches[0], keys, hard).compile().as_text())
+    keys = train_keys(0)
+    step = make_train_step(net, cfg, tx, mesh, steps_per_epoch=1000)
+    names = hlo_op_names(step.lower(state, batches[0], keys).compile().as_text())
     for i in range(3):  # compile and warm up
-        state, m = step(state, batches[i], keys, hard)
+        state, m = step(state, batches[i], keys)
     jax.block_until_ready(m)
     wall = []
     for i in range(steps):
         t0 = time.perf_counter()
-        state, m = step(state, batches[i % 3], keys, hard)
+        state, m = step(state, batches[i % 3], keys)
         jax.block_until_ready(m)
         wall.append(time.perf_counter() - t0)
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             for i in range(steps):
-                state, m = step(state, batches[i % 3], keys, hard)
+                state, m = step(state, batches[i % 3], keys)
                 jax.block_until_ready(m)
         trace = json.load(gzip.open(glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)[0]))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -128,8 +129,10 @@ def report(r: dict, top: int) -> str:
 
 
 def main(argv=None) -> int:
+    from jaxprvr import registry
+
     ap = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="gmmformer_v2", choices=["ms_sl", "gmmformer", "gmmformer_v2", "mtm"])
+    ap.add_argument("--model", default="gmmformer_v2", choices=registry.names())
     ap.add_argument("--hidden", type=int, default=128, help="hidden size (default 128, the CPU preset)")
     ap.add_argument("--batch", type=int, default=16, help="videos per batch (default 16, the CPU preset)")
     ap.add_argument("--steps", type=int, default=3, help="traced steps (default 3)")

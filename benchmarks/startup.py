@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         return _child(argv[1], argv[2], argv[3:])
     p = argparse.ArgumentParser(prog="python -m benchmarks.startup", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="tvr", help="dataset (tvr|act|cha) or <model>/<dataset>")
-    p.add_argument("--model", default="gmmformer_v2", help="ms_sl | gmmformer | gmmformer_v2 | mtm")
+    p.add_argument("--model", default="gmmformer_v2", help="a model of the registry (python -m jaxprvr.train --list)")
     p.add_argument("--max-steps", type=int, default=3, help="training steps per launch")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="passed on to jaxprvr.train")
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
             "--no-progress", *[a for s in args.overrides for a in ("--set", s)]]
     try:
         # the demo dataset (created once per machine) and a warm OS file cache for the imports, untimed
-        from configs import load_config
+        from jaxprvr.config import load_config
 
         dataset = load_config(args.config, args.model).data.dataset
         subprocess.run([sys.executable, "-c", f"from jaxprvr.data.synthetic import demo_root; demo_root({dataset!r})"],

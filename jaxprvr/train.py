@@ -1,21 +1,23 @@
-"""Train a PRVR model with the official recipe (prvr.md §7), then evaluate the best checkpoint on test.
+"""Train a model with its official recipe, then evaluate the best checkpoint on test: the generic loop.
 
     python -m jaxprvr.train --config tvr --demo                 # built-in synthetic data, a short run
     python -m jaxprvr.train --config tvr --data-root $ROOT      # the official TVR recipe (MTM)
     python -m jaxprvr.train --config act --model ms_sl --data-root $ROOT --set train.n_epoch=50
+    python -m jaxprvr.train --list                              # configs x models
 
-Per epoch: video-centric batches (all queries of each video), BertAdam with warmup-linear over
-``n_epoch × steps_per_epoch``, hard negatives from the configured epoch, validation SumR on ``val``,
-best/latest orbax checkpoints, early stopping after ``max_es_cnt`` non-improving epochs.
-Outputs in ``--out``: ``config.json``, ``metrics.jsonl`` (one JSON object per log step and per
-evaluation), ``ckpt/{latest,best}``, ``test_results.json``. ``--resume`` continues exactly where the
-latest checkpoint stopped (same data order, same dropout and negative-sampling keys).
+The loop knows the state (parameters, optimizer state with the optional EMA, step), exact resume,
+multi-host batch slices, checkpoints, the progress bar and ``metrics.jsonl``; everything a task decides
+(datasets, batches, loss, optimizer recipe, evaluation and the selection metric) comes from the task of the
+model's registry row (:mod:`jaxprvr.tasks`). Per epoch: the task's batches, validation, the ``best``
+checkpoint when the selection metric improves, early stopping after ``max_es_cnt`` epochs without improvement.
+Outputs in ``--out``: ``config.json``, ``metrics.jsonl`` (one JSON object per log step and per evaluation),
+``ckpt/{latest,best}``, ``test_results.json``. ``--resume`` continues exactly where the latest checkpoint
+stopped (same data order, same dropout and sampling keys).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -30,67 +32,28 @@ import optax
 from jaxprvr import sharding as shd
 from jaxprvr.cli import add_compile_cache_args, enable_compile_cache, jsonable, run_cli
 from jaxprvr.errors import JaxprvrError
-
-# What `--demo` changes on top of the chosen config, so that the run takes a few minutes on 2 CPU cores: a
-# 128-wide model (official: 384; at 384 one step of 32 TVR-size videos takes ~10 s there), 32 videos per
-# batch, 4 epochs, hard negatives from epoch 2. Everything else is the official recipe.
-DEMO_OVERRIDES = {
-    "model.hidden_size": "128",
-    "train.batch_size": "32",
-    "train.n_epoch": "4",
-    "train.lr_warmup_proportion": "0.05",
-    "loss.hard_negative_start_epoch": "2",
-}
-# MTM is about 4x the work of GMMFormer v2 per step at equal width (three 11-branch DyGMM blocks, the Mamba
-# stacks, and a video reconstructor of 4*hidden x 128*3072 weights): its demo runs 64 wide.
-DEMO_MODEL_OVERRIDES = {"mtm": {"model.hidden_size": "64"}}
-
-
-def demo_overrides(model_name: str) -> list[str]:
-    """The ``--set`` list ``--demo`` applies for ``model_name``."""
-    merged = {**DEMO_OVERRIDES, **DEMO_MODEL_OVERRIDES.get(model_name, {})}
-    return [f"{k}={v}" for k, v in merged.items()]
-
-
-MODEL_BATCH_KEYS = ("clip_feats", "frame_feats", "frame_mask", "frame_len", "video_valid",
-                    "query_feats", "query_mask", "query_valid", "query_labels")
-
+from jaxprvr.tasks import task_for
 
 # ----------------------------------------------------------------------------------------------
-# Setup helpers (shared with evaluate and the tests)
+# Setup helpers (shared with evaluate, parity and the tests); each asks the config's task
 # ----------------------------------------------------------------------------------------------
+
 
 def resolve_data_root(cfg, data_root, demo: bool) -> Path:
     if demo:
-        from jaxprvr.data.synthetic import demo_root
-
-        return Path(demo_root(cfg.data.dataset))
+        return task_for(cfg).demo_root(cfg)
     if data_root is None:
-        raise JaxprvrError("--data-root", "a folder holding <collection>/TextData and FeatureData (or --demo)",
-                           "no --data-root given")
+        raise JaxprvrError("--data-root", "a folder holding the dataset (docs/data.md), or --demo", "no --data-root given")
     return Path(data_root)
 
 
 def config_with_data_dims(cfg, ds):
-    """The visual dim is read from shape.txt at run time, as the official builders do (prvr.md §1.1)."""
-    model = dataclasses.replace(cfg.model, visual_feat_dim=int(ds.visual_dim))
-    return dataclasses.replace(cfg, model=model)
+    """``cfg`` with the dimensions the data on disk fixes (PRVR: the visual width of shape.txt)."""
+    return task_for(cfg).with_data_dims(cfg, ds)
 
 
-def dummy_batch(cfg, n_videos: int = 2, n_queries: int = 2) -> dict:
-    m = cfg.model
-    f32 = np.float32
-    return {
-        "clip_feats": np.zeros((n_videos, m.map_size, m.visual_feat_dim), f32),
-        "frame_feats": np.zeros((n_videos, m.max_ctx_l, m.visual_feat_dim), f32),
-        "frame_mask": np.ones((n_videos, m.max_ctx_l), f32),
-        "frame_len": np.full((n_videos,), m.max_ctx_l, np.int32),
-        "video_valid": np.ones((n_videos,), f32),
-        "query_feats": np.zeros((n_queries, m.max_desc_l, m.q_feat_size), f32),
-        "query_mask": np.ones((n_queries, m.max_desc_l), f32),
-        "query_valid": np.ones((n_queries,), f32),
-        "query_labels": (np.arange(n_queries) % n_videos).astype(np.int32),
-    }
+def dummy_batch(cfg) -> dict:
+    return task_for(cfg).dummy_batch(cfg)
 
 
 def init_params(model, cfg, key):
@@ -98,45 +61,33 @@ def init_params(model, cfg, key):
 
 
 def make_optimizer(cfg, params, steps_per_epoch: int):
-    """BertAdam over ``n_epoch × steps_per_epoch``; with ``train.use_ema`` (MTM) it also keeps the EMA weights."""
-    from jaxprvr.optim import bert_adam, official_weight_decay_mask, with_ema
-
-    t = cfg.train
-    tx = bert_adam(lr=t.lr, warmup=t.lr_warmup_proportion, t_total=steps_per_epoch * t.n_epoch,
-                   weight_decay=t.wd, weight_decay_mask=official_weight_decay_mask(params),
-                   max_grad_norm=t.max_grad_norm)
-    return with_ema(tx, t.ema_decay) if t.use_ema else tx
+    """The task's optimizer recipe over ``n_epoch x steps_per_epoch`` steps."""
+    return task_for(cfg).optimizer(cfg, params, steps_per_epoch)
 
 
-def make_train_step(model, cfg, tx, mesh):
-    """One jitted BertAdam step on a sharded batch; the state is donated and stays replicated."""
-    from jaxprvr.losses.prvr import total_loss
+def make_train_step(model, cfg, tx, mesh, steps_per_epoch: int):
+    """``step(state, batch, keys) -> (state, metrics)``: the task's loss and one optimizer update, jitted, on a
+    sharded batch; the state is donated and stays replicated. ``keys``: :func:`train_keys`."""
+    loss_fn = task_for(cfg).loss(model, cfg, steps_per_epoch)
 
-    name = cfg.model.name
-
-    def step(state, batch, keys, hard):
+    def step(state, batch, keys):
         # Keys are functions of (seed, global step) only, so a resumed run draws the same dropout masks
-        # and negatives. Dropout masks are counter hashes of the dropout key (jaxprvr.ops.dropout); the key is
+        # and samples. Dropout masks are counter hashes of the dropout key (jaxprvr.ops.dropout); the key is
         # an "rbg" one, whose per-layer fold-ins compile faster than threefry's.
-        k_drop, k_neg = (jax.random.fold_in(k, state["step"]) for k in keys)
-
-        def loss_fn(params):
-            scores, aux = model.apply({"params": params}, batch, train=True, rngs={"dropout": k_drop})
-            return total_loss(name, scores, aux, batch, cfg.loss, k_neg, hard=hard)
-
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        k_drop, k_sample = (jax.random.fold_in(k, state["step"]) for k in keys)
+        rngs = {"dropout": k_drop, "sample": k_sample}
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rngs, state["step"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
         return new_state, {"loss": loss, **terms}
 
     rep = shd.replicated(mesh)
-    # `hard` is traced (a bool scalar): the switch to hard negatives does not recompile the step.
     return jax.jit(step, donate_argnums=(0,), out_shardings=(rep, rep))
 
 
 def train_keys(seed: int):
-    """The root keys of the train step: (dropout key, negative-sampling key)."""
+    """The root keys of the train step: (dropout key, sampling key)."""
     return jax.random.key(seed, impl="rbg"), jax.random.fold_in(jax.random.key(seed), 1)
 
 
@@ -157,6 +108,175 @@ class MetricWriter:
 # The training run
 # ----------------------------------------------------------------------------------------------
 
+
+class _Run:
+    """One training run: its data, state, checkpoints and progress (``meta``, saved with every checkpoint)."""
+
+    def __init__(self, cfg, data_root, out_dir, *, resume, progress, mesh, init_from, batch_slices):
+        from jaxprvr.checkpoint import Checkpoints
+
+        self.task = task_for(cfg)
+        self.root, self.out = data_root, Path(out_dir)
+        self.mesh = mesh if mesh is not None else shd.make_mesh()
+        self.progress = progress and jax.process_index() == 0
+        self.t_start = time.perf_counter()
+        self.train_ds = self.task.open_split(cfg, data_root, "train")
+        self.val_ds = self.task.open_split(cfg, data_root, "val")
+        self.cfg = cfg = self.task.with_data_dims(cfg, self.train_ds)
+        n_slices = jax.process_count() if batch_slices is None else batch_slices
+        self.plan = self.task.train_plan(cfg, self.train_ds, mesh=self.mesh, n_slices=n_slices)
+        self.best_key = f"best_{self.task.selection_metric}"
+        self.ckpts = Checkpoints(self.out / "ckpt")
+        self.resumed = resume and self.ckpts.latest_step("latest") is not None
+        if self.ckpts.latest_step("latest") is not None and not resume:
+            raise JaxprvrError(self.out, "an output folder without checkpoints (or --resume)", "an existing run",
+                               hint="pass --resume to continue it, or --out for a new run")
+        self.out.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        self.writer = MetricWriter(self.out / "metrics.jsonl")
+        self._init_state(init_from)
+        self.train_step = make_train_step(self.model, cfg, self.tx, self.mesh, self.plan.steps_per_epoch)
+        self.evaluator = self.task.evaluator(self.model, cfg, self.mesh)
+        self.step_keys = train_keys(cfg.train.seed)
+        self.lr_at = self.task.lr_at(cfg, self.plan.steps_per_epoch)
+
+    def _init_state(self, init_from) -> None:
+        """Fresh parameters (or ``init_from``'s) and optimizer state, or the ``latest`` checkpoint's on resume."""
+        from jaxprvr.checkpoint import abstract_tree
+        from jaxprvr.models import build_model
+
+        cfg, mesh = self.cfg, self.mesh
+        self.model = build_model(cfg.model)
+        key = jax.random.PRNGKey(cfg.train.seed)
+        params = jax.jit(lambda k: init_params(self.model, cfg, k), out_shardings=shd.replicated(mesh))(key)
+        if init_from is not None and not self.resumed:
+            params = _init_from(init_from, cfg, abstract_tree(params), mesh)
+        self.tx = self.task.optimizer(cfg, params, self.plan.steps_per_epoch)
+        self.state = shd.replicate({"params": params, "opt_state": self.tx.init(params),
+                                    "step": jnp.zeros((), jnp.int32)}, mesh)
+        self.meta = {"next_epoch": 0, "step_in_epoch": 0, "es_cnt": 0, self.best_key: None, "best_epoch": -1,
+                     "stopped": False}
+        if self.resumed:
+            p, o, meta = self.ckpts.restore("latest", abstract_tree(self.state["params"]),
+                                            abstract_tree(self.state["opt_state"]))
+            self.state = shd.replicate({"params": p, "opt_state": o,
+                                        "step": jnp.asarray(meta["global_step"], jnp.int32)}, mesh)
+            self.meta.update({k: meta[k] for k in self.meta if k in meta})
+        else:
+            self.save("latest")  # from here on, a kill at any moment leaves a checkpoint to --resume from
+
+    @property
+    def global_step(self) -> int:
+        return int(self.state["step"])
+
+    def save(self, slot: str, **extra) -> None:
+        if self.ckpts.latest_step(slot) == self.global_step:
+            return  # nothing trained since this slot was written (e.g. --max-steps reached at once)
+        meta = dict(self.meta, global_step=self.global_step, config=self.cfg.to_dict(), **extra)
+        self.ckpts.save(slot, self.global_step, self.state["params"], self.state["opt_state"], meta)
+
+    def fit(self, max_steps: int | None) -> bool:
+        """Epochs until ``n_epoch``, early stopping or ``max_steps``; returns whether ``max_steps`` stopped it."""
+        m = self.meta
+        while not m["stopped"] and m["next_epoch"] < self.cfg.train.n_epoch:
+            if not self.run_epoch(m["next_epoch"], max_steps):
+                self.save("latest")
+                return True
+            self.validate(m["next_epoch"])
+        return False
+
+    def run_epoch(self, epoch: int, max_steps: int | None) -> bool:
+        """The remaining steps of ``epoch``; False when ``max_steps`` was reached first."""
+        tc, spe = self.cfg.train, self.plan.steps_per_epoch
+        first = self.meta["step_in_epoch"]  # > 0 when resuming inside an epoch
+        bar = _progress(self.progress, spe, f"epoch {epoch}", initial=first)
+        seen, t_last = {}, time.perf_counter()
+        extra = self.task.log_fields(self.cfg, epoch)
+        try:
+            for i, batch in enumerate(self.plan.batches(epoch, first), start=first):
+                if max_steps is not None and self.global_step >= max_steps:
+                    return False
+                dev_batch = shd.shard_local_batch({k: batch[k] for k in self.task.batch_keys}, self.mesh)
+                self.state, metrics = self.train_step(self.state, dev_batch, self.step_keys)
+                self.meta["step_in_epoch"] = i + 1
+                for k, n in self.plan.counts(batch).items():
+                    seen[k] = seen.get(k, 0) + n
+                gstep = self.global_step
+                if gstep % tc.log_every == 0 or i + 1 == spe:
+                    self._log_step(gstep, epoch, extra, metrics, seen, time.perf_counter() - t_last, bar)
+                    seen, t_last = {}, time.perf_counter()
+                if bar is not None:
+                    bar.update(1)
+                if tc.ckpt_every_steps and gstep % tc.ckpt_every_steps == 0 and i + 1 < spe:
+                    self.save("latest")
+        finally:
+            if bar is not None:
+                bar.close()
+        return True
+
+    def _log_step(self, gstep, epoch, extra, metrics, seen, dt, bar) -> None:
+        metrics = jax.device_get(metrics)
+        rec = {"step": gstep, "epoch": epoch, "lr": self.lr_at(gstep - 1), **extra,
+               **{f"{k}_per_s": n / dt for k, n in seen.items()}, **metrics}
+        self.writer.write(rec)
+        if not np.isfinite(rec["loss"]):
+            raise JaxprvrError(f"step {gstep}", "a finite loss", str(rec["loss"]),
+                               hint="the latest checkpoint is the last good state")
+        if bar is not None:
+            bar.set_postfix(loss=f"{float(rec['loss']):.4f}")
+
+    def eval_params(self):
+        from jaxprvr.optim import eval_params
+
+        return eval_params(self.state["params"], self.state["opt_state"], self.cfg.train.use_ema)
+
+    def validate(self, epoch: int) -> None:
+        """Validation, the ``best`` checkpoint and early stopping (official ``main.py``: ``es_cnt > max_es_cnt``)."""
+        m, tc, metric = self.meta, self.cfg.train, self.task.selection_metric
+        val = self.evaluator.evaluate(self.eval_params(), self.val_ds, progress=self.progress)
+        improved = self.task.better(val[metric], m[self.best_key])
+        if improved:
+            m.update({self.best_key: val[metric], "best_epoch": epoch, "es_cnt": 0})
+        else:
+            m["es_cnt"] += 1
+            if tc.max_es_cnt != -1 and m["es_cnt"] > tc.max_es_cnt:
+                m["stopped"] = True
+        m.update(next_epoch=epoch + 1, step_in_epoch=0)
+        self.writer.write({"epoch": epoch, "split": "val", "improved": improved, **_flat(val)})
+        _log(self.progress, f"epoch {epoch} val {self.task.format_metrics(val)}" + (" (best)" if improved else ""))
+        if improved:
+            self.save("best", val=_flat(val))
+        self.save("latest")
+
+    def summary(self) -> dict:
+        m = self.meta
+        return {"out": str(self.out), "model": self.cfg.model.name, "dataset": self.cfg.data.dataset,
+                "steps": self.global_step, "epochs_done": m["next_epoch"], "best_epoch": m["best_epoch"],
+                f"best_val_{self.task.selection_metric}": m[self.best_key],
+                "train_seconds": round(time.perf_counter() - self.t_start, 1)}
+
+    def test(self) -> dict:
+        """The test split on the ``best`` checkpoint (``latest`` if none), EMA weights with ``train.use_ema``."""
+        from jaxprvr.checkpoint import abstract_tree
+        from jaxprvr.optim import eval_params
+
+        test_ds = self.task.open_split(self.cfg, self.root, "test")
+        slot = "best" if self.ckpts.latest_step("best") is not None else "latest"
+        abstract = abstract_tree(self.state["params"])
+        if self.cfg.train.use_ema:  # the EMA weights live in the optimizer state
+            p, o, _ = self.ckpts.restore(slot, abstract, abstract_tree(self.state["opt_state"]))
+            params = eval_params(p, o, True)
+        else:
+            params, _, _ = self.ckpts.restore(slot, abstract)
+        test = self.evaluator.evaluate(shd.replicate(params, self.mesh), test_ds, progress=self.progress)
+        test.update(split="test", checkpoint=slot, **self.task.test_fields(test_ds))
+        if jax.process_index() == 0:
+            (self.out / "test_results.json").write_text(json.dumps(jsonable(test), indent=2))
+        self.writer.write({"split": "test", **_flat(test)})
+        return test
+
+
 def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = True, max_steps: int | None = None,
           mesh=None, run_test: bool = True, init_from: str | None = None, batch_slices: int | None = None) -> dict:
     """Trains and returns a summary dict. ``max_steps`` stops early (saving ``latest``), as a kill would.
@@ -164,161 +284,16 @@ def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = Tru
     ``python -m parity.convert torch2jax``) starts from those parameters with a fresh optimizer (fine-tuning).
     ``batch_slices`` (default: the process count) cuts every batch into that many slices, each process
     building its own (:mod:`jaxprvr.distributed`); one process with ``batch_slices=S`` reproduces the batches
-    of an ``S``-process run. With 1 (one process), the batches are the plain :func:`train_batches` ones."""
-    from jaxprvr.checkpoint import Checkpoints, abstract_tree
-    from jaxprvr.data import PRVRDataset, prefetch, train_batches
-    from jaxprvr.data.dataset import batch_workers
-    from jaxprvr.evaluate import Evaluator, format_metrics
-    from jaxprvr.models import build_model
-    from jaxprvr.optim import eval_params
-
-    out = Path(out_dir)
-    mesh = mesh if mesh is not None else shd.make_mesh()
-    n_shards = shd.n_data_shards(mesh)
-    n_slices = jax.process_count() if batch_slices is None else batch_slices
-    progress = progress and jax.process_index() == 0
-    t_start = time.perf_counter()
-
-    train_ds = PRVRDataset(data_root, cfg, "train")
-    val_ds = PRVRDataset(data_root, cfg, "val")
-    cfg = config_with_data_dims(cfg, train_ds)
-    tc = cfg.train
-    bsz = shd.round_up(tc.batch_size, n_shards)
-    q_cap = shd.round_up(train_ds.query_capacity(tc.batch_size, cfg.data.query_capacity_multiple), n_shards)
-    slicing = {}
-    if n_slices > 1:  # multi-host layout: per-slice query blocks, each process builds its own slices
-        from jaxprvr.distributed import local_slices
-
-        slices = local_slices(n_slices, mesh)  # checks that n_slices divides the devices
-        slice_size = bsz // n_slices
-        q_cap = shd.round_up(train_ds.query_capacity(slice_size, cfg.data.query_capacity_multiple),
-                             n_shards // n_slices)
-        slicing = {"slice_size": slice_size, "slices": slices}
-    steps_per_epoch = -(-len(train_ds.video_ids) // tc.batch_size)
-
-    ckpts = Checkpoints(out / "ckpt")
-    has_ckpt = ckpts.latest_step("latest") is not None
-    if has_ckpt and not resume:
-        raise JaxprvrError(out, "an output folder without checkpoints (or --resume)", "an existing run",
-                           hint="pass --resume to continue it, or --out for a new run")
-    out.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    writer = MetricWriter(out / "metrics.jsonl")
-
-    model = build_model(cfg.model)
-    key = jax.random.PRNGKey(tc.seed)
-    params = jax.jit(lambda k: init_params(model, cfg, k), out_shardings=shd.replicated(mesh))(key)
-    if init_from is not None and not (resume and has_ckpt):
-        params = _init_from(init_from, cfg, abstract_tree(params), mesh)
-    tx = make_optimizer(cfg, params, steps_per_epoch)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-    state = shd.replicate(state, mesh)
-    progress_meta = {"next_epoch": 0, "step_in_epoch": 0, "es_cnt": 0, "best_sumr": -1.0, "best_epoch": -1,
-                     "stopped": False}
-    if resume and has_ckpt:
-        p, o, meta = ckpts.restore("latest", abstract_tree(state["params"]), abstract_tree(state["opt_state"]))
-        state = shd.replicate({"params": p, "opt_state": o, "step": jnp.asarray(meta["global_step"], jnp.int32)}, mesh)
-        progress_meta.update({k: meta[k] for k in progress_meta})
-
-    train_step = make_train_step(model, cfg, tx, mesh)
-    evaluator = Evaluator(model, cfg, mesh)
-    step_keys = train_keys(tc.seed)
-    lr_at = _lr_schedule(cfg, steps_per_epoch)
-
-    def save(slot, meta_extra):
-        if ckpts.latest_step(slot) == int(state["step"]):
-            return  # nothing trained since this slot was written (e.g. --max-steps reached at once)
-        meta = dict(progress_meta, global_step=int(state["step"]), config=cfg.to_dict(), **meta_extra)
-        ckpts.save(slot, int(state["step"]), state["params"], state["opt_state"], meta)
-
-    if not (resume and has_ckpt):
-        save("latest", {})  # from here on, a kill at any moment leaves a checkpoint to --resume from
-    stopped_by_max_steps = False
-    m = progress_meta
-    while not m["stopped"] and m["next_epoch"] < tc.n_epoch:
-        epoch = m["next_epoch"]
-        hard = epoch >= cfg.loss.hard_negative_start_epoch
-        first = m["step_in_epoch"]  # > 0 when resuming inside an epoch
-        batches = train_batches(train_ds, tc.batch_size, epoch, tc.seed, q_cap, skip=first,
-                                workers=batch_workers(cfg.data.workers), **slicing)
-        batches = prefetch((b if slicing else _pad_batch(b, bsz) for b in batches), cfg.data.prefetch)
-        bar = _progress(progress, steps_per_epoch, f"epoch {epoch}", initial=m["step_in_epoch"])
-        losses = []
-        t_last, seen_v, seen_q = time.perf_counter(), 0, 0
-        for i, batch in enumerate(batches, start=first):
-            if max_steps is not None and int(state["step"]) >= max_steps:
-                stopped_by_max_steps = True
-                break
-            dev_batch = shd.shard_local_batch({k: batch[k] for k in MODEL_BATCH_KEYS}, mesh)
-            state, metrics = train_step(state, dev_batch, step_keys, np.bool_(hard))
-            m["step_in_epoch"] = i + 1
-            seen_v += int(batch["n_videos"] if slicing else batch["video_valid"].sum())  # global counts
-            seen_q += int(batch["n_queries"] if slicing else batch["query_valid"].sum())
-            gstep = int(state["step"])
-            if gstep % tc.log_every == 0 or i + 1 == steps_per_epoch:
-                metrics = jax.device_get(metrics)
-                losses.append(float(metrics["loss"]))
-                dt = time.perf_counter() - t_last
-                rec = {"step": gstep, "epoch": epoch, "lr": lr_at(gstep - 1), "hard": hard,
-                       "videos_per_s": seen_v / dt, "queries_per_s": seen_q / dt, **metrics}
-                writer.write(rec)
-                if not np.isfinite(rec["loss"]):
-                    raise JaxprvrError(f"step {gstep}", "a finite loss", str(rec["loss"]),
-                                       hint="the latest checkpoint is the last good state")
-                t_last, seen_v, seen_q = time.perf_counter(), 0, 0
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", vid_s=f"{rec['videos_per_s']:.1f}")
-            if bar is not None:
-                bar.update(1)
-            if tc.ckpt_every_steps and gstep % tc.ckpt_every_steps == 0 and m["step_in_epoch"] < steps_per_epoch:
-                save("latest", {})
-        if bar is not None:
-            bar.close()
-        if stopped_by_max_steps:
-            save("latest", {})
-            break
-        # -- validation, best checkpoint, early stopping (official main.py: es_cnt > max_es_cnt stops)
-        val = evaluator.evaluate(eval_params(state["params"], state["opt_state"], tc.use_ema), val_ds,
-                                 progress=progress)
-        improved = val["sumr"] > m["best_sumr"]
-        if improved:
-            m.update(best_sumr=val["sumr"], best_epoch=epoch, es_cnt=0)
-        else:
-            m["es_cnt"] += 1
-            if tc.max_es_cnt != -1 and m["es_cnt"] > tc.max_es_cnt:
-                m["stopped"] = True
-        m.update(next_epoch=epoch + 1, step_in_epoch=0)
-        writer.write({"epoch": epoch, "split": "val", "improved": improved, **_flat(val)})
-        _log(progress, f"epoch {epoch} val {format_metrics(val)}" + (" (best)" if improved else ""))
-        if improved:
-            save("best", {"val": _flat(val)})
-        save("latest", {})
-
-    summary = {"out": str(out), "model": cfg.model.name, "dataset": cfg.data.dataset,
-               "steps": int(state["step"]), "epochs_done": m["next_epoch"], "best_epoch": m["best_epoch"],
-               "best_val_sumr": m["best_sumr"], "train_seconds": round(time.perf_counter() - t_start, 1)}
-    if stopped_by_max_steps or not run_test:
-        ckpts.close()
-        return summary
-    # -- final test evaluation on the best checkpoint
-    test_ds = PRVRDataset(data_root, cfg, "test")
-    slot = "best" if ckpts.latest_step("best") is not None else "latest"
-    if tc.use_ema:  # the EMA weights live in the optimizer state
-        best_params, best_opt, _ = ckpts.restore(slot, abstract_tree(state["params"]),
-                                                 abstract_tree(state["opt_state"]))
-        best_params = eval_params(best_params, best_opt, True)
-    else:
-        best_params, _, _ = ckpts.restore(slot, abstract_tree(state["params"]))
-    test = evaluator.evaluate(shd.replicate(best_params, mesh), test_ds, progress=progress)
-    ckpts.close()
-    from jaxprvr.metrics.prvr import chance_sumr
-
-    test.update(split="test", checkpoint=slot, chance_sumr=chance_sumr(len(test_ds.video_ids)))
-    if jax.process_index() == 0:
-        (out / "test_results.json").write_text(json.dumps(jsonable(test), indent=2))
-    writer.write({"split": "test", **_flat(test)})
-    summary["test"] = test
+    of an ``S``-process run. With 1 (one process), the batches are the task's plain ones."""
+    run = _Run(cfg, data_root, out_dir, resume=resume, progress=progress, mesh=mesh, init_from=init_from,
+               batch_slices=batch_slices)
+    try:
+        stopped_by_max_steps = run.fit(max_steps)
+        summary = run.summary()
+        if not (stopped_by_max_steps or not run_test):
+            summary["test"] = run.test()
+    finally:
+        run.ckpts.close()
     return summary
 
 
@@ -333,30 +308,8 @@ def _init_from(path, cfg, abstract, mesh):
     return shd.replicate(params, mesh)
 
 
-def _pad_batch(batch: dict, size: int) -> dict:
-    """Pads the video axis to a multiple of the device count (only when B is not already one)."""
-    b = batch["video_valid"].shape[0]
-    if b == size:
-        return batch
-    out = dict(batch)
-    for k in ("clip_feats", "frame_feats", "frame_mask", "frame_len", "video_valid", "video_index"):
-        v = batch[k]
-        pad = np.zeros((size - b,) + v.shape[1:], v.dtype)
-        if k == "video_index":
-            pad -= 1
-        out[k] = np.concatenate([v, pad], 0)
-    return out
-
-
 def _flat(res: dict) -> dict:
     return {k: v for k, v in res.items() if not k.startswith("_")}
-
-
-def _lr_schedule(cfg, steps_per_epoch):
-    from jaxprvr.optim import warmup_linear
-
-    t_total = steps_per_epoch * cfg.train.n_epoch
-    return lambda step: float(cfg.train.lr * warmup_linear(step, cfg.train.lr_warmup_proportion, t_total))
 
 
 def _progress(enabled, total, desc, initial=0):
@@ -377,16 +330,22 @@ def _log(enabled, text):
 # CLI
 # ----------------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
+    from jaxprvr import registry
+    from jaxprvr.config import all_datasets
+
+    labels = ", ".join(f.label for f in registry.FAMILIES.values())
     p = argparse.ArgumentParser(
         prog="python -m jaxprvr.train",
-        description="Train a PRVR model (MS-SL, GMMFormer, GMMFormer v2, MTM) with the official recipe; "
-                    "prints a JSON summary with the test metrics of the best checkpoint.")
-    p.add_argument("--config", required=True, help="dataset (tvr|act|cha: the best model on it) or <model>/<dataset>")
-    p.add_argument("--model", default=None, help="ms_sl | gmmformer | gmmformer_v2 | mtm (default: mtm)")
+        description=f"Train a model ({labels}) with its official recipe; prints a JSON summary with the test "
+                    "metrics of the best checkpoint.")
+    p.add_argument("--config", help=f"dataset ({'|'.join(all_datasets())}: its default model) or <model>/<dataset>")
+    p.add_argument("--list", action="store_true", help="print the table of configs x models and exit")
+    p.add_argument("--model", default=None, help=f"{' | '.join(registry.names())} (default: the config's)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--data-root", default=None,
-                     help="folder holding <collection>/TextData and <collection>/FeatureData (MS-SL release layout)")
+    src.add_argument("--data-root", default=None, help="the dataset folder (docs/data.md; PRVR: the folder holding "
+                                                       "<collection>/TextData and <collection>/FeatureData)")
     src.add_argument("--demo", action="store_true",
                      help="create (once) and use a synthetic dataset with a planted signal; a short run")
     p.add_argument("--out", default=None, help="output folder (default: runs/<model>-<dataset>[-demo-<time>])")
@@ -414,9 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    from configs import load_config
-    from jaxprvr import distributed
+    from jaxprvr import distributed, registry
+    from jaxprvr.config import config_table, format_config_table, load_config
 
+    if args.list:
+        print(format_config_table())
+        return {"configs": config_table()}
+    if args.config is None:
+        raise JaxprvrError("--config", "a dataset or <model>/<dataset> (--list shows them)", "no --config given")
     enable_compile_cache(args)
     # Before any JAX computation. A no-op for a single-process run.
     multi = distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
@@ -424,7 +388,7 @@ def run(args) -> dict:
     overrides = list(args.overrides)
     if args.demo:
         name = load_config(args.config, args.model).model.name
-        overrides = demo_overrides(name) + overrides
+        overrides = registry.get(name).demo_overrides() + overrides
     cfg = load_config(args.config, args.model, overrides)
     root = resolve_data_root(cfg, args.data_root, args.demo)
     out = args.out
@@ -441,9 +405,9 @@ def run(args) -> dict:
 def _report(summary: dict) -> None:
     test = summary.get("test")
     if test is not None:
-        print(f"test SumR {test['sumr']:.2f} (chance {test['chance_sumr']:.2f}) "
-              f"R@1 {test['r1']:.2f} R@5 {test['r5']:.2f} R@10 {test['r10']:.2f} R@100 {test['r100']:.2f}",
-              file=sys.stderr)
+        from jaxprvr import registry
+
+        print(registry.get(summary["model"]).task_module().TASK.test_line(test), file=sys.stderr)
 
 
 def main(argv=None) -> int:

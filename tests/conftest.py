@@ -28,7 +28,7 @@ TINY_OVERRIDES = [
 
 
 def tiny_config(model="gmmformer_v2", dataset="tvr", extra=()):
-    from configs import load_config
+    from jaxprvr.config import load_config
 
     return load_config(dataset, model, TINY_OVERRIDES + list(extra))
 

@@ -20,21 +20,21 @@ import optax  # noqa: E402
 def main(root, model_name):
     from jaxprvr import sharding as shd
     from jaxprvr.data import PRVRDataset, train_batches
-    from jaxprvr.evaluate import Evaluator
+    from jaxprvr.tasks.prvr import TASK, Evaluator
     from jaxprvr.models import build_model
-    from jaxprvr.train import MODEL_BATCH_KEYS, config_with_data_dims, init_params, make_train_step, train_keys
+    from jaxprvr.train import config_with_data_dims, init_params, make_train_step, train_keys
     from tests.conftest import tiny_config
 
     # tests.conftest turns the persistent compilation cache on when imported; JAX 0.10 can deadlock running a
     # multi-device CPU executable loaded from it (jaxprvr.cli.enable_compile_cache skips it for the same reason).
     jax.config.update("jax_enable_compilation_cache", False)
     assert len(jax.devices()) == 8, jax.devices()
-    cfg = tiny_config(model_name)
+    cfg = tiny_config(model_name, extra=["loss.hard_negative_start_epoch=0"])  # hard negatives on
     ds = PRVRDataset(root, cfg, "train")
     val = PRVRDataset(root, cfg, "val")
     cfg = config_with_data_dims(cfg, ds)
     q_cap = shd.round_up(ds.query_capacity(16, 8), 8)
-    batches = [{k: b[k] for k in MODEL_BATCH_KEYS} for b in train_batches(ds, 16, 0, 0, q_cap)][:2]
+    batches = [{k: b[k] for k in TASK.batch_keys} for b in train_batches(ds, 16, 0, 0, q_cap)][:2]
     model = build_model(cfg.model)
     params = jax.device_get(init_params(model, cfg, jax.random.PRNGKey(0)))
     # The step under test is make_train_step itself; its optimizer here is plain SGD, so a parameter
@@ -45,11 +45,11 @@ def main(root, model_name):
     results = {}
     for n in (1, 8):
         mesh = shd.make_mesh(jax.devices()[:n])
-        step = make_train_step(model, cfg, tx, mesh)
+        step = make_train_step(model, cfg, tx, mesh, steps_per_epoch=10)
         state = shd.replicate({"params": params, "opt_state": tx.init(params), "step": np.int32(0)}, mesh)
         losses = []
         for b in batches:
-            state, m = step(state, shd.shard_batch(b, mesh), train_keys(0), np.bool_(True))
+            state, m = step(state, shd.shard_batch(b, mesh), train_keys(0))
             losses.append(float(m["loss"]))
         evaluator = Evaluator(model, cfg, mesh)
         ev = evaluator.evaluate(state["params"], val, keep_scores=True)

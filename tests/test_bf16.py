@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.base import ModelConfig
+from jaxprvr.config import ModelConfig, model_config
 from jaxprvr.errors import JaxprvrError
 from jaxprvr.losses.prvr import sample_negatives, total_loss
 from jaxprvr.models import GMMFormer, GMMFormerV2, MSSL, MTM, build_model
@@ -38,8 +38,12 @@ from tests.conftest import tiny_config
 from tests.test_models import make_batch
 
 NAMES = ["ms_sl", "gmmformer", "gmmformer_v2", "mtm"]
-SMALL = ["model.visual_feat_dim=16", "model.max_ctx_l=16", "model.map_size=8", "model.max_desc_l=6",
-         "model.num_mamba_layers=1"]
+SMALL = ["model.visual_feat_dim=16", "model.max_ctx_l=16", "model.map_size=8", "model.max_desc_l=6"]
+SMALL_MTM = ["model.num_mamba_layers=1"]  # an MTM field
+
+
+def small(name):
+    return SMALL + (SMALL_MTM if name == "mtm" else [])
 WIDTHS = {"gmmformer": (None, 0.5), "gmmformer_v2": (None, 0.5, 0.1), "mtm": (None, 0.5, 0.05)}
 SCORE_RTOL = 3e-2
 LOSS_RTOL = 2e-2
@@ -48,7 +52,7 @@ LOSS_GRAD_COSINE = 0.8
 
 
 def _cfg(name, dtype):
-    return tiny_config(name, extra=SMALL + [f"model.compute_dtype={dtype}"])
+    return tiny_config(name, extra=small(name) + [f"model.compute_dtype={dtype}"])
 
 
 def _model(cfg):
@@ -174,13 +178,13 @@ def test_compute_dtype_override_and_invalid_value():
     assert cfg.model.compute_dtype == "bfloat16"
     assert ModelConfig().compute_dtype == "float32"
     bad = dataclasses.replace(cfg.model, compute_dtype="float16")
-    with pytest.raises(JaxprvrError, match=r"model\.compute_dtype: expected one of \['bfloat16', 'float32'\], "
+    with pytest.raises(JaxprvrError, match=r"model\.compute_dtype: expected one of \['bfloat16', 'float32', 'float64'\], "
                                            r"found 'float16'"):
         build_model(bad)
     # A model constructed directly fails at init with the same error.
-    small = ModelConfig(hidden_size=8, n_heads=2, q_feat_size=4, visual_feat_dim=4, max_desc_l=3, max_ctx_l=4,
-                        map_size=2, compute_dtype="fp8")
-    for cls in (MSSL, GMMFormer, GMMFormerV2, MTM):
+    for cls, name in ((MSSL, "ms_sl"), (GMMFormer, "gmmformer"), (GMMFormerV2, "gmmformer_v2"), (MTM, "mtm")):
+        small = model_config(name, hidden_size=8, n_heads=2, q_feat_size=4, visual_feat_dim=4, max_desc_l=3,
+                             max_ctx_l=4, map_size=2, compute_dtype="fp8")
         with pytest.raises(JaxprvrError, match=r"model\.compute_dtype"):
             jax.eval_shape(lambda c=cls: c(small).init(jax.random.key(0), jnp.zeros((1, 3, 4)), jnp.ones((1, 3)),
                                                        method="encode_query"))

@@ -3,7 +3,8 @@ GMMFormer_v2 and MTM ``src/Configs/{tvr,act,cha}.py``) and strict overrides."""
 
 import pytest
 
-from configs import BEST_MODEL, MODELS, load_config
+from jaxprvr import registry
+from jaxprvr.config import RENAMED, config_table, configs_of, load_config
 from jaxprvr.errors import JaxprvrError
 
 # (model, dataset) -> official values transcribed from those official files.
@@ -25,7 +26,7 @@ OFFICIAL = {
 }
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", registry.names("prvr"))
 @pytest.mark.parametrize("dataset", ["tvr", "act", "cha"])
 def test_every_config_loads(model, dataset):
     cfg = load_config(dataset, model)
@@ -50,13 +51,15 @@ def test_official_values(key):
         assert cfg.model.sft_factor == want["sft"]
     if model == "mtm":
         assert (cfg.model.frame_scale_w, cfg.model.video_scale_w) == want["w"]
-        assert cfg.loss.loss_factor == want["lf"] and cfg.loss.lambda_recon == want["rec"]
+        lo = cfg.loss
+        assert (lo.w_clip_nce, lo.w_frame_nce, lo.w_qdl, lo.w_ot, lo.w_video_nce) == want["lf"]
+        assert lo.w_recon == want["rec"]
         assert cfg.train.use_ema is want["ema"] and cfg.train.ema_decay == 0.9995
-        assert cfg.loss.triplet_loss_factor == (1.0, 1.0, 1.0) and cfg.model.num_mamba_layers == 2
+        assert (lo.w_clip_trip, lo.w_frame_trip, lo.w_video_trip) == (1.0, 1.0, 1.0) and cfg.model.num_mamba_layers == 2
 
 
 def test_alias_and_path_forms():
-    assert load_config("tvr").model.name == BEST_MODEL["tvr"]
+    assert load_config("tvr").model.name == registry.DEFAULT_MODEL["tvr"]
     assert load_config("gmmformer/act").model.name == "gmmformer"
     with pytest.raises(JaxprvrError, match="--model"):
         load_config("gmmformer/act", model="ms_sl")
@@ -64,9 +67,9 @@ def test_alias_and_path_forms():
 
 def test_overrides_are_typed_and_strict():
     cfg = load_config("tvr", "gmmformer", overrides=["train.n_epoch=3", "train.lr=1e-3", "model.gmm_fixed_length=true",
-                                        "loss.loss_factor=0.1,0.2,0.3,0.4", "model.max_ctx_l=64"])
+                                        "loss.w_qdl=0.3", "model.max_ctx_l=64"])
     assert cfg.train.n_epoch == 3 and cfg.train.lr == 1e-3 and cfg.model.gmm_fixed_length is True
-    assert cfg.loss.loss_factor == (0.1, 0.2, 0.3, 0.4)
+    assert cfg.loss.w_qdl == 0.3
     assert cfg.data.max_ctx_l == 64  # shared length fields follow the model section
     for bad, where in [("train.lrr=1", "train.lrr"), ("training.lr=1", "training.lr"), ("lr=1", "lr"),
                        ("train.n_epoch=two", "train.n_epoch"), ("model.gmm_fixed_length=maybe", "gmm_fixed_length"),
@@ -75,3 +78,38 @@ def test_overrides_are_typed_and_strict():
             load_config("tvr", overrides=[bad])
     with pytest.raises(JaxprvrError, match="--config"):
         load_config("msrvtt")
+
+
+def test_family_fields_stay_in_their_family():
+    """A field of another family is an error listing this family's fields; old positional names name the new ones."""
+    with pytest.raises(JaxprvrError, match=r"model \(MSSLConfig\)"):
+        load_config("tvr", "ms_sl", overrides=["model.sft_factor=0.5"])
+    with pytest.raises(JaxprvrError, match="GMMFormerLossConfig"):
+        load_config("tvr", "gmmformer", overrides=["loss.w_ot=0.5"])
+    for old in RENAMED:
+        with pytest.raises(JaxprvrError, match="new name"):
+            load_config("tvr", "mtm", overrides=[f"{old}=1"])
+    with pytest.raises(JaxprvrError, match="--model"):
+        load_config("tvr", overrides=["model.name=ms_sl"])
+
+
+def test_config_table_and_mismatched_model():
+    rows = {r["config"]: r for r in config_table()}
+    assert set(rows) == {"tvr", "act", "cha"}
+    for ds, r in rows.items():
+        assert r["task"] == "prvr" and r["default"] in r["models"]
+        assert sorted(r["models"]) == sorted(m for m in registry.names() if ds in configs_of(m))
+    with pytest.raises(JaxprvrError, match="--model"):
+        load_config("tvr", model="clip4clip")
+
+
+def test_checkpoint_model_config_round_trip():
+    from jaxprvr.config import model_config_from_dict
+
+    for model in registry.names():
+        cfg = load_config("tvr", model).model
+        assert model_config_from_dict(dict(cfg.__dict__)) == cfg
+    old = dict(load_config("tvr", "ms_sl").model.__dict__, sft_factor=0.09, video_scale_w=0.0)  # flat schema
+    assert model_config_from_dict(old) == load_config("tvr", "ms_sl").model
+    with pytest.raises(JaxprvrError, match="sft_factor"):
+        model_config_from_dict(dict(old, sft_factor=0.5))

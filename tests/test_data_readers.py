@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from configs import load_config
+from jaxprvr.config import load_config
 from jaxprvr.data import PRVRDataset, open_splits
 from jaxprvr.errors import JaxprvrError
 from tests.test_data_sampling import (ref_average_to_fixed_length, ref_l2_normalize,

@@ -275,7 +275,7 @@ def test_branch_impls_share_parameters_and_agree_in_training():
     """``batched`` and ``loop`` blocks have the same parameter tree and the same init (checkpoints move between
     them), and the same forward; in train mode both draw dropout (different masks, so only the eval forward can
     agree). ``model.branch_impl`` picks one, ``auto`` by backend."""
-    from configs.base import ModelConfig
+    from jaxprvr.config import model_config
 
     x = rand(0, N, T, D)
     token = rand(2, 1, 1, D)
@@ -289,11 +289,11 @@ def test_branch_impls_share_parameters_and_agree_in_training():
     close(outs[0], outs[1], atol=1e-6)
     tr = [np.asarray(b.apply(vs[0], x, mask, token, train=True, rngs={"dropout": jax.random.key(1)})) for b in blocks]
     assert all(np.isfinite(t).all() and not np.allclose(t, outs[0]) for t in tr)
-    assert L.resolve_branch_impl(ModelConfig(branch_impl="batched")) is True
-    assert L.resolve_branch_impl(ModelConfig(branch_impl="loop")) is False
-    assert L.resolve_branch_impl(ModelConfig()) is (jax.default_backend() != "cpu")
+    assert L.resolve_branch_impl(model_config("gmmformer_v2", branch_impl="batched")) is True
+    assert L.resolve_branch_impl(model_config("gmmformer_v2", branch_impl="loop")) is False
+    assert L.resolve_branch_impl(model_config("gmmformer_v2")) is (jax.default_backend() != "cpu")
     with pytest.raises(Exception, match="branch_impl"):
-        L.resolve_branch_impl(ModelConfig(branch_impl="fast"))
+        L.resolve_branch_impl(model_config("gmmformer_v2", branch_impl="fast"))
 
 
 def test_batched_branches_draw_independent_dropout_and_get_their_own_gradients():

@@ -13,14 +13,15 @@ import numpy as np
 import optax
 import pytest
 
-from configs.base import LossConfig
+from jaxprvr.config import MTMLossConfig
 from jaxprvr.losses import prvr as L
 from jaxprvr.optim import EmaState, bert_adam, ema_decay_at, ema_update, eval_params, with_ema
 from tests.test_losses_prvr import (ATOL, COUNTS, RTOL, _batch, _normalize, ref_clip_nce, ref_ot, ref_qdl2,
                                     _unpadded)
 
-CFG = LossConfig(margin=0.2, loss_factor=(0.05, 0.04, 7e-3, 0.09, 0.015), neg_factor=(0.15, 32.0, 1.0),
-                 triplet_loss_factor=(1.0, 0.5, 2.0), lambda_recon=0.4, hard_pool_size=2)
+CFG = MTMLossConfig(margin=0.2, w_clip_nce=0.05, w_frame_nce=0.04, w_qdl=7e-3, w_ot=0.09, w_video_nce=0.015,
+                    qdl_margin=0.15, qdl_alpha=32.0, qdl_lambda=1.0, w_clip_trip=1.0, w_frame_trip=0.5,
+                    w_video_trip=2.0, w_recon=0.4, hard_pool_size=2)
 LQ, DQ, LV, DV = 5, 6, 7, 4  # reconstruction shapes (tokens x dim, frames x dim)
 
 
@@ -80,7 +81,9 @@ def _mtm_case(seed, counts=COUNTS):
 
 
 def ref_total(scores, aux, labels, batch, negs, cfg):
-    m, lf, nf, tf = cfg.margin, cfg.loss_factor, cfg.neg_factor, cfg.triplet_loss_factor
+    m = cfg.margin  # the official positional factor lists, from the named fields
+    lf = (cfg.w_clip_nce, cfg.w_frame_nce, cfg.w_qdl, cfg.w_ot, cfg.w_video_nce)
+    nf, tf = (cfg.qdl_margin, cfg.qdl_alpha, cfg.qdl_lambda), (cfg.w_clip_trip, cfg.w_frame_trip, cfg.w_video_trip)
     terms = dict(
         clip_nce=lf[0] * ref_clip_nce(scores["clip_raw"], labels),
         clip_trip=tf[0] * ref_mtm_trip(scores["clip"], labels, m, negs["clip_t2v"], negs["clip_v2t"]),
@@ -89,8 +92,8 @@ def ref_total(scores, aux, labels, batch, negs, cfg):
         video_nce=lf[4] * ref_clip_nce(scores["video_raw"], labels),
         video_trip=tf[2] * ref_mtm_trip(scores["video"], labels, m, negs["video_t2v"], negs["video_v2t"]),
         qdl=lf[2] * ref_qdl2(aux["query2"], labels, nf[0], nf[1], nf[2]),
-        recon_text=cfg.lambda_recon * ref_recon(aux["recon_text"], batch["query_feats"], batch["query_mask"]),
-        recon_video=cfg.lambda_recon * ref_recon(aux["recon_video"], batch["frame_feats"], batch["frame_mask"]),
+        recon_text=cfg.w_recon * ref_recon(aux["recon_text"], batch["query_feats"], batch["query_mask"]),
+        recon_video=cfg.w_recon * ref_recon(aux["recon_video"], batch["frame_feats"], batch["frame_mask"]),
     )
     terms["ot"] = lf[3] * (ref_ot(aux["clip_feats"], aux["query2"], labels)
                            if max(np.bincount(labels)) >= 2 else 1.0)  # MTM's guard (model.py:270-273)
@@ -174,8 +177,7 @@ def test_one_video_batch_counts_the_margin(total_fn):
     (_, terms), _ = total_fn(scores, aux, batch, negs)
     for k in ("clip_trip", "frame_trip", "video_trip"):
         np.testing.assert_allclose(terms[k], want[k], rtol=RTOL, atol=ATOL)
-    tf = CFG.triplet_loss_factor
-    np.testing.assert_allclose(terms["clip_trip"], tf[0] * 2 * CFG.margin, rtol=1e-6)
+    np.testing.assert_allclose(terms["clip_trip"], CFG.w_clip_trip * 2 * CFG.margin, rtol=1e-6)
 
 
 def test_reconstruction_loss_against_numpy():

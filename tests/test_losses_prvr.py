@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from configs.base import LossConfig
+from jaxprvr.config import GMMFormerLossConfig, GMMFormerV2LossConfig
 from jaxprvr.errors import JaxprvrError
 from jaxprvr.losses import prvr as L
 
@@ -203,13 +203,18 @@ def _batch(labels):
                 video_valid=np.ones(int(labels.max()) + 1, np.float32))
 
 
-CFG = LossConfig(margin=0.1, loss_factor=(0.05, 0.04, 8e-3, 0.09), neg_factor=(0.15, 32.0, 1.0),
-                 hard_pool_size=2)
+CFG = GMMFormerV2LossConfig(margin=0.1, w_clip_nce=0.05, w_frame_nce=0.04, w_qdl=8e-3, w_ot=0.09, qdl_margin=0.15,
+                            qdl_alpha=32.0, qdl_lambda=1.0, hard_pool_size=2)
+
+
+def _factors(cfg):
+    """The official positional ``loss_factor`` / ``neg_factor`` lists of a named loss config."""
+    return ((cfg.w_clip_nce, cfg.w_frame_nce, cfg.w_qdl, cfg.w_ot), (cfg.qdl_margin, cfg.qdl_alpha, cfg.qdl_lambda))
 
 
 def _ref_total(model, scores, aux, labels, negs, cfg):
     m = cfg.margin
-    lf, nf = cfg.loss_factor, cfg.neg_factor
+    lf, nf = _factors(cfg)
     if model == "ms_sl":
         return (0.02 * ref_clip_nce(scores["clip_raw"], labels)
                 + ref_clip_trip(scores["clip"], labels, m, negs["clip_t2v"], negs["clip_v2t"])
@@ -346,8 +351,8 @@ def test_unknown_model_and_short_factors_raise():
     scores, aux, labels = _unpadded(0)
     with pytest.raises(JaxprvrError):
         L.total_loss("msl", scores, aux, _batch(labels), CFG, jax.random.key(0), hard=False)
-    cfg = dataclasses.replace(CFG, loss_factor=(0.05, 0.04, 8e-5))
-    with pytest.raises(JaxprvrError):
+    cfg = GMMFormerLossConfig(w_clip_nce=0.05, w_frame_nce=0.04, w_qdl=8e-5)  # no w_ot / qdl_lambda for v2
+    with pytest.raises(JaxprvrError, match="GMMFormerV2LossConfig"):
         L.total_loss("gmmformer_v2", scores, aux, _batch(labels), cfg, jax.random.key(0), hard=False)
     negs = _negatives(0, scores["clip"], scores["frame"], labels, False)
     del negs["frame_v2t"]
@@ -360,7 +365,7 @@ def test_ms_sl_weights_are_hard_coded():
     negs = {k: jnp.asarray(v) for k, v in _negatives(1, scores["clip"], None, labels, True).items()}
     b = _batch(labels)
     a, ta = L.total_loss("ms_sl", scores, aux, b, CFG, None, hard=False, negatives=negs)
-    c, tc = L.total_loss("ms_sl", scores, aux, b, dataclasses.replace(CFG, loss_factor=(9.0, 9.0)), None,
+    c, tc = L.total_loss("ms_sl", scores, aux, b, dataclasses.replace(CFG, w_clip_nce=9.0, w_frame_nce=9.0), None,
                          hard=False, negatives=negs)
     np.testing.assert_allclose(a, c)
     np.testing.assert_allclose(ta["clip_nce"], 0.02 * ref_clip_nce(scores["clip_raw"], labels), rtol=RTOL)
@@ -570,10 +575,10 @@ def test_gmmformer_v2_value_and_grads_against_torch_transcription():
         x = F.normalize(x, dim=-1)
         cos = x @ x.t()
         nm = torch.as_tensor(_block_mask(labels))
-        neg_exp = torch.exp(cfg.neg_factor[1] * (cos + cfg.neg_factor[0]))
+        neg_exp = torch.exp(cfg.qdl_alpha * (cos + cfg.qdl_margin))
         sim = torch.where(nm == 1, neg_exp, torch.zeros_like(neg_exp))
         focal = torch.where(nm == 1, cos, torch.zeros_like(cos))
-        return (((1 + focal) ** cfg.neg_factor[2]) * torch.log(1 + sim)).sum(dim=0).sum() / bs
+        return (((1 + focal) ** cfg.qdl_lambda) * torch.log(1 + sim)).sum(dim=0).sum() / bs
 
     def ot_t(clips, q):
         total = []
@@ -585,7 +590,7 @@ def test_gmmformer_v2_value_and_grads_against_torch_transcription():
             total += [sim[qi[i], ci[i]] for i in range(len(qi))]
         return 1 + torch.stack(total).mean()
 
-    lf = cfg.loss_factor
+    lf = _factors(cfg)[0]
     loss_t = (lf[0] * clip_nce_t(t["clip_raw"]) + trip_t(t["clip"], negs["clip_t2v"], negs["clip_v2t"])
               + lf[1] * clip_nce_t(t["frame_raw"]) + trip_t(t["frame"], negs["frame_t2v"], negs["frame_v2t"])
               + lf[2] * qdl2_t(t["query2"]) + lf[3] * ot_t(t["clip_feats"], t["query2"]))

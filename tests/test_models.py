@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.base import ModelConfig
+from jaxprvr.config import model_config
 from jaxprvr.errors import JaxprvrError
-from jaxprvr.models import GMMFormer, GMMFormerV2, MSSL, branch_weights, build_model
+from jaxprvr.models import GMMFormer, GMMFormerV2, MSSL, build_model
 from jaxprvr.models import ms_sl
 from jaxprvr.models.gmmformer import batch_frame_length
 
@@ -26,7 +26,7 @@ QUERIES = [2, 1, 2]  # queries per valid video
 
 
 def tiny_cfg(name, **kw):
-    return ModelConfig(name=name, **{**TINY, **kw})
+    return model_config(name, **{**TINY, **kw})
 
 
 def make_batch(cfg, frame_lens=FRAME_LENS, queries=QUERIES, pad_videos=1, pad_queries=2, seed=0):
@@ -145,7 +145,7 @@ def encode(name, kind="padded"):
 
 
 def tvr_shapes(name):
-    cfg = ModelConfig(name=name)  # official TVR size: q 768, v 3072, hidden 384
+    cfg = model_config(name)  # official TVR size: q 768, v 3072, hidden 384
     S = jax.ShapeDtypeStruct
     b, q = 2, 3
     batch = dict(clip_feats=S((b, 32, 3072), jnp.float32), frame_feats=S((b, 128, 3072), jnp.float32),
@@ -162,12 +162,17 @@ def flat_paths(tree):
 
 # ----------------------------------------------------------------------------- registry, sizes, names
 def test_build_model_and_branch_weights():
-    assert isinstance(build_model(ModelConfig(name="ms_sl")), MSSL)
-    assert isinstance(build_model(ModelConfig(name="gmmformer")), GMMFormer)
-    assert isinstance(build_model(ModelConfig(name="gmmformer_v2")), GMMFormerV2)
+    assert isinstance(build_model(model_config("ms_sl")), MSSL)
+    assert isinstance(build_model(model_config("gmmformer")), GMMFormer)
+    assert isinstance(build_model(model_config("gmmformer_v2")), GMMFormerV2)
     with pytest.raises(JaxprvrError, match="model.name"):
-        build_model(ModelConfig(name="mtm_typo"))
-    assert branch_weights(ModelConfig(clip_scale_w=0.5, frame_scale_w=0.5)) == {"clip": 0.5, "frame": 0.5}
+        build_model(dataclasses.replace(model_config("mtm"), name="mtm_typo"))
+    with pytest.raises(JaxprvrError, match="--model"):
+        model_config("mtm_typo")
+    assert build_model(model_config("gmmformer", clip_scale_w=0.5, frame_scale_w=0.5)).branch_weights() == {
+        "clip": 0.5, "frame": 0.5}
+    assert build_model(model_config("mtm", frame_scale_w=0.35, video_scale_w=0.03)).branch_weights() == {
+        "clip": 0.7, "frame": 0.35, "video": 0.03}
 
 
 # Exact counts of the official torch models at TVR size (the official classes instantiated: 4.853 M,

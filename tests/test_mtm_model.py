@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs.base import ModelConfig
+from jaxprvr.config import model_config
 from jaxprvr.models.mtm import MTM
 from parity import convert
 from tests.test_torch_ref import make_batch
@@ -18,14 +18,14 @@ from torch_ref.mtm import MTM as TorchMTM
 
 def test_official_key_layout_and_parameter_count():
     with torch.device("meta"):
-        twin = TorchMTM(ModelConfig(name="mtm", hidden_size=384, n_heads=4, q_feat_size=768, visual_feat_dim=3072))
+        twin = TorchMTM(model_config("mtm", hidden_size=384, n_heads=4, q_feat_size=768, visual_feat_dim=3072))
     sd = twin.state_dict()
     assert [e.torch for e in convert.table("mtm")] == list(sd)
     assert len(sd) == 1101 and sum(".attns." in k for k in sd) == 462
     assert sum(p.numel() for p in twin.parameters()) == 708_665_762  # 708.7 M, measured on the official model
 
 
-TINY = ModelConfig(name="mtm", hidden_size=32, n_heads=2, q_feat_size=12, visual_feat_dim=16, num_mamba_layers=2)
+TINY = model_config("mtm", hidden_size=32, n_heads=2, q_feat_size=12, visual_feat_dim=16, num_mamba_layers=2)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs import load_config
+from jaxprvr.config import load_config
 from parity import check, convert
 from tests.conftest import TINY_QUERY, TINY_VISUAL
 import torch_ref
@@ -31,8 +31,11 @@ def test_official_size_forward_blocks_and_losses(name):
         _, taux = torch_ref.build_model(cfg.model)(check.make_batch(cfg.model, 3), train=False)
     assert {f"aux[{k}]" for k in taux} <= stages  # every named stage is compared
     assert {f"scores[{k}]" for k in ("clip", "clip_raw", "frame", "frame_raw")} <= stages
-    n_blocks = sum(r.group == "block" for r in rows)
-    assert n_blocks == {"ms_sl": 9, "gmmformer": 11, "gmmformer_v2": 8}[name]
+    n_blocks = {"ms_sl": 9, "gmmformer": 11, "gmmformer_v2": 8}[name]
+    blocks = [r.stage for r in rows if r.group == "block"]
+    assert len(blocks) == 2 * n_blocks  # at the official init and on perturbed weights (biases, LayerNorms)
+    assert sum(s.endswith(" [perturbed]") for s in blocks) == n_blocks
+    assert {f"aux[{k}] [perturbed]" for k in taux} <= stages
 
 
 def test_cli_prints_the_table_and_json(tmp_path, capsys):
@@ -44,7 +47,8 @@ def test_cli_prints_the_table_and_json(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0, text
     rows = json.loads(out.read_text())["rows"]
-    assert {r["group"] for r in rows} == {"convert", "block", "model", "loss", "grad", "train", "metrics"}
+    assert {r["group"] for r in rows} == {"convert", "block", "model", "loss", "grad", "train", "dropout", "metrics"}
+    assert all(set(r) == {"group", "stage", "max_abs", "max_rel", "tolerance", "passed", "note"} for r in rows)
     assert all(r["passed"] for r in rows)
     assert text.count("| PASS |") == len(rows) and f"{len(rows)}/{len(rows)} PASS" in text
 

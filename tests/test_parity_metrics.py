@@ -186,7 +186,7 @@ def _structure(d):
 @pytest.mark.parametrize("name", NAMES)
 def test_evaluation_parity_jax_vs_torch(name, tiny_root):
     from jaxprvr.data import PRVRDataset
-    from jaxprvr.evaluate import Evaluator
+    from jaxprvr.tasks.prvr import Evaluator
     from jaxprvr.models import build_model
     from jaxprvr.train import config_with_data_dims
 

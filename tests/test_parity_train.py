@@ -26,7 +26,7 @@ import optax
 import pytest
 import torch
 
-from configs.base import LossConfig, ModelConfig
+from jaxprvr.config import GMMFormerV2LossConfig, model_config
 from parity import convert
 from jaxprvr.losses import prvr as JL
 from jaxprvr.models import build_model as build_flax
@@ -42,7 +42,8 @@ LABELS = (0, 0, 1, 2, 2, 2, 3, 3)  # 4 videos with 2, 1, 3, 2 queries (contiguou
 N_VIDEOS = 4
 # Larger QDL / OT weights and a focal exponent != 1 than the official (0.05, 0.04, 8e-5, 0.09) / (0.15, 32, 1),
 # so that every term contributes visibly to the gradients compared below.
-LOSS_CFG = LossConfig(margin=0.2, loss_factor=(0.05, 0.04, 0.02, 0.5), neg_factor=(0.15, 8.0, 2.0), hard_pool_size=2)
+LOSS_CFG = GMMFormerV2LossConfig(margin=0.2, w_clip_nce=0.05, w_frame_nce=0.04, w_qdl=0.02, w_ot=0.5, qdl_margin=0.15,
+                                 qdl_alpha=8.0, qdl_lambda=2.0, hard_pool_size=2)
 LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-6
 GRAD_RTOL = 1e-4  # per tensor: ||g_torch - g_jax|| <= GRAD_RTOL * ||g_jax||
 STEP_RTOL = 1e-5  # per tensor: ||p_torch - p_jax|| <= STEP_RTOL * ||p_jax||
@@ -50,7 +51,7 @@ LR, WARMUP, T_TOTAL, N_STEPS = 1e-3, 0.2, 10, 5  # schedule over the 5 steps: 0,
 
 
 def tiny_cfg(name):
-    return ModelConfig(name=name, hidden_size=32, n_heads=2, q_feat_size=16, visual_feat_dim=12, input_drop=0.0,
+    return model_config(name, hidden_size=32, n_heads=2, q_feat_size=16, visual_feat_dim=12, input_drop=0.0,
                        drop=0.0, max_ctx_l=32, map_size=8, max_desc_l=12)
 
 

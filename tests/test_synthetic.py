@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from configs import load_config
+from jaxprvr.config import load_config
 from jaxprvr.data import open_splits, synthetic
 from jaxprvr.data.msl_format import read_video2frames
 from jaxprvr.data.synthetic import demo_root, main, write_synthetic

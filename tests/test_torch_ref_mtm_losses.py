@@ -10,7 +10,6 @@ they draw from the global torch RNG (seeded with ``torch.manual_seed``), torch_r
 
 from __future__ import annotations
 
-import types
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from jaxprvr.config import MTMLossConfig
 from torch_ref import checkpoints as ckpt
 from torch_ref import losses as TL
 from torch_ref.optim import EMA, official_param_groups
@@ -319,8 +319,9 @@ def _mtm_inputs(labels, b, seed, d=8, n_clips=5, lq=4, lv=6, dq=3, dv=5):
     return scores, aux, batch
 
 
-LOSS_CFG = types.SimpleNamespace(margin=0.1, loss_factor=(0.05, 0.04, 8e-5, 0.09, 0.3), neg_factor=(0.15, 32.0, 1.0),
-                                 hard_pool_size=2, triplet_loss_factor=(1.0, 0.5, 2.0), lambda_recon=0.7)
+LOSS_CFG = MTMLossConfig(margin=0.1, w_clip_nce=0.05, w_frame_nce=0.04, w_qdl=8e-5, w_ot=0.09, w_video_nce=0.3,
+                         qdl_margin=0.15, qdl_alpha=32.0, qdl_lambda=1.0, hard_pool_size=2, w_clip_trip=1.0,
+                         w_frame_trip=0.5, w_video_trip=2.0, w_recon=0.7)
 
 
 @pytest.mark.parametrize("labels,b", [((0, 0, 1, 2, 2, 2, 3), 4), ((0, 1, 2), 3), ((0, 0, 0), 1)])
@@ -328,8 +329,10 @@ LOSS_CFG = types.SimpleNamespace(margin=0.1, loss_factor=(0.05, 0.04, 8e-5, 0.09
 def test_total_loss_matches_official_forward(labels, b, hard):
     scores, aux, batch = _mtm_inputs(labels, b, seed=len(labels) + b)
     cfg = {"use_hard_negative": hard, "hard_pool_size": LOSS_CFG.hard_pool_size, "margin": LOSS_CFG.margin,
-           "loss_factor": list(LOSS_CFG.loss_factor), "neg_factor": list(LOSS_CFG.neg_factor),
-           "triplet_loss_factor": list(LOSS_CFG.triplet_loss_factor), "lambda_recon": LOSS_CFG.lambda_recon}
+           "loss_factor": [LOSS_CFG.w_clip_nce, LOSS_CFG.w_frame_nce, LOSS_CFG.w_qdl, LOSS_CFG.w_ot, LOSS_CFG.w_video_nce],
+           "neg_factor": [LOSS_CFG.qdl_margin, LOSS_CFG.qdl_alpha, LOSS_CFG.qdl_lambda],
+           "triplet_loss_factor": [LOSS_CFG.w_clip_trip, LOSS_CFG.w_frame_trip, LOSS_CFG.w_video_trip],
+           "lambda_recon": LOSS_CFG.w_recon}
     label_dict, ot = official_ot(aux["clip_feats"], aux["query2"], list(labels))
     input_list = [scores["clip"].clone(), scores["clip_raw"], label_dict, scores["frame"].clone(), scores["frame_raw"],
                   scores["video"].clone(), scores["video_raw"], aux["query2"], ot, aux["recon_text"],
@@ -347,7 +350,7 @@ def test_total_loss_matches_official_forward(labels, b, hard):
     torch.testing.assert_close(loss, official.to(loss.dtype), rtol=1e-12, atol=1e-8)
     torch.testing.assert_close(sum(terms.values()), loss, rtol=1e-12, atol=1e-12)
     if all(labels.count(v) == 1 for v in set(labels)):  # no video with >= 2 queries: MTM's 1.0 guard
-        assert float(terms["ot"]) == pytest.approx(LOSS_CFG.loss_factor[3])
+        assert float(terms["ot"]) == pytest.approx(LOSS_CFG.w_ot)
         with pytest.raises(ValueError):  # GMMFormer v2 keeps raising
             TL.optimal_matching_loss(aux["clip_feats"], aux["query2"], labels)
 
@@ -391,11 +394,11 @@ def test_ema_matches_numpy_recurrence_and_assign_resume():
 # ---------------------------------------------------------------------------------------------- (e) checkpoints
 @pytest.fixture(scope="module")
 def tiny_mtm():
-    from configs.base import ModelConfig
+    from jaxprvr.config import model_config
     import torch_ref  # the MTM twin needs mamba_ssm, which scripts/setup.sh installs (CI runs these tests)
 
     torch.manual_seed(0)
-    cfg = ModelConfig(name="mtm", hidden_size=32, n_heads=4, q_feat_size=16, visual_feat_dim=24, max_desc_l=6,
+    cfg = model_config("mtm", hidden_size=32, n_heads=4, q_feat_size=16, visual_feat_dim=24, max_desc_l=6,
                       max_ctx_l=16, map_size=8, num_mamba_layers=1)
     return cfg, torch_ref.build_model(cfg)
 

@@ -206,11 +206,11 @@ def cat_tensor(tensor_list: Sequence[torch.Tensor]) -> torch.Tensor | None:
 class TorchEvaluator:
     """Official-protocol evaluation of a torch twin (``torch_ref.build_model``) on a :class:`PRVRDataset`.
 
-    ``cfg`` is the full :class:`configs.base.Config` (``cfg.data.eval_context_bsz``, ``eval_query_bsz``,
-    ``cfg.model.clip_scale_w``, ``frame_scale_w``). ``device``: ``None`` keeps the model where it is;
+    ``cfg`` is the full :class:`jaxprvr.config.Config` (``cfg.data.eval_context_bsz``, ``eval_query_bsz``);
+    the fused score uses the twin's ``branch_weights()``. ``device``: ``None`` keeps the model where it is;
     otherwise the model is moved there. ``sort``: the ranking of :func:`eval_q2m` (official ``"torch"``).
 
-    MTM (``cfg.model.name == "mtm"``): frames are padded to exactly ``max_ctx_l`` and queries to exactly
+    MTM (its twin's ``pads_to_max_length``): frames are padded to exactly ``max_ctx_l`` and queries to exactly
     ``max_desc_l`` (MTM ``data_provider.py:64-158``, train and eval); the fused score adds the video branch,
     ``video_scale_w * video``, whose refiner attends over the whole gallery (``model.score`` gets every gallery
     video for each query block).
@@ -224,12 +224,10 @@ class TorchEvaluator:
         self.model = model
         self.cfg = cfg
         self.sort = sort
-        self.weights = {"clip": float(cfg.model.clip_scale_w), "frame": float(cfg.model.frame_scale_w)}
-        mtm = getattr(cfg.model, "name", None) == "mtm"
-        if mtm:
-            self.weights["video"] = float(cfg.model.video_scale_w)
-        self.frame_pad = int(cfg.model.max_ctx_l) if mtm else None
-        self.text_pad = int(cfg.model.max_desc_l) if mtm else None
+        self.weights = model.branch_weights()
+        full = model.pads_to_max_length
+        self.frame_pad = int(cfg.model.max_ctx_l) if full else None
+        self.text_pad = int(cfg.model.max_desc_l) if full else None
 
     @property
     def device(self) -> torch.device:

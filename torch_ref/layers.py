@@ -275,6 +275,14 @@ class QueryBranch:
     Mixed into a model whose ``__init__`` defines those four submodules (:meth:`_init_inputs` registers the
     shared ones)."""
 
+    # Whether the official evaluation pads every frame block to ``max_ctx_l`` and every query block to
+    # ``max_desc_l`` (MTM's data_provider) instead of to the block's longest item (ms-sl, GMMFormer).
+    pads_to_max_length = False
+
+    def branch_weights(self) -> dict[str, float]:
+        """Test-time weights of the fused score ``sum_k w_k * scores[k]`` (as the Flax models')."""
+        return {"clip": float(self.cfg.clip_scale_w), "frame": float(self.cfg.frame_scale_w)}
+
     def _init_inputs(self, cfg, query_encoder, clip_rows: int, video_branch: bool = False) -> None:
         """Registers, in the official order (which is the state_dict order): the positional encodings
         ``query_pos_embed`` (``max_desc_l`` rows), ``clip_pos_embed`` (``clip_rows``), ``frame_pos_embed``

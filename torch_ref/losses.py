@@ -52,7 +52,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 __all__ = [
-    "MODEL_NAMES",
+    "LOSSES",
+    "NEGATIVES",
     "MS_SL_CLIP_NCE_WEIGHT",
     "MS_SL_FRAME_NCE_WEIGHT",
     "label_dict",
@@ -74,7 +75,6 @@ __all__ = [
     "total_loss",
 ]
 
-MODEL_NAMES = ("ms_sl", "gmmformer", "gmmformer_v2", "mtm")
 MS_SL_CLIP_NCE_WEIGHT = 0.02  # ms-sl method/model.py:102
 MS_SL_FRAME_NCE_WEIGHT = 0.04  # ms-sl method/model.py:106
 MASK_VALUE = 999  # the "impossibly large" positive score of the official sorts (model.py:309,335)
@@ -443,19 +443,64 @@ def optimal_matching_loss(clip_feats: torch.Tensor, query: torch.Tensor, query_l
 # Negatives and the total loss
 # ----------------------------------------------------------------------------------------------------
 
-def _check_model(model_name: str) -> None:
-    if model_name not in MODEL_NAMES:
-        raise ValueError(f"model name must be one of {list(MODEL_NAMES)}, got {model_name!r}")
+def _official_factors(loss_cfg, *, mtm: bool = False, v2: bool = False) -> tuple[list[float], list[float]]:
+    """The official positional ``loss_factor`` and ``neg_factor`` lists from a named loss config
+    (:mod:`jaxprvr.config`: ``w_clip_nce, w_frame_nce, w_qdl[, w_ot[, w_video_nce]]`` and
+    ``qdl_margin, qdl_alpha[, qdl_lambda]``)."""
+    lf = [loss_cfg.w_clip_nce, loss_cfg.w_frame_nce, loss_cfg.w_qdl]
+    nf = [loss_cfg.qdl_margin, loss_cfg.qdl_alpha]
+    if v2 or mtm:
+        lf.append(loss_cfg.w_ot)
+        nf.append(loss_cfg.qdl_lambda)
+    if mtm:
+        lf.append(loss_cfg.w_video_nce)
+    return [float(f) for f in lf], [float(f) for f in nf]
+
+
+def _sample_ms_sl(scores, query_labels, *, hard, hard_pool_size, generator):
+    out = {}
+    out["clip_t2v"], out["clip_v2t"] = sample_clip_triplet_negatives(
+        scores["clip"], query_labels, hard=hard, hard_pool_size=hard_pool_size, generator=generator)
+    out["frame_row"], out["frame_col"] = sample_frame_triplet_negatives(
+        scores["frame"], hard=hard, hard_pool_size=hard_pool_size, generator=generator)
+    return out
+
+
+def _sample_gmm(scores, query_labels, *, hard, hard_pool_size, generator):
+    out = {}
+    for key in ("clip", "frame"):
+        out[f"{key}_t2v"], out[f"{key}_v2t"] = sample_clip_triplet_negatives(
+            scores[key], query_labels, hard=hard, hard_pool_size=hard_pool_size, generator=generator)
+    return out
+
+
+def _sample_mtm(scores, query_labels, *, hard, hard_pool_size, generator):
+    out = {}
+    for key in ("clip", "frame", "video"):
+        out[f"{key}_t2v"], out[f"{key}_v2t"] = sample_mtm_triplet_negatives(
+            scores[key], query_labels, hard=hard, hard_pool_size=hard_pool_size, generator=generator)
+    return out
+
+
+_GMM_NEGATIVES = ("clip_t2v", "clip_v2t", "frame_t2v", "frame_v2t")
+# model -> (negative keys, official sampler): as jaxprvr.losses.prvr.NEGATIVES
+NEGATIVES = {
+    "ms_sl": (("clip_t2v", "clip_v2t", "frame_row", "frame_col"), _sample_ms_sl),
+    "gmmformer": (_GMM_NEGATIVES, _sample_gmm),
+    "gmmformer_v2": (_GMM_NEGATIVES, _sample_gmm),
+    "mtm": (_GMM_NEGATIVES + ("video_t2v", "video_v2t"), _sample_mtm),
+}
+
+
+def _entry(table, model_name):
+    if model_name not in table:
+        raise ValueError(f"model name must be one of {list(table)}, got {model_name!r}")
+    return table[model_name]
 
 
 def negative_keys(model_name: str) -> tuple[str, ...]:
     """The keys of the ``negatives`` dict of :func:`total_loss` (as :func:`jaxprvr.losses.prvr.negative_keys`)."""
-    _check_model(model_name)
-    if model_name == "ms_sl":
-        return ("clip_t2v", "clip_v2t", "frame_row", "frame_col")
-    if model_name == "mtm":
-        return ("clip_t2v", "clip_v2t", "frame_t2v", "frame_v2t", "video_t2v", "video_v2t")
-    return ("clip_t2v", "clip_v2t", "frame_t2v", "frame_v2t")
+    return _entry(NEGATIVES, model_name)[0]
 
 
 def sample_negatives(model_name: str, scores: Mapping[str, torch.Tensor], query_labels, *, hard: bool,
@@ -463,40 +508,89 @@ def sample_negatives(model_name: str, scores: Mapping[str, torch.Tensor], query_
     """All negatives of one official training step, drawn in the official order (clip triplet, then frame
     triplet): ``clip_*`` from ``scores["clip"]``, ``frame_*`` from ``scores["frame"]``. MTM (``loss.py:71-77``):
     clip, frame, then ``video_*`` from ``scores["video"]``, each with :func:`sample_mtm_triplet_negatives`."""
-    _check_model(model_name)
-    out = {}
-    if model_name == "mtm":
-        for key in ("clip", "frame", "video"):
-            out[f"{key}_t2v"], out[f"{key}_v2t"] = sample_mtm_triplet_negatives(
-                scores[key], query_labels, hard=hard, hard_pool_size=hard_pool_size, generator=generator)
-        return out
-    out["clip_t2v"], out["clip_v2t"] = sample_clip_triplet_negatives(
-        scores["clip"], query_labels, hard=hard, hard_pool_size=hard_pool_size, generator=generator)
-    if model_name == "ms_sl":
-        out["frame_row"], out["frame_col"] = sample_frame_triplet_negatives(
-            scores["frame"], hard=hard, hard_pool_size=hard_pool_size, generator=generator)
-    else:
-        out["frame_t2v"], out["frame_v2t"] = sample_clip_triplet_negatives(
-            scores["frame"], query_labels, hard=hard, hard_pool_size=hard_pool_size, generator=generator)
-    return out
+    return _entry(NEGATIVES, model_name)[1](scores, query_labels, hard=hard, hard_pool_size=hard_pool_size,
+                                            generator=generator)
+
+
+def _ms_sl_terms(scores, aux, batch, labels, loss_cfg, negatives):
+    """ms-sl ``model.py:81-113``: ``0.02 clip_nce(clip_raw) + clip_trip(clip) + 0.04 frame_nce(frame_raw)
+    + frame_trip(frame)`` (weights hard-coded officially)."""
+    margin = float(loss_cfg.margin)
+    return {
+        "clip_nce": MS_SL_CLIP_NCE_WEIGHT * clip_nce(scores["clip_raw"], labels),
+        "clip_trip": clip_triplet_loss(scores["clip"], labels, margin=margin, t2v_negatives=negatives["clip_t2v"],
+                                       v2t_negatives=negatives["clip_v2t"]),
+        "frame_nce": MS_SL_FRAME_NCE_WEIGHT * frame_nce(scores["frame_raw"]),
+        "frame_trip": frame_triplet_loss(scores["frame"], margin=margin, row_negatives=negatives["frame_row"],
+                                         col_negatives=negatives["frame_col"]),
+    }
+
+
+def _gmm_terms(scores, aux, labels, loss_cfg, negatives, *, v2: bool):
+    """GMMFormer ``loss.py:48-78`` / GMMFormer_v2 ``loss.py:50-81``: ``lf0 clip_nce(clip_raw) + clip_trip(clip)
+    + lf1 clip_nce(frame_raw) + clip_trip(frame) + lf2 QDL1|QDL2(query2) [+ lf3 L_OT(clip_feats, query2)]``."""
+    lf, nf = _official_factors(loss_cfg, v2=v2)
+    margin = float(loss_cfg.margin)
+    terms = {}
+    for i, key in enumerate(("clip", "frame")):
+        terms[f"{key}_nce"] = lf[i] * clip_nce(scores[f"{key}_raw"], labels)
+        terms[f"{key}_trip"] = clip_triplet_loss(scores[key], labels, margin=margin,
+                                                 t2v_negatives=negatives[f"{key}_t2v"],
+                                                 v2t_negatives=negatives[f"{key}_v2t"])
+    if not v2:
+        terms["qdl"] = lf[2] * query_diverse_loss_v1(aux["query2"], labels, margin=nf[0], alpha=nf[1])
+        return terms
+    terms["qdl"] = lf[2] * query_diverse_loss_v2(aux["query2"], labels, margin=nf[0], alpha=nf[1], lam=nf[2])
+    terms["ot"] = lf[3] * optimal_matching_loss(aux["clip_feats"], aux["query2"], labels,
+                                                assignment=negatives.get("ot_assignment"))
+    return terms
+
+
+def _gmmformer_terms(scores, aux, batch, labels, loss_cfg, negatives):
+    return _gmm_terms(scores, aux, labels, loss_cfg, negatives, v2=False)
+
+
+def _gmmformer_v2_terms(scores, aux, batch, labels, loss_cfg, negatives):
+    return _gmm_terms(scores, aux, labels, loss_cfg, negatives, v2=True)
+
+
+def _mtm_terms(scores, aux, batch, labels, loss_cfg, negatives):
+    """MTM ``loss.py:51-101``: ``lf0 clip_nce(clip_raw) + tlf0 trip(clip) + lf1 clip_nce(frame_raw)
+    + tlf1 trip(frame) + lf4 clip_nce(video_raw) + tlf2 trip(video) + lf2 QDL2(query2) + lf3 L_OT(clip_feats, query2)
+    + lr recon(recon_text, query_feats, query_mask) + lr recon(recon_video, frame_feats, frame_mask)`` with
+    ``tlf = (w_clip_trip, w_frame_trip, w_video_trip)``, ``lr = w_recon``, ``trip`` = :func:`mtm_triplet_loss` and
+    ``L_OT`` = 1.0 when no video has >= 2 queries (``model.py:267-270``)."""
+    lf, nf = _official_factors(loss_cfg, mtm=True)
+    tlf = [float(loss_cfg.w_clip_trip), float(loss_cfg.w_frame_trip), float(loss_cfg.w_video_trip)]
+    lambda_recon = float(loss_cfg.w_recon)
+    margin = float(loss_cfg.margin)
+    terms = {}
+    for key, nce_w, trip_w in (("clip", lf[0], tlf[0]), ("frame", lf[1], tlf[1]), ("video", lf[4], tlf[2])):
+        terms[f"{key}_nce"] = nce_w * clip_nce(scores[f"{key}_raw"], labels)
+        terms[f"{key}_trip"] = trip_w * mtm_triplet_loss(scores[key], labels, margin=margin,
+                                                         t2v_negatives=negatives[f"{key}_t2v"],
+                                                         v2t_negatives=negatives[f"{key}_v2t"])
+    terms["qdl"] = lf[2] * query_diverse_loss_v2(aux["query2"], labels, margin=nf[0], alpha=nf[1], lam=nf[2])
+    terms["ot"] = lf[3] * optimal_matching_loss(aux["clip_feats"], aux["query2"], labels,
+                                                assignment=negatives.get("ot_assignment"), empty=1.0)
+    terms["recon_text"] = lambda_recon * reconstruction_loss(aux["recon_text"], batch["query_feats"],
+                                                             batch["query_mask"])
+    terms["recon_video"] = lambda_recon * reconstruction_loss(aux["recon_video"], batch["frame_feats"],
+                                                              batch["frame_mask"])
+    return terms
+
+
+# model -> its official loss terms: as jaxprvr.losses.prvr.LOSSES
+LOSSES = {"ms_sl": _ms_sl_terms, "gmmformer": _gmmformer_terms, "gmmformer_v2": _gmmformer_v2_terms,
+          "mtm": _mtm_terms}
 
 
 def total_loss(model_name: str, scores: Mapping[str, torch.Tensor], aux: Mapping[str, torch.Tensor],
                batch: Mapping, loss_cfg, negatives: Optional[Mapping] = None, *, hard: bool = False,
                generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The official training loss of ``model_name`` -> ``(loss, terms)``, terms as in the JAX ``total_loss``.
-
-    * ``ms_sl`` (ms-sl ``model.py:81-113``): ``0.02 clip_nce(clip_raw) + clip_trip(clip) + 0.04 frame_nce(frame_raw)
-      + frame_trip(frame)``; ``loss_cfg.loss_factor`` is not used (hard-coded officially).
-    * ``gmmformer`` (GMMFormer ``loss.py:48-78``): ``lf0 clip_nce(clip_raw) + clip_trip(clip) + lf1 clip_nce(frame_raw)
-      + clip_trip(frame) + lf2 QDL1(query2)``.
-    * ``gmmformer_v2`` (GMMFormer_v2 ``loss.py:50-81``): as ``gmmformer`` with QDL2, ``+ lf3 L_OT(clip_feats, query2)``.
-    * ``mtm`` (MTM ``loss.py:51-101``; ``lf`` has 5 entries, ``tlf = loss_cfg.triplet_loss_factor`` (default
-      ``(1, 1, 1)``), ``lr = loss_cfg.lambda_recon`` (default 0)): ``lf0 clip_nce(clip_raw) + tlf0 trip(clip)
-      + lf1 clip_nce(frame_raw) + tlf1 trip(frame) + lf4 clip_nce(video_raw) + tlf2 trip(video) + lf2 QDL2(query2)
-      + lf3 L_OT(clip_feats, query2) + lr recon(recon_text, query_feats, query_mask)
-      + lr recon(recon_video, frame_feats, frame_mask)``, ``trip`` = :func:`mtm_triplet_loss` and ``L_OT`` = 1.0
-      when no video has >= 2 queries (``model.py:267-270``).
+    """The official training loss of ``model_name`` -> ``(loss, terms)`` (:data:`LOSSES`), terms as in the JAX
+    ``total_loss``; ``loss_cfg`` a named loss config (:mod:`jaxprvr.config`), read into the official
+    ``lf = loss_factor`` and ``nf = neg_factor`` lists (:func:`_official_factors`).
 
     ``scores``: ``clip``, ``clip_raw``, ``frame``, ``frame_raw`` (MTM also ``video``, ``video_raw``); ``aux``:
     ``query2`` (the second ``encode_query`` pass; MTM's ``video_query``, its first) and, for v2 / MTM,
@@ -505,7 +599,7 @@ def total_loss(model_name: str, scores: Mapping[str, torch.Tensor], aux: Mapping
     (keys :func:`negative_keys`, optional ``ot_assignment``) replaces the sampling, which otherwise uses
     ``hard``, ``loss_cfg.hard_pool_size`` and ``generator``. Every term is weighted; they sum to the loss.
     """
-    _check_model(model_name)
+    terms_fn = _entry(LOSSES, model_name)
     labels = _labels_list(batch["query_labels"])
     if negatives is None:
         negatives = sample_negatives(model_name, scores, labels, hard=hard, hard_pool_size=int(loss_cfg.hard_pool_size),
@@ -514,49 +608,6 @@ def total_loss(model_name: str, scores: Mapping[str, torch.Tensor], aux: Mapping
         missing = [k for k in negative_keys(model_name) if k not in negatives]
         if missing:
             raise KeyError(f"total_loss negatives: missing {missing}")
-    margin = float(loss_cfg.margin)
-    terms: dict[str, torch.Tensor] = {}
-    if model_name == "ms_sl":
-        terms["clip_nce"] = MS_SL_CLIP_NCE_WEIGHT * clip_nce(scores["clip_raw"], labels)
-        terms["clip_trip"] = clip_triplet_loss(scores["clip"], labels, margin=margin,
-                                               t2v_negatives=negatives["clip_t2v"], v2t_negatives=negatives["clip_v2t"])
-        terms["frame_nce"] = MS_SL_FRAME_NCE_WEIGHT * frame_nce(scores["frame_raw"])
-        terms["frame_trip"] = frame_triplet_loss(scores["frame"], margin=margin, row_negatives=negatives["frame_row"],
-                                                 col_negatives=negatives["frame_col"])
-    elif model_name == "mtm":
-        lf = [float(f) for f in loss_cfg.loss_factor]
-        if len(lf) < 5:
-            raise ValueError(f"mtm loss_factor needs 5 entries [clipNCE, frameNCE, QDL, OT, videoNCE], got {lf}")
-        nf = [float(f) for f in loss_cfg.neg_factor]
-        tlf = [float(f) for f in getattr(loss_cfg, "triplet_loss_factor", (1.0, 1.0, 1.0))]
-        lambda_recon = float(getattr(loss_cfg, "lambda_recon", 0.0))
-        for key, nce_w, trip_w in (("clip", lf[0], tlf[0]), ("frame", lf[1], tlf[1]), ("video", lf[4], tlf[2])):
-            terms[f"{key}_nce"] = nce_w * clip_nce(scores[f"{key}_raw"], labels)
-            terms[f"{key}_trip"] = trip_w * mtm_triplet_loss(scores[key], labels, margin=margin,
-                                                             t2v_negatives=negatives[f"{key}_t2v"],
-                                                             v2t_negatives=negatives[f"{key}_v2t"])
-        terms["qdl"] = lf[2] * query_diverse_loss_v2(aux["query2"], labels, margin=nf[0], alpha=nf[1], lam=nf[2])
-        terms["ot"] = lf[3] * optimal_matching_loss(aux["clip_feats"], aux["query2"], labels,
-                                                    assignment=negatives.get("ot_assignment"), empty=1.0)
-        terms["recon_text"] = lambda_recon * reconstruction_loss(aux["recon_text"], batch["query_feats"],
-                                                                 batch["query_mask"])
-        terms["recon_video"] = lambda_recon * reconstruction_loss(aux["recon_video"], batch["frame_feats"],
-                                                                  batch["frame_mask"])
-    else:
-        lf = [float(f) for f in loss_cfg.loss_factor]
-        nf = [float(f) for f in loss_cfg.neg_factor]
-        terms["clip_nce"] = lf[0] * clip_nce(scores["clip_raw"], labels)
-        terms["clip_trip"] = clip_triplet_loss(scores["clip"], labels, margin=margin,
-                                               t2v_negatives=negatives["clip_t2v"], v2t_negatives=negatives["clip_v2t"])
-        terms["frame_nce"] = lf[1] * clip_nce(scores["frame_raw"], labels)
-        terms["frame_trip"] = clip_triplet_loss(scores["frame"], labels, margin=margin,
-                                                t2v_negatives=negatives["frame_t2v"],
-                                                v2t_negatives=negatives["frame_v2t"])
-        if model_name == "gmmformer":
-            terms["qdl"] = lf[2] * query_diverse_loss_v1(aux["query2"], labels, margin=nf[0], alpha=nf[1])
-        else:
-            terms["qdl"] = lf[2] * query_diverse_loss_v2(aux["query2"], labels, margin=nf[0], alpha=nf[1], lam=nf[2])
-            terms["ot"] = lf[3] * optimal_matching_loss(aux["clip_feats"], aux["query2"], labels,
-                                                        assignment=negatives.get("ot_assignment"))
+    terms = terms_fn(scores, aux, batch, labels, loss_cfg, negatives)
     loss = sum(terms.values())
     return loss, terms

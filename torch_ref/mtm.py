@@ -124,6 +124,12 @@ class MTM(QueryBranch, nn.Module):
     """Twin of the official ``MTM_Net`` (state_dict keys and order, the ``attns`` aliases included), with the
     Flax model's method and output names (:class:`jaxprvr.models.mtm.MTM`)."""
 
+    pads_to_max_length = True  # MTM data_provider.py:64-158, train and eval
+
+    def branch_weights(self) -> dict[str, float]:
+        """The fused score adds the video branch (``video_scale_w``)."""
+        return dict(super().branch_weights(), video=float(self.cfg.video_scale_w))
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg

@@ -5,14 +5,15 @@
 Official test numbers (README, text-to-video, R@1 / R@5 / R@10 / R@100 / SumR): 2.1 / 7.8 / 12.5 / 50.6 / 72.9.
 """
 
-from configs.base import Config, make_config
+from jaxprvr.config import Config, make_config
 
 
 def get_config() -> Config:
     return make_config(
         "gmmformer", "cha",
         model_kw=dict(input_drop=0.15, drop=0.15),
-        loss_kw=dict(margin=0.2, loss_factor=(0.02, 0.02, 0.005), neg_factor=(0.15, 32.0), hard_negative_start_epoch=100, hard_pool_size=20),
+        loss_kw=dict(margin=0.2, w_clip_nce=0.02, w_frame_nce=0.02, w_qdl=0.005, qdl_margin=0.15, qdl_alpha=32.0,
+                     hard_negative_start_epoch=100, hard_pool_size=20),
         train_kw=dict(lr=2.5e-4),
         data_kw=dict(),
     )

@@ -5,14 +5,15 @@
 Official test numbers (README, text-to-video, R@1 / R@5 / R@10 / R@100 / SumR): 2.5 / 8.6 / 13.9 / 53.2 / 78.2.
 """
 
-from configs.base import Config, make_config
+from jaxprvr.config import Config, make_config
 
 
 def get_config() -> Config:
     return make_config(
         "gmmformer_v2", "cha",
         model_kw=dict(input_drop=0.25, drop=0.25, sft_factor=0.6),
-        loss_kw=dict(margin=0.2, loss_factor=(0.02, 0.04, 0.003, 0.1), neg_factor=(0.2, 32.0, 1.0), hard_negative_start_epoch=20, hard_pool_size=20),
+        loss_kw=dict(margin=0.2, w_clip_nce=0.02, w_frame_nce=0.04, w_qdl=0.003, w_ot=0.1, qdl_margin=0.2,
+                     qdl_alpha=32.0, qdl_lambda=1.0, hard_negative_start_epoch=20, hard_pool_size=20),
         train_kw=dict(lr=2e-4),
         data_kw=dict(),
     )

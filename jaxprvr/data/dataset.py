@@ -7,23 +7,21 @@ shapes, so a jitted step compiles once:
 
 * :func:`train_batches`: shuffled videos, each with *all* its queries (official ``collate_train``);
 * :func:`video_batches` / :func:`query_batches`: the evaluation gallery and queries, in caption-file order;
-* :func:`prefetch`: prepares batches ahead on a background thread.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import queue
-import threading
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from configs.base import Config
+from jaxprvr.config import Config
 from jaxprvr.data.msl_format import (BIGFILE_FILES, SPLITS, QueryFeatures, VideoFeatures, read_captions,
                                      release_paths, unique_in_order, video_id_of)
+from jaxprvr.data.pipeline import ordered_map
 from jaxprvr.data.sampling import average_to_fixed_length, l2_normalize_rows, uniform_feature_sampling
 
 Batch = dict[str, np.ndarray]
@@ -228,36 +226,6 @@ def train_batches(ds: PRVRDataset, batch_size: int, epoch: int, seed: int, query
     yield from ordered_map(build, plans(), workers)
 
 
-def batch_workers(configured: int) -> int:
-    """``data.workers``: a positive value as given; 0 = auto, ``cpu_count // 4`` clamped to 1..8."""
-    if configured > 0:
-        return int(configured)
-    return max(1, min(8, (os.cpu_count() or 1) // 4))
-
-
-def ordered_map(fn, items: Iterable, workers: int) -> Iterator:
-    """``map(fn, items)`` with up to ``workers`` calls running at once on threads, results in input order.
-    At most ``workers`` results are held ahead of the consumer; ``workers <= 1`` is the plain serial map."""
-    if workers <= 1:
-        for item in items:
-            yield fn(item)
-        return
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="jaxprvr-batch")
-    pending: deque = deque()
-    try:
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _sliced_batch(ds: PRVRDataset, rows: np.ndarray, slice_size: int, slices: Sequence[int],
                   query_capacity: int) -> Batch:
     """The slices ``slices`` of one sorted batch ``rows`` (see :func:`train_batches`), concatenated."""
@@ -298,95 +266,4 @@ def query_batches(ds: PRVRDataset, batch_size: int) -> Iterator[Batch]:
         yield _query_block(ds, np.arange(start, min(start + batch_size, ds.num_queries)), batch_size)
 
 
-class _Raised:
-    """Carries an exception of the producer thread to the consumer."""
-
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-_END = object()
-
-
-def _offer(ready: queue.Queue, stop: threading.Event, item) -> bool:
-    """Puts ``item`` unless the consumer has gone; returns whether it was put."""
-    while not stop.is_set():
-        try:
-            ready.put(item, timeout=0.05)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
-def _produce(source: Iterator, ready: queue.Queue, stop: threading.Event) -> None:
-    """The producer thread. It holds no reference to its :class:`prefetch`, so that one can be collected."""
-    try:
-        for item in source:
-            if not _offer(ready, stop, item):
-                return
-        _offer(ready, stop, _END)
-    except BaseException as e:  # noqa: BLE001 - every producer failure goes to the consumer
-        _offer(ready, stop, _Raised(e))
-    finally:
-        close = getattr(source, "close", None)
-        if close is not None:
-            close()
-
-
-class prefetch:  # noqa: N801 - used like a function: ``for batch in prefetch(batches, 2)``
-    """Iterates over ``iterator`` while a background thread keeps up to ``size`` items ready.
-
-    The thread starts at once, so the first batch is prepared while the caller does other work (e.g.
-    compiles the step). An exception raised by ``iterator`` is re-raised to the consumer at the point where
-    that item would have come. If the consumer stops early, :meth:`close` (also called on ``with`` exit and
-    on garbage collection) tells the producer to stop, joins it and closes ``iterator`` from its own thread.
-    ``size == 0`` iterates synchronously, without a thread.
-    """
-
-    def __init__(self, iterator: Iterable, size: int):
-        self._thread = None
-        self._source = iter(iterator)
-        if size <= 0:
-            return
-        self._ready: queue.Queue = queue.Queue(maxsize=size)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=_produce, args=(self._source, self._ready, self._stop),
-                                        name="jaxprvr-prefetch", daemon=True)
-        self._thread.start()
-
-    def __iter__(self) -> "prefetch":
-        return self
-
-    def __next__(self):
-        if self._thread is None:
-            return next(self._source)
-        if self._stop.is_set():
-            raise StopIteration
-        item = self._ready.get()
-        if item is _END:
-            self.close()
-            raise StopIteration
-        if isinstance(item, _Raised):
-            self.close()
-            raise item.error
-        return item
-
-    def close(self) -> None:
-        """Stops the producer thread and waits for it (idempotent)."""
-        if self._thread is not None:
-            self._stop.set()
-            if self._thread is not threading.current_thread():  # __del__ may run on any thread
-                self._thread.join()
-
-    def __enter__(self) -> "prefetch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
-
-
-__all__ = ["PRVRDataset", "open_splits", "train_batches", "ordered_map", "video_batches", "query_batches", "prefetch", "Batch"]
+__all__ = ["PRVRDataset", "open_splits", "train_batches", "video_batches", "query_batches", "Batch"]

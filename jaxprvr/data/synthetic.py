@@ -33,7 +33,9 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from configs.base import DATASETS
+from jaxprvr.config import DATASETS as _TASK_DATASETS
+
+DATASETS = _TASK_DATASETS["prvr"]  # the MS-SL release facts of tvr / act / cha
 from jaxprvr.data.msl_format import SPLITS
 from jaxprvr.cli import run_cli
 from jaxprvr.errors import JaxprvrError

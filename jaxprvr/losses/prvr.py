@@ -35,7 +35,8 @@ from jaxprvr.errors import JaxprvrError
 from jaxprvr.ops.matching import gather_assigned, grouped_linear_sum_assignment
 
 __all__ = [
-    "MODEL_NAMES",
+    "LOSSES",
+    "NEGATIVES",
     "MS_SL_CLIP_NCE_WEIGHT",
     "MS_SL_FRAME_NCE_WEIGHT",
     "l2_normalize",
@@ -57,7 +58,6 @@ __all__ = [
     "total_loss",
 ]
 
-MODEL_NAMES = ("ms_sl", "gmmformer", "gmmformer_v2", "mtm")
 # Hard-coded in the official MS-SL (method/model.py:102,106), for every dataset.
 MS_SL_CLIP_NCE_WEIGHT = 0.02
 MS_SL_FRAME_NCE_WEIGHT = 0.04
@@ -368,86 +368,172 @@ def sample_square_negatives(key, scores: jax.Array, valid, *, hard: bool, pool_s
     return _draw(key, s, cand, hard=hard, pool_size=pool_size)
 
 
+# Each family's negatives: the keys of the ``negatives`` dict and the sampler drawing them.
+
+def _sample_ms_sl(scores, batch, keys, *, hard, hard_pool_size):
+    lab, qv, vv = batch["query_labels"], batch["query_valid"], batch["video_valid"]
+    return {
+        "clip_t2v": sample_t2v_negatives(keys[0], scores["clip"], lab, qv, vv, hard=hard, pool_size=hard_pool_size),
+        "clip_v2t": sample_v2t_negatives(keys[1], scores["clip"], lab, qv, vv, hard=hard, pool_size=1),
+        "frame_row": sample_square_negatives(keys[2], scores["frame"], qv, hard=hard, pool_size=hard_pool_size),
+        "frame_col": sample_square_negatives(keys[3], jnp.asarray(scores["frame"]).T, qv, hard=hard,
+                                             pool_size=hard_pool_size),
+    }
+
+
+def _sample_gmm(scores, batch, keys, *, hard, hard_pool_size):
+    """GMMFormer / v2: the hardest video per query (pool) and the single hardest query per video."""
+    lab, qv, vv = batch["query_labels"], batch["query_valid"], batch["video_valid"]
+    out = {}
+    for i, branch in enumerate(("clip", "frame")):
+        out[f"{branch}_t2v"] = sample_t2v_negatives(keys[2 * i], scores[branch], lab, qv, vv, hard=hard,
+                                                    pool_size=hard_pool_size)
+        out[f"{branch}_v2t"] = sample_v2t_negatives(keys[2 * i + 1], scores[branch], lab, qv, vv, hard=hard,
+                                                    pool_size=1)
+    return out
+
+
+def _sample_mtm(scores, batch, keys, *, hard, hard_pool_size):
+    """MTM: both directions of its three triplets uniformly from the ``hard_pool_size`` hardest
+    (MTM ``loss.py:122-128,150-153``)."""
+    lab, qv, vv = batch["query_labels"], batch["query_valid"], batch["video_valid"]
+    out = {}
+    for i, branch in enumerate(("clip", "frame", "video")):
+        out[f"{branch}_t2v"] = sample_t2v_negatives(keys[2 * i], scores[branch], lab, qv, vv, hard=hard,
+                                                    pool_size=hard_pool_size)
+        out[f"{branch}_v2t"] = sample_v2t_negatives(keys[2 * i + 1], scores[branch], lab, qv, vv, hard=hard,
+                                                    pool_size=hard_pool_size)
+    return out
+
+
+_GMM_NEGATIVES = ("clip_t2v", "clip_v2t", "frame_t2v", "frame_v2t")
+# model -> (negative keys, sampler)
+NEGATIVES = {
+    "ms_sl": (("clip_t2v", "clip_v2t", "frame_row", "frame_col"), _sample_ms_sl),
+    "gmmformer": (_GMM_NEGATIVES, _sample_gmm),
+    "gmmformer_v2": (_GMM_NEGATIVES, _sample_gmm),
+    "mtm": (_GMM_NEGATIVES + ("video_t2v", "video_v2t"), _sample_mtm),
+}
+
+
 def negative_keys(model_name: str) -> tuple[str, ...]:
     """The keys of the ``negatives`` dict :func:`total_loss` uses for ``model_name``."""
-    _check_model(model_name)
-    if model_name == "ms_sl":
-        return ("clip_t2v", "clip_v2t", "frame_row", "frame_col")
-    if model_name == "mtm":
-        return ("clip_t2v", "clip_v2t", "frame_t2v", "frame_v2t", "video_t2v", "video_v2t")
-    return ("clip_t2v", "clip_v2t", "frame_t2v", "frame_v2t")
+    return _entry(NEGATIVES, model_name)[0]
 
 
 def sample_negatives(model_name: str, scores: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], key,
                      *, hard: bool, hard_pool_size: int) -> dict[str, jax.Array]:
     """All negatives one training step of ``model_name`` needs (shapes: ``*_t2v``/``frame_row``/
-    ``frame_col`` ``(Q,)``; ``*_v2t`` ``(B,)``), drawn from ``key``. MTM draws both directions of its three
-    triplets uniformly from the ``hard_pool_size`` hardest (MTM ``loss.py:122-128,150-153``); MS-SL and
+    ``frame_col`` ``(Q,)``; ``*_v2t`` ``(B,)``), drawn from ``key`` (split once per negative key, in the order of
+    :func:`negative_keys`). MTM draws both directions of its three triplets from the hard pool; MS-SL and
     GMMFormer take the single hardest query per video."""
-    names = negative_keys(model_name)
-    keys = jax.random.split(key, len(names))
+    names, sampler = _entry(NEGATIVES, model_name)
+    return sampler(scores, batch, jax.random.split(key, len(names)), hard=hard, hard_pool_size=hard_pool_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Total loss: one function per family, ``(scores, aux, batch, cfg, negatives) -> terms``
+# ----------------------------------------------------------------------------------------------------
+
+def _entry(table, model_name):
+    if model_name not in table:
+        raise JaxprvrError("model name", f"one of {list(table)}", repr(model_name))
+    return table[model_name]
+
+
+def _ms_sl_terms(scores, aux, batch, cfg, negatives):
+    """``0.02 clipNCE(clip_raw) + clipTrip(clip) + 0.04 frameNCE(frame_raw) + frameTrip(frame)`` with the (Q, Q)
+    frame matrices; the weights are hard-coded as in ms-sl ``model.py:102-109``."""
     lab, qv, vv = batch["query_labels"], batch["query_valid"], batch["video_valid"]
-    if model_name == "mtm":
-        out = {}
-        for i, branch in enumerate(("clip", "frame", "video")):
-            out[f"{branch}_t2v"] = sample_t2v_negatives(keys[2 * i], scores[branch], lab, qv, vv, hard=hard,
-                                                        pool_size=hard_pool_size)
-            out[f"{branch}_v2t"] = sample_v2t_negatives(keys[2 * i + 1], scores[branch], lab, qv, vv, hard=hard,
-                                                        pool_size=hard_pool_size)
-        return out
-    out = {
-        "clip_t2v": sample_t2v_negatives(keys[0], scores["clip"], lab, qv, vv, hard=hard, pool_size=hard_pool_size),
-        "clip_v2t": sample_v2t_negatives(keys[1], scores["clip"], lab, qv, vv, hard=hard, pool_size=1),
+    margin = float(cfg.margin)
+    return {
+        "clip_nce": MS_SL_CLIP_NCE_WEIGHT * clip_nce(scores["clip_raw"], lab, qv, vv),
+        "clip_trip": clip_triplet_loss(scores["clip"], lab, qv, vv, margin=margin,
+                                       t2v_negatives=negatives["clip_t2v"], v2t_negatives=negatives["clip_v2t"]),
+        "frame_nce": MS_SL_FRAME_NCE_WEIGHT * frame_nce(scores["frame_raw"], qv),
+        "frame_trip": frame_triplet_loss(scores["frame"], qv, margin=margin, row_negatives=negatives["frame_row"],
+                                         col_negatives=negatives["frame_col"]),
     }
-    if model_name == "ms_sl":
-        out["frame_row"] = sample_square_negatives(keys[2], scores["frame"], qv, hard=hard,
-                                                   pool_size=hard_pool_size)
-        out["frame_col"] = sample_square_negatives(keys[3], jnp.asarray(scores["frame"]).T, qv, hard=hard,
-                                                   pool_size=hard_pool_size)
-    else:
-        out["frame_t2v"] = sample_t2v_negatives(keys[2], scores["frame"], lab, qv, vv, hard=hard,
-                                                pool_size=hard_pool_size)
-        out["frame_v2t"] = sample_v2t_negatives(keys[3], scores["frame"], lab, qv, vv, hard=hard, pool_size=1)
-    return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# Total loss
-# ----------------------------------------------------------------------------------------------------
+def _nce_and_triplets(scores, batch, cfg, negatives, branches, *, mtm):
+    """``w_<b>_nce clipNCE(<b>_raw) + t_b Trip(<b>)`` per branch: GMMFormer/v2 triplets unweighted (``t_b = 1``),
+    MTM's weighted by ``w_<b>_trip`` and counting ``margin`` for a row without negatives."""
+    lab, qv, vv = batch["query_labels"], batch["query_valid"], batch["video_valid"]
+    terms = {}
+    for b in branches:
+        terms[f"{b}_nce"] = float(getattr(cfg, f"w_{b}_nce")) * clip_nce(scores[f"{b}_raw"], lab, qv, vv)
+        terms[f"{b}_trip"] = (float(getattr(cfg, f"w_{b}_trip")) if mtm else 1.0) * clip_triplet_loss(
+            scores[b], lab, qv, vv, margin=float(cfg.margin), t2v_negatives=negatives[f"{b}_t2v"],
+            v2t_negatives=negatives[f"{b}_v2t"], no_negative_margin=mtm)
+    return terms
 
-def _check_model(model_name: str) -> None:
-    if model_name not in MODEL_NAMES:
-        raise JaxprvrError("model name", f"one of {list(MODEL_NAMES)}", repr(model_name))
+
+def _ot_term(aux, batch, cfg, negatives):
+    return float(cfg.w_ot) * optimal_matching_loss(aux["clip_feats"], aux["query2"], batch["query_labels"],
+                                                   batch["query_valid"], batch["video_valid"],
+                                                   assignment=negatives.get("ot_assignment"))
+
+
+def _qdl_v2_term(aux, batch, cfg):
+    return float(cfg.w_qdl) * query_diverse_loss_v2(aux["query2"], batch["query_labels"], batch["query_valid"],
+                                                    margin=float(cfg.qdl_margin), alpha=float(cfg.qdl_alpha),
+                                                    lam=float(cfg.qdl_lambda))
+
+
+def _gmmformer_terms(scores, aux, batch, cfg, negatives):
+    """``w_clip_nce clipNCE(clip_raw) + clipTrip(clip) + w_frame_nce clipNCE(frame_raw) + clipTrip(frame)
+    + w_qdl QDL1(query2)`` (GMMFormer ``Losses/loss.py:68-76``)."""
+    terms = _nce_and_triplets(scores, batch, cfg, negatives, ("clip", "frame"), mtm=False)
+    terms["qdl"] = float(cfg.w_qdl) * query_diverse_loss_v1(aux["query2"], batch["query_labels"], batch["query_valid"],
+                                                            margin=float(cfg.qdl_margin), alpha=float(cfg.qdl_alpha))
+    return terms
+
+
+def _gmmformer_v2_terms(scores, aux, batch, cfg, negatives):
+    """As GMMFormer with QDL2, ``+ w_ot L_OT(clip_feats, query2)`` (GMMFormer_v2 ``Losses/loss.py:71-79``)."""
+    terms = _nce_and_triplets(scores, batch, cfg, negatives, ("clip", "frame"), mtm=False)
+    terms["qdl"] = _qdl_v2_term(aux, batch, cfg)
+    terms["ot"] = _ot_term(aux, batch, cfg, negatives)
+    return terms
+
+
+def _mtm_terms(scores, aux, batch, cfg, negatives):
+    """MTM ``Losses/loss.py:76-105``: NCE + weighted triplet (hard pool both ways, ``margin`` for a row without
+    negatives) for clip, frame and video, ``+ w_qdl QDL2(query2) + w_ot L_OT(clip_feats, query2)
+    + w_recon (L_txt + L_vid)`` (``aux["recon_text"]`` vs ``batch["query_feats"]``, ``aux["recon_video"]`` vs
+    ``batch["frame_feats"]``)."""
+    terms = _nce_and_triplets(scores, batch, cfg, negatives, ("clip", "frame", "video"), mtm=True)
+    terms["qdl"] = _qdl_v2_term(aux, batch, cfg)
+    terms["ot"] = _ot_term(aux, batch, cfg, negatives)
+    rec = float(cfg.w_recon)
+    terms["recon_text"] = rec * reconstruction_loss(aux["recon_text"], batch["query_feats"], batch["query_mask"],
+                                                    batch["query_valid"])
+    terms["recon_video"] = rec * reconstruction_loss(aux["recon_video"], batch["frame_feats"], batch["frame_mask"],
+                                                     batch["video_valid"])
+    return terms
+
+
+# model -> its loss terms; the loss config type each needs (at least) is its registry row's loss_config.
+LOSSES = {"ms_sl": _ms_sl_terms, "gmmformer": _gmmformer_terms, "gmmformer_v2": _gmmformer_v2_terms,
+          "mtm": _mtm_terms}
 
 
 def total_loss(model_name: str, scores: Mapping[str, jax.Array], aux: Mapping[str, jax.Array],
                batch: Mapping[str, jax.Array], cfg, key, *, hard,
                negatives: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The official training loss of ``model_name`` -> ``(loss, terms)``.
+    """The official training loss of ``model_name`` -> ``(loss, terms)`` (:data:`LOSSES`; ``cfg`` a loss config
+    of the model's family, :mod:`jaxprvr.config`).
 
-    * ``ms_sl``: ``0.02 clipNCE(clip_raw) + clipTrip(clip) + 0.04 frameNCE(frame_raw) + frameTrip(frame)``
-      with the (Q, Q) frame matrices; the weights are hard-coded as in ms-sl ``model.py:102-109``
-      (``cfg.loss_factor`` is ignored for MS-SL).
-    * ``gmmformer``: ``lf0 clipNCE(clip_raw) + clipTrip(clip) + lf1 clipNCE(frame_raw) + clipTrip(frame)
-      + lf2 QDL1(query2)`` (GMMFormer ``Losses/loss.py:68-76``).
-    * ``gmmformer_v2``: as ``gmmformer`` with QDL2, ``+ lf3 L_OT(clip_feats, query2)``
-      (GMMFormer_v2 ``Losses/loss.py:71-79``).
-    * ``mtm`` (MTM ``Losses/loss.py:76-105``): ``lf0 clipNCE(clip_raw) + t0 Trip(clip) + lf1 clipNCE(frame_raw)
-      + t1 Trip(frame) + lf4 clipNCE(video_raw) + t2 Trip(video) + lf2 QDL2(query2) + lf3 L_OT(clip_feats, query2)
-      + lambda_recon (L_txt + L_vid)`` with ``t = cfg.triplet_loss_factor``; the triplets draw from the hard
-      pool in both directions and count ``margin`` for a row without negatives; the reconstruction terms
-      compare ``aux["recon_text"]`` with ``batch["query_feats"]`` and ``aux["recon_video"]`` with
-      ``batch["frame_feats"]`` (terms ``video_nce``, ``video_trip``, ``recon_text``, ``recon_video`` besides the
-      v2 ones).
-
-    ``terms`` holds every weighted term (``clip_nce``, ``clip_trip``, ``frame_nce``, ``frame_trip``, and
-    ``qdl``, ``ot`` where used); they sum to ``loss``. ``hard`` (a Python bool, or a traced boolean
-    scalar so that one compiled step serves both phases) switches on hard negatives (``epoch >= hard_negative_start_epoch``). ``negatives`` (keys :func:`negative_keys`)
-    replaces sampling; ``key`` is then unused. An optional ``negatives["ot_assignment"] (Q,)`` (the clip of
-    each query, -1 = none) replaces the Hungarian matching of the v2 optimal matching loss.
+    ``terms`` holds every weighted term (``clip_nce``, ``clip_trip``, ``frame_nce``, ``frame_trip``, and ``qdl``,
+    ``ot``, MTM's ``video_nce``, ``video_trip``, ``recon_text``, ``recon_video`` where used); they sum to
+    ``loss``. ``hard`` (a Python bool, or a traced boolean scalar so that one compiled step serves both phases)
+    switches on hard negatives (``epoch >= hard_negative_start_epoch``). ``negatives`` (keys
+    :func:`negative_keys`) replaces sampling; ``key`` is then unused. An optional ``negatives["ot_assignment"]
+    (Q,)`` (the clip of each query, -1 = none) replaces the Hungarian matching of the v2 optimal matching loss.
     """
-    _check_model(model_name)
-    lab, qv, vv = batch["query_labels"], batch["query_valid"], batch["video_valid"]
+    terms_fn = _entry(LOSSES, model_name)
+    _check_loss_config(model_name, cfg)
     if negatives is None:
         negatives = sample_negatives(model_name, scores, batch, key, hard=hard, hard_pool_size=cfg.hard_pool_size)
     else:
@@ -455,51 +541,13 @@ def total_loss(model_name: str, scores: Mapping[str, jax.Array], aux: Mapping[st
         if missing:
             raise JaxprvrError("total_loss negatives", f"keys {list(negative_keys(model_name))}",
                                f"{sorted(negatives)} (missing {missing})")
-    margin = float(cfg.margin)
-    terms: dict[str, jax.Array] = {}
-    if model_name == "ms_sl":
-        terms["clip_nce"] = MS_SL_CLIP_NCE_WEIGHT * clip_nce(scores["clip_raw"], lab, qv, vv)
-        terms["clip_trip"] = clip_triplet_loss(scores["clip"], lab, qv, vv, margin=margin,
-                                               t2v_negatives=negatives["clip_t2v"],
-                                               v2t_negatives=negatives["clip_v2t"])
-        terms["frame_nce"] = MS_SL_FRAME_NCE_WEIGHT * frame_nce(scores["frame_raw"], qv)
-        terms["frame_trip"] = frame_triplet_loss(scores["frame"], qv, margin=margin,
-                                                 row_negatives=negatives["frame_row"],
-                                                 col_negatives=negatives["frame_col"])
-    else:
-        lf = tuple(float(f) for f in cfg.loss_factor)
-        nf = tuple(float(f) for f in cfg.neg_factor)
-        need_lf, need_nf = {"gmmformer": (3, 2), "gmmformer_v2": (4, 3), "mtm": (5, 3)}[model_name]
-        if len(lf) < need_lf or len(nf) < need_nf:
-            raise JaxprvrError("loss config", f"loss_factor with >= {need_lf} and neg_factor with >= {need_nf} "
-                               f"entries for {model_name}", f"loss_factor={lf}, neg_factor={nf}")
-        mtm = model_name == "mtm"
-        tf = tuple(float(f) for f in cfg.triplet_loss_factor) if mtm else (1.0, 1.0, 1.0)
+    terms = terms_fn(scores, aux, batch, cfg, negatives)
+    return sum(terms.values()), terms
 
-        def trip(branch, weight):
-            return weight * clip_triplet_loss(scores[branch], lab, qv, vv, margin=margin,
-                                              t2v_negatives=negatives[f"{branch}_t2v"],
-                                              v2t_negatives=negatives[f"{branch}_v2t"], no_negative_margin=mtm)
 
-        terms["clip_nce"] = lf[0] * clip_nce(scores["clip_raw"], lab, qv, vv)
-        terms["clip_trip"] = trip("clip", tf[0])
-        terms["frame_nce"] = lf[1] * clip_nce(scores["frame_raw"], lab, qv, vv)
-        terms["frame_trip"] = trip("frame", tf[1])
-        if mtm:
-            terms["video_nce"] = lf[4] * clip_nce(scores["video_raw"], lab, qv, vv)
-            terms["video_trip"] = trip("video", tf[2])
-        if model_name == "gmmformer":
-            terms["qdl"] = lf[2] * query_diverse_loss_v1(aux["query2"], lab, qv, margin=nf[0], alpha=nf[1])
-        else:
-            terms["qdl"] = lf[2] * query_diverse_loss_v2(aux["query2"], lab, qv, margin=nf[0], alpha=nf[1],
-                                                         lam=nf[2])
-            terms["ot"] = lf[3] * optimal_matching_loss(aux["clip_feats"], aux["query2"], lab, qv, vv,
-                                                        assignment=negatives.get("ot_assignment"))
-        if mtm:
-            rec = float(cfg.lambda_recon)
-            terms["recon_text"] = rec * reconstruction_loss(aux["recon_text"], batch["query_feats"],
-                                                            batch["query_mask"], qv)
-            terms["recon_video"] = rec * reconstruction_loss(aux["recon_video"], batch["frame_feats"],
-                                                             batch["frame_mask"], vv)
-    loss = sum(terms.values())
-    return loss, terms
+def _check_loss_config(model_name: str, cfg) -> None:
+    from jaxprvr import registry
+
+    want = registry.get(model_name).loss_config
+    if not isinstance(cfg, want):
+        raise JaxprvrError("loss config", f"a {want.__name__} (or a subclass) for {model_name}", type(cfg).__name__)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from configs.base import ModelConfig
+from jaxprvr.config import ModelConfig
 from jaxprvr.models.layers import (GMM_WIDTHS, BertAttention, GMMBlock, LinearLayer, QueryBranch,
                                    attention_pool, dense, l2_normalize,
                                    max_scores, resolve_branch_impl, to_dtype, to_float32)

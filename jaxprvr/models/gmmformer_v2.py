@@ -39,7 +39,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from configs.base import ModelConfig
+from jaxprvr.config import ModelConfig
 from jaxprvr.models.layers import (DYGMM_WIDTHS, BertAttentionV2, DyGMMBlock, LinearLayer, QueryBranch,
                                    clip_frame_scores,
                                    dense, l2_normalize, max_scores, resolve_branch_impl, to_dtype,

@@ -194,6 +194,10 @@ class QueryBranch:
     def compute_dtype(self) -> Dtype:
         return resolve_compute_dtype(self.cfg)
 
+    def branch_weights(self) -> dict[str, float]:
+        """Test-time weights of the fused score ``sum_k w_k * scores[k]`` (needs no parameters)."""
+        return {"clip": self.cfg.clip_scale_w, "frame": self.cfg.frame_scale_w}
+
     def _setup_inputs(self, clip_rows: int) -> None:
         """Called from ``setup``: the positional encodings of queries (``max_desc_l`` rows), clips (``clip_rows``)
         and frames (``max_ctx_l``), and ``query_input_proj``, as every model defines them."""

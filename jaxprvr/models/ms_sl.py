@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs.base import ModelConfig
+from jaxprvr.config import ModelConfig
 from jaxprvr.models.layers import (BertAttention, LinearLayer, QueryBranch,
                                    dense, l2_normalize, max_scores, to_dtype, to_float32, to_stat)
 

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from configs.base import ModelConfig
+from jaxprvr.config import ModelConfig
 from jaxprvr.models.layers import (F32, MTM_WIDTHS, Dropout, QueryBranch, dense, layer_norm, resolve_branch_impl,
                                    softmax_f32, to_dtype, to_float32, to_stat)
 from jaxprvr.models.mamba import Mamba
@@ -161,6 +161,10 @@ class MTM(QueryBranch, nn.Module):
     cfg: ModelConfig
     scan: str = "sequential"
     widths: tuple = MTM_WIDTHS  # branch widths of the three DyGMMBlocks, code order (official: 11 branches)
+
+    def branch_weights(self) -> dict[str, float]:
+        """The fused score adds the video branch (``video_scale_w``)."""
+        return {"clip": self.cfg.clip_scale_w, "frame": self.cfg.frame_scale_w, "video": self.cfg.video_scale_w}
 
     def setup(self):
         from jaxprvr.models.layers import BertAttentionV2, DyGMMBlock, LinearLayer, TrainablePositionalEncoding

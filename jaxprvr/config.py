@@ -1,0 +1,424 @@
+"""The typed, frozen configuration schema: a base per section, one model and loss config type per family.
+
+A config is ``Config(model, data, loss, train)``. The section types come from the family's registry row
+(:mod:`jaxprvr.registry`: model and loss config types) and from its task (:data:`DATA_CONFIGS`: the data
+config type), so a family's fields never sit beside another family's: ``--set model.sft_factor=0.5`` on
+MS-SL is an error that lists MS-SL's model fields.
+
+Each ``configs/<model>/<dataset>.py`` has a ``get_config()`` returning one, with the official
+hyperparameters (:func:`make_config`). :func:`load_config` finds it (``"tvr"``: the default model of that
+dataset; ``"gmmformer_v2/act"``: a file by name). Overrides go through :func:`apply_overrides`
+(``--set train.lr=1e-4``), which checks that the key exists and converts the value to the field's type, so a
+typo fails at load time; a field that was renamed gives an error naming its new name(s) (:data:`RENAMED`).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import pkgutil
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from jaxprvr.errors import JaxprvrError
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+# Dataset names per task -> on-disk facts. Each fact is written into every config section (model, data) that
+# has a field of that name (make_config). PRVR: the MS-SL feature release, named as the official ``-d`` flags
+# (docs/data.md): visual feature folder and dims.
+DATASETS: dict[str, dict[str, dict[str, Any]]] = {
+    "prvr": {
+        "tvr": dict(collection="tvr", visual_feature="i3d_resnet", visual_feat_dim=3072, q_feat_size=768),
+        "act": dict(collection="activitynet", visual_feature="i3d", visual_feat_dim=1024, q_feat_size=1024),
+        "cha": dict(collection="charades", visual_feature="i3d_rgb_lgi", visual_feat_dim=1024, q_feat_size=1024),
+    },
+}
+
+
+def task_of_dataset(dataset: str) -> str:
+    for task, table in DATASETS.items():
+        if dataset in table:
+            return task
+    raise JaxprvrError("--config", f"a dataset in {all_datasets()} or <model>/<dataset>", repr(dataset))
+
+
+def all_datasets() -> list[str]:
+    return [d for table in DATASETS.values() for d in table]
+
+
+# ---------------------------------------------------------------------------------------------- base sections
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Fields every model has."""
+
+    name: str = ""
+    # Compute dtype of activations and matmuls: "float32" (official, the parity suites) or "bfloat16"
+    # (parameters, optimizer state, softmax/LayerNorm statistics, scan states, scores and losses stay float32;
+    # jaxprvr.models.layers.resolve_compute_dtype validates it when the model is built).
+    compute_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Fields every task's data section has."""
+
+    dataset: str = ""
+    prefetch: int = 2  # batches prepared ahead on a background thread (0 = synchronous)
+    # Threads building training batches in parallel (batches and their order do not change); 0 = auto:
+    # cpu_count // 4, between 1 and 8 (on 2 cores a pool is slower than one thread: benchmarks.prvr "input").
+    workers: int = 0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Base of the per-family loss sections (no common field)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The generic loop's fields (jaxprvr.train) and the optimizer recipe's common ones."""
+
+    lr: float = 3e-4
+    lr_warmup_proportion: float = 0.01
+    wd: float = 0.01
+    batch_size: int = 128  # PRVR: videos per batch (all their queries come along)
+    n_epoch: int = 100
+    max_es_cnt: int = 10  # early stopping: stop once this many epochs in a row did not improve (-1: never)
+    seed: int = 9527
+    max_grad_norm: float = 1.0  # BertAdam's per-tensor clip
+    log_every: int = 10
+    # Exponential moving average of the weights (MTM Opts/optimization.py EMA), updated after every step;
+    # validation, test and the "best" selection then use the averaged weights.
+    use_ema: bool = False
+    ema_decay: float = 0.9995
+    ckpt_every_steps: int = 0  # 0: save "latest" at each epoch end only
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- PRVR
+
+@dataclass(frozen=True)
+class PRVRDataConfig(DataConfig):
+    """The MS-SL feature release (jaxprvr.data.dataset): collection folder, feature name, lengths, eval blocks."""
+
+    collection: str = "tvr"
+    visual_feature: str = "i3d_resnet"
+    max_desc_l: int = 30  # the three length fields follow the model section's (_sync)
+    max_ctx_l: int = 128
+    map_size: int = 32
+    eval_query_bsz: int = 50
+    eval_context_bsz: int = 100
+    query_capacity_multiple: int = 8  # padded query count per batch is rounded up to this
+
+
+@dataclass(frozen=True)
+class PRVRModelConfig(ModelConfig):
+    """Fields of every PRVR model (the shared query branch, inputs and the fused test-time score)."""
+
+    hidden_size: int = 384
+    n_heads: int = 4
+    input_drop: float = 0.1  # dropout inside LinearLayer (before the Linear) and after the positional LN
+    drop: float = 0.1  # attention-probability and hidden dropout
+    q_feat_size: int = 768
+    visual_feat_dim: int = 3072  # overwritten from shape.txt at run time
+    max_desc_l: int = 30
+    max_ctx_l: int = 128
+    map_size: int = 32
+    # Test-time branch weights of the fused score.
+    clip_scale_w: float = 0.7
+    frame_scale_w: float = 0.3
+
+
+@dataclass(frozen=True)
+class MSSLConfig(PRVRModelConfig):
+    name: str = "ms_sl"
+
+
+@dataclass(frozen=True)
+class GMMConfig(PRVRModelConfig):
+    """The Gaussian-mixture families (GMMFormer, GMMFormer v2, MTM)."""
+
+    # How the K Gaussian attention branches of a GMMBlock/DyGMMBlock run (same math, same parameter layout):
+    # "batched" (one vmapped computation: ~30% fewer XLA ops, 22-36% shorter compiles), "loop" (K separate
+    # modules: on 2 CPU cores their independent ops keep both cores busy, a train step up to 9% faster), or "auto"
+    # ("loop" on CPU, "batched" on GPU/TPU). docs/benchmarks.md has the measurements.
+    branch_impl: str = "auto"
+
+
+@dataclass(frozen=True)
+class GMMFormerConfig(GMMConfig):
+    name: str = "gmmformer"
+    # GMMFormer v1 quirk: the Gaussian grid of the frame branch is built on the padded *batch* length.
+    # False (official) keeps that; True builds it on the fixed max_ctx_l (docs/quirks.md).
+    gmm_fixed_length: bool = False
+
+
+@dataclass(frozen=True)
+class GMMFormerV2Config(GMMConfig):
+    name: str = "gmmformer_v2"
+    sft_factor: float = 0.09  # temperature of the softmax over Gaussian branches (TCM)
+
+
+@dataclass(frozen=True)
+class MTMConfig(GMMFormerV2Config):
+    name: str = "mtm"
+    video_scale_w: float = 0.0  # test-time weight of the third (video-level) branch
+    num_mamba_layers: int = 2  # (Mamba, LayerNorm) pairs in the clip and frame branches (config.num_mamba_layers)
+
+
+@dataclass(frozen=True)
+class PRVRLossConfig(LossConfig):
+    """MS-SL's loss fields; its NCE weights are hard-coded officially (jaxprvr.losses.prvr.MS_SL_*_WEIGHT)."""
+
+    margin: float = 0.1  # triplet margin
+    hard_negative_start_epoch: int = 20
+    hard_pool_size: int = 20
+
+
+@dataclass(frozen=True)
+class GMMFormerLossConfig(PRVRLossConfig):
+    """GMMFormer ``loss_factor = [w_clip_nce, w_frame_nce, w_qdl]``, ``neg_factor = [qdl_margin, qdl_alpha]``."""
+
+    w_clip_nce: float = 0.05
+    w_frame_nce: float = 0.04
+    w_qdl: float = 1e-3
+    qdl_margin: float = 0.15  # m_q of the query diverse loss
+    qdl_alpha: float = 32.0  # its scale
+
+
+@dataclass(frozen=True)
+class GMMFormerV2LossConfig(GMMFormerLossConfig):
+    """v2 adds ``loss_factor[3] = w_ot`` (optimal matching) and ``neg_factor[2] = qdl_lambda`` (QDL v2 focal power)."""
+
+    w_qdl: float = 8e-5
+    w_ot: float = 0.09
+    qdl_lambda: float = 1.0
+
+
+@dataclass(frozen=True)
+class MTMLossConfig(GMMFormerV2LossConfig):
+    """MTM adds ``loss_factor[4] = w_video_nce``, ``triplet_loss_factor = [w_clip_trip, w_frame_trip,
+    w_video_trip]`` and ``lambda_recon = w_recon`` (text + video reconstruction)."""
+
+    w_video_nce: float = 0.0
+    w_clip_trip: float = 1.0
+    w_frame_trip: float = 1.0
+    w_video_trip: float = 1.0
+    w_recon: float = 0.0
+
+
+DATA_CONFIGS: dict[str, type] = {"prvr": PRVRDataConfig}
+
+# Old names -> the fields that replaced them (an override or make_config with an old name is an error naming them).
+RENAMED = {
+    "loss.loss_factor": "loss.w_clip_nce, loss.w_frame_nce, loss.w_qdl, loss.w_ot, loss.w_video_nce (in that order)",
+    "loss.neg_factor": "loss.qdl_margin, loss.qdl_alpha, loss.qdl_lambda (in that order)",
+    "loss.triplet_loss_factor": "loss.w_clip_trip, loss.w_frame_trip, loss.w_video_trip (in that order)",
+    "loss.lambda_recon": "loss.w_recon",
+}
+
+# Fields that the one flat PRVR ModelConfig of earlier versions held for every model, with their defaults: a
+# checkpoint config.json of those versions lists them for every model. On reading, such a field that the
+# model's own config type lacks is dropped only when it holds this default (it then meant nothing).
+_LEGACY_MODEL_DEFAULTS = {"sft_factor": 0.09, "video_scale_w": 0.0, "gmm_fixed_length": False,
+                          "num_mamba_layers": 2, "branch_impl": "auto"}
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def _row(model: str):
+    from jaxprvr import registry
+
+    return registry.get(model)
+
+
+def _fill(cls, facts: dict, given: dict | None, section: str):
+    """``cls(**given)`` with the dataset facts of the fields ``cls`` has; renamed or unknown keys are errors."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = dict(given or {})
+    for k in given:
+        if k not in names:
+            _unknown(f"{section}.{k}", section, cls)
+    return cls(**{**{k: v for k, v in facts.items() if k in names}, **given})
+
+
+def make_config(model: str, dataset: str, *, model_kw=None, data_kw=None, loss_kw=None, train_kw=None) -> Config:
+    """A Config of ``model``'s section types, with the dataset facts of :data:`DATASETS` filled in."""
+    row = _row(model)
+    task = task_of_dataset(dataset)
+    if row.task != task:
+        raise JaxprvrError("config", f"a {row.task} dataset for {model} ({sorted(DATASETS[row.task])})",
+                           f"{dataset!r}, a {task} dataset")
+    facts = DATASETS[task][dataset]
+    m = _fill(row.model_config, facts, {"name": model, **(model_kw or {})}, "model")
+    d = _fill(DATA_CONFIGS[task], facts, {"dataset": dataset, **(data_kw or {})}, "data")
+    cfg = Config(model=m, data=d, loss=_fill(row.loss_config, facts, loss_kw, "loss"),
+                 train=_fill(TrainConfig, facts, train_kw, "train"))
+    return _sync(cfg)
+
+
+def model_config_from_dict(d: dict, where: str = "checkpoint config") -> ModelConfig:
+    """Rebuilds a model config saved as JSON (tuples come back as lists) as its family's type; unknown keys are
+    errors (a field of the flat schema of earlier versions holding its default is dropped: it meant nothing)."""
+    if "name" not in d:
+        raise JaxprvrError(where, "a model config with a 'name'", f"keys {sorted(d)}")
+    cls = _row(d["name"]).model_config
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(k for k in set(d) - set(hints)
+                     if not (k in _LEGACY_MODEL_DEFAULTS and d[k] == _LEGACY_MODEL_DEFAULTS[k]))
+    if unknown:
+        raise JaxprvrError(where, f"model fields of {sorted(hints)}", f"unknown {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in hints})
+
+
+def _convert(value: str, typ: Any, key: str):
+    """Converts the text of ``--set key=value`` to the declared field type."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        low = value.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise JaxprvrError(f"--set {key}", "a boolean (true/false)", repr(value))
+    if typ in (int, float):
+        try:
+            return typ(value) if typ is float else int(value)
+        except ValueError:
+            raise JaxprvrError(f"--set {key}", f"a {typ.__name__}", repr(value)) from None
+    if typ is str:
+        return value
+    if origin is tuple:
+        (elem, _ellipsis) = typing.get_args(typ)
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(parsed, (list, tuple)):
+            parsed = [parsed]
+        return tuple(elem(v) if not isinstance(v, str) else _convert(v.strip(), elem, key) for v in parsed)
+    raise JaxprvrError(f"--set {key}", "a field of a supported type", str(typ))
+
+
+def _unknown(key: str, section: str, cls) -> None:
+    if key in RENAMED:
+        raise JaxprvrError(f"--set {key}", f"the new name(s) {RENAMED[key]}", f"the old name {key!r}")
+    fields = sorted(typing.get_type_hints(cls))
+    raise JaxprvrError(f"--set {key}", f"a field of {section} ({cls.__name__}): {fields}", repr(key.split('.')[-1]))
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
+    """Applies ``section.field=value`` overrides; unknown sections or fields are errors."""
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    for key, value in items:
+        parts = key.split(".")
+        if len(parts) != 2:
+            raise JaxprvrError(f"--set {key}", "a key of the form section.field (e.g. train.lr)", repr(key))
+        section, name = parts
+        sections = {f.name: f for f in dataclasses.fields(cfg)}
+        if section not in sections:
+            raise JaxprvrError(f"--set {key}", f"a section in {sorted(sections)}", repr(section))
+        sub = getattr(cfg, section)
+        hints = typing.get_type_hints(type(sub))
+        if name not in hints:
+            _unknown(key, section, type(sub))
+        if name == "name" and section == "model":
+            raise JaxprvrError(f"--set {key}", "--model to choose the model", "model.name")
+        if isinstance(value, str):
+            value = _convert(value, hints[name], key)
+        sub = dataclasses.replace(sub, **{name: value})
+        cfg = dataclasses.replace(cfg, **{section: sub})
+    return _sync(cfg)
+
+
+def _split(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise JaxprvrError("--set", "key=value", repr(text))
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _sync(cfg: Config) -> Config:
+    """Keeps the fields that model and data share (PRVR's lengths) equal: the model's are authoritative."""
+    model_fields = {f.name for f in dataclasses.fields(cfg.model)} - {"name"}
+    shared = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(cfg.data) if f.name in model_fields}
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **shared)) if shared else cfg
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def configs_of(model: str) -> list[str]:
+    """The datasets that have a ``configs/<model>/<dataset>.py`` file."""
+    try:
+        pkg = importlib.import_module(f"configs.{model}")
+    except ModuleNotFoundError:
+        return []
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+
+
+def load_config(name: str, model: str | None = None, overrides=()) -> Config:
+    """``name``: a dataset (its default model, or ``model``) or ``<model>/<dataset>``; then the overrides."""
+    from jaxprvr import registry
+
+    if "/" in name:
+        model_from_name, name = name.split("/", 1)
+        if model is not None and model != model_from_name:
+            raise JaxprvrError("--model", f"{model_from_name} (named by --config)", repr(model))
+        model = model_from_name
+    task_of_dataset(name)  # an unknown dataset is an error listing them all
+    model = model or registry.DEFAULT_MODEL.get(name)
+    if model is None:
+        raise JaxprvrError("--config", f"--model with dataset {name!r} (it has no default model)", "no --model")
+    registry.get(model)  # an unknown model is an error listing the registry
+    have = configs_of(model)
+    if name not in have:
+        raise JaxprvrError("--config", f"one of the configs of {model}: {have}", repr(name))
+    cfg = importlib.import_module(f"configs.{model}.{name}").get_config()
+    return apply_overrides(cfg, list(overrides))
+
+
+def config_table() -> list[dict]:
+    """One row per dataset: its task, the models with a config file for it, and the default model."""
+    from jaxprvr import registry
+
+    rows = []
+    for task, table in DATASETS.items():
+        for ds in table:
+            models = [m for m in registry.names() if ds in configs_of(m)]
+            rows.append({"config": ds, "task": task, "models": models, "default": registry.DEFAULT_MODEL.get(ds)})
+    return rows
+
+
+def format_config_table() -> str:
+    lines = ["| config | task | models (default first) |", "|---|---|---|"]
+    for r in config_table():
+        ms = sorted(r["models"], key=lambda m: m != r["default"])
+        lines.append(f"| {r['config']} | {r['task']} | " + ", ".join(f"**{m}**" if m == r["default"] else m
+                                                                      for m in ms) + " |")
+    return "\n".join(lines)
+
+
+def model_config(name: str, **kw) -> ModelConfig:
+    """``name``'s model config type with ``kw`` (the defaults are the TVR dims): ``model_config("mtm", hidden_size=32)``."""
+    return _row(name).model_config(**kw)
+
+
+def loss_config(name: str, **kw) -> LossConfig:
+    """``name``'s loss config type with ``kw``."""
+    return _row(name).loss_config(**kw)

@@ -1,0 +1,85 @@
+"""The family registry: one row per model, the only place that lists them.
+
+A row names the model's Flax class, its config types (:mod:`jaxprvr.config`), its task (:mod:`jaxprvr.tasks`),
+its PyTorch twin and its parity module (key table, block specs, official-file writer). Classes are given as
+``"module:attr"`` strings and imported on first use, so reading the table imports neither Flax models nor
+torch. Everything that lists models (``--model`` choices and errors, the config table, the parity drivers,
+the benchmarks) reads :func:`names` / :func:`get`; adding a family adds one row here (docs/adding-a-model.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from jaxprvr import config as C
+from jaxprvr.errors import JaxprvrError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the --model name, the configs/<name>/ folder, the parity/<name>.py module
+    label: str  # as the papers write it
+    task: str  # a module of jaxprvr.tasks
+    model: str  # "module:Class" of the Flax model
+    model_config: type
+    loss_config: type
+    twin: str  # "module:Class" of the PyTorch twin (official module names and state_dict keys)
+    parity: str  # module with the key table, block specs and official-file writer
+    official: str  # the official repository (owner/name)
+    demo: tuple[tuple[str, str], ...] = ()  # --set pairs --demo adds for this model on top of its task's
+
+    def demo_overrides(self) -> list[str]:
+        """The ``--set`` list ``--demo`` applies: the task's, then the family's."""
+        merged = {**self.task_module().TASK.demo_overrides, **dict(self.demo)}
+        return [f"{k}={v}" for k, v in merged.items()]
+
+    def model_class(self):
+        return _load(self.model)
+
+    def twin_class(self):
+        return _load(self.twin)
+
+    def parity_module(self):
+        return importlib.import_module(self.parity)
+
+    def task_module(self):
+        return importlib.import_module(f"jaxprvr.tasks.{self.task}")
+
+
+def _load(ref: str):
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("ms_sl", "MS-SL", "prvr", "jaxprvr.models.ms_sl:MSSL", C.MSSLConfig, C.PRVRLossConfig,
+           "torch_ref.ms_sl:MSSL", "parity.ms_sl", "HuiGuanLab/ms-sl"),
+    Family("gmmformer", "GMMFormer", "prvr", "jaxprvr.models.gmmformer:GMMFormer", C.GMMFormerConfig,
+           C.GMMFormerLossConfig, "torch_ref.gmmformer:GMMFormer", "parity.gmmformer", "huangmozhi9527/GMMFormer"),
+    Family("gmmformer_v2", "GMMFormer v2", "prvr", "jaxprvr.models.gmmformer_v2:GMMFormerV2", C.GMMFormerV2Config,
+           C.GMMFormerV2LossConfig, "torch_ref.gmmformer_v2:GMMFormerV2", "parity.gmmformer_v2",
+           "huangmozhi9527/GMMFormer_v2"),
+    # MTM is about 4x the work of GMMFormer v2 per step at equal width (three 11-branch DyGMM blocks, the Mamba
+    # stacks, and a video reconstructor of 4*hidden x 128*3072 weights): its demo runs 64 wide.
+    Family("mtm", "MTM", "prvr", "jaxprvr.models.mtm:MTM", C.MTMConfig, C.MTMLossConfig, "torch_ref.mtm:MTM",
+           "parity.mtm", "tianxinlin666/MTM", demo=(("model.hidden_size", "64"),)),
+)}
+
+# The model `--config <dataset>` trains when no --model is given: the strongest implemented on that dataset.
+DEFAULT_MODEL = {"tvr": "mtm", "act": "mtm", "cha": "mtm"}
+
+
+def names(task: str | None = None) -> tuple[str, ...]:
+    return tuple(n for n, f in FAMILIES.items() if task is None or f.task == task)
+
+
+def get(name: str) -> Family:
+    if name not in FAMILIES:
+        raise JaxprvrError("--model", f"one of {list(FAMILIES)}", repr(name))
+    return FAMILIES[name]
+
+
+def family_of(cfg) -> Family:
+    """The row of a Config or of a model config."""
+    return get(getattr(cfg, "model", cfg).name)
