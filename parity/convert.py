@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import importlib
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -52,7 +51,6 @@ import numpy as np
 from jaxprvr.errors import JaxprvrError
 from parity.keys import Entry, to_flax, to_torch
 
-MODEL_NAMES = ("ms_sl", "gmmformer", "gmmformer_v2", "mtm")
 NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")  # official weight-decay groups (Opts/builder.py)
 
 
@@ -65,24 +63,25 @@ class ConversionError(JaxprvrError):
         super().__init__(where, expected, found, hint)
 
 
+def spec(model_name: str):
+    """The parity spec of ``model_name`` (its registry row's ``parity`` module: key table, official files)."""
+    from jaxprvr import registry
+
+    return registry.get(model_name).parity_module().SPEC
+
+
 def table(model_name) -> tuple[Entry, ...]:
     """The key table of ``model_name``, in the official ``state_dict`` order. A sequence of
     :class:`parity.keys.Entry` (e.g. ``keys.mamba_layer("")`` for one layer) is used as the table itself."""
     if not isinstance(model_name, str):
         return tuple(model_name)
-    if model_name not in MODEL_NAMES:
-        raise JaxprvrError("--model", f"one of {list(MODEL_NAMES)}", repr(model_name))
-    return importlib.import_module(f"parity.{model_name}").TABLE
+    return spec(model_name).table
 
 
 def model_table(model_cfg):
-    """The key-table argument for a model config: ``model_cfg.name``, or for MTM with other than the official 2
-    Mamba layers per branch the table built for that count (:func:`parity.mtm.make_table`)."""
-    if model_cfg.name == "mtm" and int(getattr(model_cfg, "num_mamba_layers", 2)) != 2:
-        from parity.mtm import make_table
-
-        return make_table(int(model_cfg.num_mamba_layers))
-    return model_cfg.name
+    """The key-table argument for a model config: its family's (``spec.table_for``: e.g. MTM with other than the
+    official 2 Mamba layers per branch gets the table built for that count)."""
+    return spec(model_cfg.name).table_for(model_cfg)
 
 
 # ------------------------------------------------------------------------------------------ arrays
@@ -315,81 +314,25 @@ def zero_bert_adam_state(params):
 # ------------------------------------------------------------------------------------------ official files
 
 
-def official_model_cfg(cfg) -> dict:
-    """The ``model_cfg`` MS-SL saves (``method/train.py:233-247``), from a jaxprvr config."""
-    m = cfg.model
-    return dict(visual_input_size=m.visual_feat_dim, query_input_size=m.q_feat_size, hidden_size=m.hidden_size,
-                max_ctx_l=m.max_ctx_l, max_desc_l=m.max_desc_l, map_size=m.map_size, input_drop=m.input_drop,
-                device=[0], drop=m.drop, n_heads=m.n_heads, initializer_range=0.02, margin=cfg.loss.margin,
-                use_hard_negative=False, hard_pool_size=cfg.loss.hard_pool_size)
-
-
 def official_config(cfg) -> dict:
-    """The ``cfg`` dict GMMFormer/v2 save in ``best.ckpt`` (``src/Configs/<ds>.py`` keys), from a jaxprvr config."""
-    m, d, lo, t = cfg.model, cfg.data, cfg.loss, cfg.train
-    out = dict(model_name=m.name, dataset_name=d.dataset, seed=t.seed, visual_feature=d.visual_feature,
-               collection=d.collection, map_size=m.map_size, clip_scale_w=m.clip_scale_w,
-               frame_scale_w=m.frame_scale_w, batchsize=t.batch_size, lr=t.lr,
-               lr_warmup_proportion=t.lr_warmup_proportion, wd=t.wd, margin=lo.margin, n_epoch=t.n_epoch,
-               max_es_cnt=t.max_es_cnt, hard_negative_start_epoch=lo.hard_negative_start_epoch,
-               hard_pool_size=lo.hard_pool_size, use_hard_negative=False, loss_factor=list(lo.loss_factor),
-               neg_factor=list(lo.neg_factor), eval_query_bsz=d.eval_query_bsz, eval_context_bsz=d.eval_context_bsz,
-               max_desc_l=m.max_desc_l, max_ctx_l=m.max_ctx_l, sub_feat_size=768, q_feat_size=m.q_feat_size,
-               visual_feat_dim=m.visual_feat_dim, max_position_embeddings=300, hidden_size=m.hidden_size,
-               n_heads=m.n_heads, input_drop=m.input_drop, drop=m.drop, initializer_range=0.02)
-    if m.name in ("gmmformer_v2", "mtm"):
-        out["sft_factor"] = m.sft_factor
-    if m.name == "mtm":  # MTM src/Configs/<ds>.py additions
-        out.update(video_scale_w=m.video_scale_w, num_mamba_layers=m.num_mamba_layers,
-                   triplet_loss_factor=list(lo.triplet_loss_factor), lambda_recon=lo.lambda_recon,
-                   use_ema=t.use_ema, ema_decay=t.ema_decay)
-    return out
+    """The ``cfg`` dict the GMMFormer family saves in ``best.ckpt``, from a jaxprvr config (the family's spec)."""
+    return spec(cfg.model.name).official_config(cfg)
 
 
 def write_official(path, cfg, params, *, opt_state=None, epoch: int = 0, model_val=None,
                    steps_per_epoch: int | None = None, ema_shadow=None) -> Path:
-    """Writes ``params`` (and the BertAdam moments, GMMFormer/v2/MTM) in the official file layout of
-    ``cfg.model.name``. ``opt_state``: a :class:`jaxprvr.optim.BertAdamState`, or an
-    :class:`jaxprvr.optim.EmaState` whose ``shadow`` becomes MTM's ``ema_shadow`` (unless ``ema_shadow``, a Flax
-    params tree, is given)."""
-    from jaxprvr.optim import EmaState
-    from torch_ref.checkpoints import save_official
-
-    name = cfg.model.name
-    tab = model_table(cfg.model)
-    if isinstance(opt_state, EmaState):
-        ema_shadow = opt_state.shadow if ema_shadow is None else ema_shadow
-        opt_state = opt_state.inner
-    if ema_shadow is not None and name != "mtm":
-        raise JaxprvrError("ema_shadow", "an MTM checkpoint (the official EMA is MTM's)", f"a {name} one")
-    sd = flax_to_torch(tab, params)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if name == "ms_sl":
-        save_official(tmp, name, sd, epoch=epoch, model_cfg=official_model_cfg(cfg))
-    else:
-        t_total = -1 if steps_per_epoch is None else steps_per_epoch * cfg.train.n_epoch
-        kw = dict(lr=cfg.train.lr, warmup=cfg.train.lr_warmup_proportion, t_total=t_total)
-        if opt_state is not None:
-            optimizer = optimizer_to_torch(tab, opt_state, **kw)
-        else:
-            from torch_ref.checkpoints import bert_adam_state
-
-            optimizer = bert_adam_state([e.torch for e in table(tab) if not e.alias], **kw)
-        extra = {} if ema_shadow is None else {"ema_shadow": shadow_to_torch(tab, ema_shadow)}
-        save_official(tmp, name, sd, epoch=epoch, config=official_config(cfg),
-                      model_val=list(model_val) if model_val is not None else [0.0] * 5, optimizer=optimizer,
-                      **extra)
-    tmp.replace(path)  # never leaves a half-written file under the final name
-    return path
+    """Writes ``params`` (and the optimizer state, where the official file has one) in the official file layout
+    of ``cfg.model.name`` (the family's spec writes it; e.g. :meth:`parity.prvr.PRVRSpec.write_official`)."""
+    return spec(cfg.model.name).write_official(path, cfg, params, opt_state=opt_state, epoch=epoch,
+                                               model_val=model_val, steps_per_epoch=steps_per_epoch,
+                                               ema_shadow=ema_shadow)
 
 
 # ------------------------------------------------------------------------------------------ CLI
 
 
 def _load_config(args):
-    from configs import load_config
+    from jaxprvr.config import load_config
 
     cfg = load_config(args.config, args.model, list(args.overrides))
     if cfg.model.name != args.model:
@@ -430,18 +373,8 @@ def _saved_opt_state_is_ema(opt_dir: Path) -> bool | None:
         return None
 
 
-def _official_best_sumr(model_val) -> float:
-    try:
-        vals = [float(x) for x in model_val]
-        return vals[4] if len(vals) >= 5 else -1.0
-    except TypeError:
-        return -1.0
-
-
 def torch2jax(args) -> dict:
     import jax
-
-    from torch_ref.checkpoints import load_official
 
     from jaxprvr.checkpoint import Checkpoints
     from jaxprvr.optim import EmaState
@@ -449,8 +382,9 @@ def torch2jax(args) -> dict:
     src = Path(args.input)
     if not src.is_file():
         raise JaxprvrError(src, "an official checkpoint file (model.ckpt / best.ckpt)", "no such file")
+    fam = spec(args.model)
     try:
-        ck = load_official(src)
+        ck = fam.read_official(src)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad input file
         raise JaxprvrError(src, "an official checkpoint file (model.ckpt / best.ckpt)",
                            f"{type(e).__name__}: {e}") from None
@@ -485,7 +419,7 @@ def torch2jax(args) -> dict:
         raise JaxprvrError(out, "an output folder without checkpoints", "an existing ckpt/ folder",
                            hint="pass --force to replace it")
     epoch = int(ck.epoch) if ck.epoch is not None else -1
-    best_sumr = _official_best_sumr(ck.model_val)
+    best_metric, best_value = fam.official_best(ck)
     meta = dict(config=cfg.to_dict(), source=str(src.absolute()), source_layout=ck.layout, epoch=epoch)
     slots = ("best", "latest") if opt_state is not None else ("best",)
     ckpts = Checkpoints(ckpt_dir, slots=slots)
@@ -494,7 +428,7 @@ def torch2jax(args) -> dict:
     ckpts.save("best", step, params, ema_state, meta=meta)
     if opt_state is not None:
         resume = dict(meta, global_step=step, next_epoch=epoch + 1, step_in_epoch=0, es_cnt=0,
-                      best_sumr=best_sumr, best_epoch=epoch, stopped=False)
+                      best_epoch=epoch, stopped=False, **{f"best_{best_metric}": best_value})
         ckpts.save("latest", step, params, ema_state if ema_state is not None else opt_state, resume)
     ckpts.close()
     return dict(model=args.model, input=str(src), out=str(out), tensors=len(table(tab)),
@@ -506,7 +440,7 @@ def torch2jax(args) -> dict:
 def jax2torch(args) -> dict:
     import jax
 
-    from configs.base import model_config_from_dict
+    from jaxprvr.config import model_config_from_dict
     from jaxprvr.checkpoint import read_meta, resolve_params_dir
 
     step_dir = resolve_params_dir(args.input)
@@ -516,7 +450,7 @@ def jax2torch(args) -> dict:
     if saved is not None:
         if saved.get("name") != args.model:
             raise JaxprvrError(step_dir, f"a checkpoint of --model {args.model}", f"one of {saved.get('name')}")
-        from configs.base import apply_overrides
+        from jaxprvr.config import apply_overrides
 
         cfg = apply_overrides(dataclasses.replace(cfg, model=model_config_from_dict(saved)), list(args.overrides))
     abstract = _abstract_params(cfg)
@@ -547,26 +481,29 @@ def jax2torch(args) -> dict:
     # a converted checkpoint records the official epoch; a jaxprvr run saves both slots after next_epoch += 1
     epoch = int(meta["epoch"]) if "epoch" in meta else int(meta.get("next_epoch", 1)) - 1
     ema_note = None
-    if ema_shadow is not None and args.model != "mtm":
+    if ema_shadow is not None and not spec(args.model).has_ema:
         ema_shadow, ema_note = None, f"EMA weights not exported: the official {args.model} file has no 'ema_shadow'"
     elif ema_shadow is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, use_ema=True))
     path = write_official(args.output, cfg, params, opt_state=jax.device_get(opt_state), epoch=epoch,
                           model_val=model_val, steps_per_epoch=args.steps_per_epoch, ema_shadow=ema_shadow)
     return dict(model=args.model, input=str(step_dir), output=str(path), tensors=len(table(model_table(cfg.model))),
-                layout="model.ckpt" if args.model == "ms_sl" else "best.ckpt",
+                layout=spec(args.model).official_layout,
                 optimizer_state=opt_state is not None, epoch=epoch, ema_shadow=ema_shadow is not None,
                 **({"note": ema_note} if ema_note else {}))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jaxprvr import registry
+    from jaxprvr.config import all_datasets
+
     p = argparse.ArgumentParser(prog="python -m parity.convert",
-                                description="Convert PRVR checkpoints between the official PyTorch code and jaxprvr.")
+                                description="Convert checkpoints between the official PyTorch code and jaxprvr.")
     sub = p.add_subparsers(dest="direction", required=True)
 
     def common(sp):
-        sp.add_argument("--model", required=True, choices=MODEL_NAMES)
-        sp.add_argument("--config", required=True, help="dataset (tvr|act|cha) or <model>/<dataset>")
+        sp.add_argument("--model", required=True, choices=registry.names())
+        sp.add_argument("--config", required=True, help=f"dataset ({'|'.join(all_datasets())}) or <model>/<dataset>")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (e.g. model.hidden_size=256) to match the checkpoint")
 
@@ -579,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     j2t = sub.add_parser("jax2torch", help="jaxprvr checkpoint (run, slot or step folder) -> official file")
     common(j2t)
     j2t.add_argument("input", help="a run folder, ckpt/<slot> folder or step folder")
-    j2t.add_argument("output", help="official file to write (model.ckpt for MS-SL, best.ckpt otherwise)")
+    j2t.add_argument("output", help="official file to write (its family's layout: model.ckpt for MS-SL, best.ckpt "
+                                    "for the GMMFormer family and MTM)")
     j2t.add_argument("--no-optimizer", action="store_true", help="do not export the BertAdam moments")
     j2t.add_argument("--steps-per-epoch", type=int, default=None,
                      help="len(train_loader), to record the official schedule's t_total (default: -1)")

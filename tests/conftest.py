@@ -50,8 +50,8 @@ def tiny_root(tmp_path_factory):
 # heads of the two halves. (All at the front of the list, they all went to the first worker and the last of
 # them started 13 minutes into the run.)
 SLOW_FIRST = ("tests/test_train.py", "tests/test_sharding.py", "tests/test_multihost.py", "tests/test_parity_mtm.py",
-              "tests/test_bf16.py", "tests/test_parity_check.py", "tests/test_parity_train.py",
-              "tests/test_mtm_model.py", "tests/test_parity_metrics.py")
+              "tests/test_bf16.py", "tests/test_parity_check.py", "tests/test_parity_mutants.py",
+              "tests/test_parity_train.py", "tests/test_mtm_model.py", "tests/test_parity_metrics.py")
 
 
 def pytest_collection_modifyitems(config, items):

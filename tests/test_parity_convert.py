@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs.base import ModelConfig
+from jaxprvr.config import model_config
 from parity import convert
 from parity.keys import KINDS
 from tests.conftest import TINY_QUERY, TINY_VISUAL, tiny_config
@@ -23,7 +23,7 @@ TORCH_TYPES = {"linear": torch.nn.Linear, "layernorm": torch.nn.LayerNorm, "embe
 @pytest.mark.parametrize("name", NAMES)
 def test_table_is_the_official_state_dict_and_kinds_follow_layer_types(name):
     with torch.device("meta"):
-        twin = torch_ref.build_model(ModelConfig(name=name))
+        twin = torch_ref.build_model(model_config(name))
     sd = twin.state_dict()
     tab = convert.table(name)
     assert [e.torch for e in tab] == list(sd)  # the official order
@@ -171,7 +171,7 @@ def test_official_file_to_jax_evaluates_like_torch_and_converts_back_bit_exact(n
     twin = torch_ref.build_model(cfg.model)  # official init
     src = tmp_path / ("model.ckpt" if name == "ms_sl" else "best.ckpt")
     if name == "ms_sl":
-        ckpt.save_official(src, name, twin.state_dict(), epoch=7, model_cfg=convert.official_model_cfg(cfg))
+        ckpt.save_official(src, name, twin.state_dict(), epoch=7, model_cfg=convert.spec("ms_sl").official_model_cfg(cfg))
     else:
         opt_sd, _ = _official_adam_state(twin, steps=12)
         ckpt.save_official(src, name, twin.state_dict(), epoch=7, model_val=[1, 2, 3, 4, 10.0],
@@ -217,7 +217,7 @@ def test_official_file_to_jax_evaluates_like_torch_and_converts_back_bit_exact(n
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    twin = torch_ref.build_model(ModelConfig(name="ms_sl", hidden_size=32, n_heads=2, q_feat_size=TINY_QUERY,
+    twin = torch_ref.build_model(model_config("ms_sl", hidden_size=32, n_heads=2, q_feat_size=TINY_QUERY,
                                              visual_feat_dim=TINY_VISUAL))
     src = tmp_path / "model.ckpt"
     ckpt.save_official(src, "ms_sl", twin.state_dict())
@@ -279,7 +279,7 @@ def test_converted_checkpoint_fine_tunes_and_resumes(tiny_root, tmp_path, capsys
 def test_mtm_table_follows_num_mamba_layers():
     """An MTM with 1 Mamba layer per branch converts with the table built for it (model_table), bit-exactly;
     the official 2-layer table names its missing keys."""
-    from configs import load_config
+    from jaxprvr.config import load_config
     from parity.mtm import make_table
 
     cfg = load_config("tvr", "mtm", ["model.hidden_size=32", "model.n_heads=2", f"model.q_feat_size={TINY_QUERY}",
