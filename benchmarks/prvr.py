@@ -8,14 +8,21 @@ Sections (``--sections``, default all):
 
 * ``ceiling``: a dense float32 matmul (n x n x n) in each framework, the FLOP/s ceiling the steps are held to.
 * ``train``: one optimizer step (forward, the official loss with hard negatives, backward, BertAdam; MTM's EMA
-  where the config uses it) of MS-SL, GMMFormer v2 and MTM. JAX: the jitted ``jaxprvr.train.make_train_step``
+  where the config uses it) of MS-SL, GMMFormer v2 and MTM. JAX: the jitted ``make_train_step`` of the trainer
   (state donated, called through ``jax.jit`` dispatch as the trainer does; the jit cache is checked to hold one
   entry after all timed steps: no per-batch recompilation). PyTorch: the twin in eager mode with
   ``torch_ref.losses.total_loss`` and ``torch_ref.optim.BertAdam``, and the same with ``torch.compile`` on the
-  model (the loss, with its official Python loops, stays eager) where it works.
-* ``eval``: a TVR-size gallery (2,179 videos, 10,895 queries, synthetic, in memory): gallery encoding, query
-  encoding, scoring (``jaxprvr.evaluate.Evaluator`` / ``torch_ref.evaluate.TorchEvaluator``, their real block
-  loops and collation), R@K, and the end-to-end sum.
+  model (Inductor; on CPU it builds C++ kernels with the system compiler; the loss, with its official Python
+  loops, stays eager; ``--torch-compile off`` drops these rows). A model that torch.compile cannot compile, or
+  not within ``--timeout``, gets a one-line failure cell and the run goes on.
+* ``eval``: a TVR-size gallery (2,179 videos, 10,895 queries, synthetic, in memory), JAX
+  (``Evaluator``), torch eager and torch.compile (``torch_ref.evaluate.TorchEvaluator``, their real block loops
+  and collation) on the SAME weights: the twin's official torch initialisation (``torch_ref.build_model`` after
+  ``torch.manual_seed(0)``), converted for JAX with ``parity.convert.torch_to_flax``. Each runs two full passes
+  in a fresh process: the first includes every compilation, the second is the steady state. Stage times
+  (gallery encoding, query encoding, scoring, R@K with each framework's own metric code) and both end-to-end
+  totals. Then the score matrices are compared: the same R@1/5/10/100, the largest score difference, and every
+  query whose ground-truth rank differs must be a near-tie (another video within 1e-6 of its score).
 * ``scan``: MTM's selective scan, forward + backward, in JAX's three forms, mamba_ssm's PyTorch reference and
   (on a GPU with mamba_ssm built) the official CUDA kernel (``benchmarks.selective_scan``).
 * ``input``: the host input pipeline on an official-format synthetic release (memory-mapped ``feature.bin``,
@@ -24,17 +31,22 @@ Sections (``--sections``, default all):
   benchmark's, set against the JAX step time measured in ``train``.
 
 Method: every measurement runs in its own subprocess (clean peak memory, no cross-talk of thread pools or
-allocators), on identical batches built from a fixed seed (3 batches, rotated so caches do not flatter),
-with warm-up calls first; each timed call ends with a device synchronisation (``block_until_ready`` /
-``torch.cuda.synchronize``); the reported time is the median over ``--repeats``. Compile time is the first
-call minus the median. FLOPs are counted analytically from the JAX program's jaxpr (``benchmarks.flops``:
-every matmul and convolution of forward, backward and optimizer; the same math for both frameworks), and
-"achieved" is FLOPs / median time, also as a fraction of the framework's own matmul ceiling. Peak memory is
-the device's peak allocation on GPU (``memory_stats`` / ``max_memory_allocated``) and the process's peak
-resident set on CPU (which includes the framework's own footprint).
+allocators; torch.compile's on-disk caches in a fresh, empty folder, as JAX runs without its persistent cache),
+on identical batches built from a fixed seed (3 batches, rotated so caches do not flatter), with warm-up calls
+first; each timed call ends with a device synchronisation (``block_until_ready`` / ``torch.cuda.synchronize``);
+the reported time is the median over ``--repeats``. Compile time is reported two ways: the compiler's own
+count (JAX: the trace + lowering + XLA compile durations of ``jax.monitoring``; torch.compile: the per-frame
+compile seconds, forward and backward graphs, of ``torch._dynamo``'s compilation metrics), and what the user
+waits: the warm-up calls (eval: the first pass) minus as many steady-state calls (the second pass). FLOPs are
+counted analytically from the JAX program's jaxpr (``benchmarks.flops``: every matmul and convolution of
+forward, backward and optimizer; the same math for both frameworks), and "achieved" is FLOPs / median time,
+also as a fraction of the framework's own matmul ceiling. Peak memory is the device's peak allocation on GPU
+(``memory_stats`` / ``max_memory_allocated``) and the process's peak resident set on CPU (which includes the
+framework's own footprint).
 
 Sizes: ``--size official`` (default on GPU) uses each config's hidden size and batch; ``--size cpu`` (default
-on CPU) uses hidden 128 and 16 videos per batch so that the whole run fits in about 15 minutes on 2 cores.
+on CPU) uses hidden 128 and 16 videos per batch. On 2 cores the run takes most of an hour, nearly all of it
+torch.compile's compilations (``--torch-compile off``: about 10 minutes).
 Input shapes (feature widths, 128 frames, 30 tokens, 32 clips) are the dataset's official ones in both.
 Prints markdown tables with JAX / PyTorch ratios and writes everything to ``--out`` as JSON.
 """
@@ -42,9 +54,11 @@ Prints markdown tables with JAX / PyTorch ratios and writes everything to ``--ou
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,6 +72,7 @@ MODELS = ("ms_sl", "gmmformer_v2", "mtm")
 SECTIONS = ("ceiling", "train", "eval", "scan", "input")
 SIZES = {"cpu": {"hidden": 128, "batch": 16}, "official": {"hidden": None, "batch": None}}
 TVR_GALLERY = (2179, 10895)  # TVR test split: videos, queries
+CPU_MSSL_QUERIES = 1000  # MS-SL's eval queries on CPU by default (the full gallery of videos)
 POOL_VIDEOS, POOL_QUERIES = 64, 256  # distinct synthetic items the gallery cycles through (memory)
 
 
@@ -66,12 +81,45 @@ def _is_gpu(spec) -> bool:
     return spec["device"] == "gpu"
 
 
-def _config(spec, batch=None):
-    from configs import load_config
-    from configs.base import DATASETS
+def _load_config(*args):
+    """``load_config`` from wherever this checkout keeps it (``jaxprvr.config``, formerly ``configs``)."""
+    try:
+        from jaxprvr.config import load_config
+    except ImportError:
+        from configs import load_config
+    return load_config(*args)
 
-    over = [f"model.visual_feat_dim={DATASETS[spec['dataset']]['visual_feat_dim']}",
-            f"model.q_feat_size={DATASETS[spec['dataset']]['q_feat_size']}"]
+
+def _dataset_dims(dataset: str) -> tuple[int, int]:
+    """(visual feature width, query feature width) of a dataset, from the config's dataset table (flat, or
+    grouped by task as ``{"prvr": {"tvr": ...}}``)."""
+    try:
+        from jaxprvr.config import DATASETS
+    except ImportError:
+        from configs.base import DATASETS
+    row = DATASETS.get(dataset)
+    if row is None or "visual_feat_dim" not in row:
+        row = next(t[dataset] for t in DATASETS.values() if isinstance(t, dict) and dataset in t)
+    return int(row["visual_feat_dim"]), int(row["q_feat_size"])
+
+
+def _api(name: str, modules=("jaxprvr.train", "jaxprvr.tasks.prvr", "jaxprvr.evaluate")):
+    """A training / evaluation function of the JAX side, from the first of ``modules`` that has it (they move
+    between ``jaxprvr.train``/``jaxprvr.evaluate`` and the task module)."""
+    import importlib
+
+    errors = []
+    for mod in modules:
+        try:
+            return getattr(importlib.import_module(mod), name)
+        except (ImportError, AttributeError) as e:
+            errors.append(f"{mod}: {type(e).__name__}: {e}")
+    raise ImportError(f"{name} not found: " + "; ".join(errors))
+
+
+def _config(spec, batch=None):
+    visual, query = _dataset_dims(spec["dataset"])
+    over = [f"model.visual_feat_dim={visual}", f"model.q_feat_size={query}"]
     if spec.get("hidden"):
         over.append(f"model.hidden_size={spec['hidden']}")
     batch = batch or spec.get("batch")
@@ -81,7 +129,9 @@ def _config(spec, batch=None):
         over.append(f"model.compute_dtype={spec['compute_dtype']}")
     if spec.get("branch_impl"):
         over.append(f"model.branch_impl={spec['branch_impl']}")
-    return load_config(f"{spec['model']}/{spec['dataset']}", None, over)
+    if spec.get("hard_from_start"):
+        over.append("loss.hard_negative_start_epoch=0")
+    return _load_config(f"{spec['model']}/{spec['dataset']}", None, over)
 
 
 def _frame_lengths(rng, dataset: str, n: int, max_ctx_l: int) -> np.ndarray:
@@ -105,8 +155,6 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 def train_batch(cfg, dataset: str, batch: int, seed: int) -> dict:
     """A training batch in the layout of ``jaxprvr.data.train_batches`` (videos sorted by frame count,
     descending; each with all its queries), with random unit-norm features of the official widths."""
-    from jaxprvr.train import MODEL_BATCH_KEYS
-
     m = cfg.model
     rng = np.random.default_rng([seed, 17])
     lens = np.sort(_frame_lengths(rng, dataset, batch, m.max_ctx_l))[::-1]
@@ -129,15 +177,21 @@ def train_batch(cfg, dataset: str, batch: int, seed: int) -> dict:
                frame_feats=frames, frame_mask=mask, frame_len=lens.astype(np.int32),
                video_valid=np.ones((batch,), np.float32), query_feats=q, query_mask=qmask,
                query_valid=(np.arange(cap) < nq).astype(np.float32), query_labels=labels)
-    assert set(out) == set(MODEL_BATCH_KEYS)
     return out
+
+
+def gallery_ground_truth(n_videos: int, n_queries: int) -> np.ndarray:
+    """The ground-truth video of each query of :class:`MemoryGallery` (queries spread evenly over the videos)."""
+    return (np.arange(n_queries) * n_videos // n_queries).astype(np.int32)
 
 
 class MemoryGallery:
     """A TVR-size evaluation split held in memory, with the interface both evaluators read
     (``video_item``/``query_item`` and the id lists of :class:`jaxprvr.data.PRVRDataset`). Video ``i`` is
-    ``POOL_VIDEOS`` distinct synthetic videos cycled (frame counts from the dataset's profile), so the gallery has
-    the real size and the real per-video work without holding 2,179 feature matrices."""
+    ``POOL_VIDEOS`` synthetic videos cycled (frame counts from the dataset's profile), its feature axis rotated by
+    ``i // POOL_VIDEOS`` (queries alike): every video and query is a distinct input, so no two videos score the
+    same, and each item is returned as a fresh copy, as the real readers return one. The gallery has the real
+    size and the real per-video work without holding 2,179 feature matrices."""
 
     def __init__(self, cfg, dataset: str, n_videos: int, n_queries: int, seed: int = 0):
         m = cfg.model
@@ -151,7 +205,7 @@ class MemoryGallery:
         self._queries = [_unit_rows(rng.standard_normal((t, m.q_feat_size)))
                          for t in rng.integers(6, m.max_desc_l + 1, POOL_QUERIES)]
         self.video_ids = [f"v{i}" for i in range(n_videos)]
-        self.query_video_index = (np.arange(n_queries) * n_videos // n_queries).astype(np.int32)
+        self.query_video_index = gallery_ground_truth(n_videos, n_queries)
         self.cap_ids = [f"v{v}#enc#{j}" for j, v in enumerate(self.query_video_index)]
 
     @property
@@ -163,10 +217,12 @@ class MemoryGallery:
         return len(self.cap_ids)
 
     def video_item(self, i: int):
-        return self._videos[i % POOL_VIDEOS]
+        clip, frames = self._videos[i % POOL_VIDEOS]
+        k = i // POOL_VIDEOS  # a distinct input for every video: its pool video with the feature axis rotated
+        return np.roll(clip, k, axis=-1), np.roll(frames, k, axis=-1)
 
     def query_item(self, j: int):
-        return self._queries[j % POOL_QUERIES]
+        return np.roll(self._queries[j % POOL_QUERIES], j // POOL_QUERIES, axis=-1)
 
 
 _T0 = time.perf_counter()
@@ -219,11 +275,59 @@ def w_ceiling(spec) -> dict:
     return {"n": n, "seconds": med, "flops_per_s": flops / med, "device_kind": kind, "precision": precision}
 
 
+# ------------------------------------------------------------------------------------------------ compile clocks
+JAX_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",  # tracing to a jaxpr
+                      "/jax/core/compile/jaxpr_to_mlir_module_duration",  # lowering to StableHLO
+                      "/jax/core/compile/backend_compile_duration")  # XLA compilation (no persistent cache here)
+
+
+class JaxCompileClock:
+    """Seconds JAX itself reports spending in tracing, lowering and XLA compilation (``jax.monitoring`` events),
+    and the number of executables compiled, summed from the moment it is created."""
+
+    def __init__(self):
+        import jax.monitoring as mon
+
+        self.seconds = 0.0
+        self.executables = 0
+
+        def on_duration(event, duration, **_):
+            if event in JAX_COMPILE_EVENTS:
+                self.seconds += duration
+                self.executables += event == JAX_COMPILE_EVENTS[-1]
+
+        mon.register_event_duration_secs_listener(on_duration)
+
+    def read(self) -> tuple[float, int]:
+        return self.seconds, self.executables
+
+
+def _torch_compile_clock() -> tuple[float, int]:
+    """(seconds, frames compiled) that torch.compile reports for this process so far: Dynamo's per-frame
+    ``entire_frame_compile_time_s`` (capture + AOTAutograd + Inductor, C++ build included) plus the backward
+    graphs AOTAutograd compiles at the first backward (``backward_cumulative_compile_time_us``)."""
+    from torch._dynamo import utils
+
+    secs, frames = 0.0, 0
+    for m in utils.get_compilation_metrics():
+        secs += (m.entire_frame_compile_time_s or 0.0) + (m.backward_cumulative_compile_time_us or 0) / 1e6
+        frames += 1
+    return secs, frames
+
+
+def _torch_compile_setup() -> None:
+    from torch._dynamo import utils
+
+    if hasattr(utils, "set_compilation_metrics_limit"):
+        utils.set_compilation_metrics_limit(100_000)  # default 64 records: all of them are summed
+
+
 def _jax_peak(device) -> int | None:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
+# ================================================================================================ train workers
 def w_train_jax(spec) -> dict:
     import jax
     import jax.numpy as jnp
@@ -231,9 +335,14 @@ def w_train_jax(spec) -> dict:
     from benchmarks.flops import count_flops
     from jaxprvr import sharding as shd
     from jaxprvr.models import build_model
-    from jaxprvr.train import init_params, make_optimizer, make_train_step, train_keys
 
-    cfg = _config(spec)
+    init_params, make_optimizer = _api("init_params"), _api("make_optimizer")
+    make_train_step, train_keys = _api("make_train_step"), _api("train_keys")
+    # Two step signatures: step(state, batch, keys, hard) (hard negatives as an argument), or
+    # make_train_step(..., steps_per_epoch) with step(state, batch, keys), hard negatives from
+    # loss.hard_negative_start_epoch (0 here: the timed steps use them, as the torch rows do).
+    epoch_api = "steps_per_epoch" in inspect.signature(make_train_step).parameters
+    cfg = _config({**spec, "hard_from_start": epoch_api})
     batches = [train_batch(cfg, spec["dataset"], cfg.train.batch_size, s) for s in range(3)]
     dev = jax.devices()[0]
     mesh = shd.make_mesh([dev])
@@ -242,28 +351,31 @@ def w_train_jax(spec) -> dict:
     tx = make_optimizer(cfg, params, 1000)
     state = shd.replicate({"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}, mesh)
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
-    step = make_train_step(model, cfg, tx, mesh)
+    step = make_train_step(model, cfg, tx, mesh, 1000) if epoch_api else make_train_step(model, cfg, tx, mesh)
     dev_batches = [shd.shard_batch(b, mesh) for b in batches]
-    keys, hard = train_keys(0), np.bool_(True)
+    extra = (train_keys(0),) if epoch_api else (train_keys(0), np.bool_(True))
     _say(f"jax {spec['model']}: {n_params} params, batches ready; tracing for the FLOP count")
-    fc = count_flops(step, state, dev_batches[0], keys, hard)
+    fc = count_flops(step, state, dev_batches[0], *extra)
     _say(f"{fc.flops / 1e9:.1f} GFLOP per step; first call (compiles)")
     rss0 = _peak_rss()
     box = {"state": state}
 
     def call(i):
-        box["state"], metrics = step(box["state"], dev_batches[i % 3], keys, hard)
+        box["state"], metrics = step(box["state"], dev_batches[i % 3], *extra)
         return metrics["loss"], box["state"]["step"]
 
+    clock = JaxCompileClock()
     t0 = time.perf_counter()
     jax.block_until_ready(call(0))
     first = time.perf_counter() - t0
-    _say(f"first call {first:.1f} s")
+    own, n_exec = clock.read()
+    _say(f"first call {first:.1f} s (JAX compile events {own:.1f} s, {n_exec} executables)")
     jax.block_until_ready(call(1))
     med, times = _median_timed(lambda i: call(i + 2), spec["repeats"], jax.block_until_ready)
     loss = float(call(0)[0])
-    return {"seconds": med, "times": times, "compile_s": max(first - med, 0.0), "flops": fc.flops,
-            "jit_cache_entries": step._cache_size(), "params": n_params, "loss": loss,
+    return {"seconds": med, "times": times, "compile_s": own, "compile_what": "jax.monitoring trace+lower+XLA",
+            "compiled_executables": n_exec, "first_calls_s": [first], "first_minus_steady_s": max(first - med, 0.0),
+            "flops": fc.flops, "jit_cache_entries": step._cache_size(), "params": n_params, "loss": loss,
             "peak_device_bytes": _jax_peak(dev), "peak_rss_bytes": _peak_rss(), "rss_before_steps": rss0,
             "videos": cfg.train.batch_size, "queries": int(sum(b["query_valid"].sum() for b in batches) / 3),
             "device_kind": dev.device_kind}
@@ -291,8 +403,10 @@ def w_train_torch(spec) -> dict:
     opt = BertAdam(official_param_groups(twin, 0.01), lr=tc.lr, warmup=tc.lr_warmup_proportion, t_total=1000,
                    max_grad_norm=tc.max_grad_norm)
     ema = EMA.from_model(twin, tc.ema_decay) if tc.use_ema else None
+    compiled = spec["framework"] == "torch_compile"
     fwd = twin
-    if spec["framework"] == "torch_compile":
+    if compiled:
+        _torch_compile_setup()
         fwd = torch.compile(twin)
     sync = (lambda _: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda _: None)
 
@@ -306,21 +420,32 @@ def w_train_torch(spec) -> dict:
             ema(twin, i)
         return loss
 
-    _say(f"torch {spec['model']} ({spec['framework']}): {n_params} params; first call")
-    t0 = time.perf_counter()
-    sync(call(0))
-    first = time.perf_counter() - t0
-    _say(f"first call {first:.1f} s")
+    # Compiled: one warm-up call per batch, so that a recompilation for a new batch shape (query counts vary on
+    # ActivityNet and Charades; TVR has 5 per video) falls before the timed calls, which must compile nothing.
+    warm = 3 if compiled else 1
+    _say(f"torch {spec['model']} ({spec['framework']}): {n_params} params; {warm} warm-up call(s)")
+    firsts = []
+    for i in range(warm):
+        t0 = time.perf_counter()
+        sync(call(i))
+        firsts.append(time.perf_counter() - t0)
+        _say(f"warm-up call {i}: {firsts[-1]:.1f} s")
+    own, frames = _torch_compile_clock() if compiled else (None, None)
     rss0 = _peak_rss()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    med, times = _median_timed(lambda i: call(i + 2), spec["repeats"], sync)
+    med, times = _median_timed(lambda i: call(i + warm), spec["repeats"], sync)
+    recompiled = (_torch_compile_clock()[1] - frames) if compiled else None
     from torch_ref.mamba import load as load_mamba
 
     scan = None
     if cfg.model.name == "mtm":
         scan = "official CUDA kernel" if load_mamba().cuda_kernels else "selective_scan_ref (PyTorch loop)"
-    return {"seconds": med, "times": times, "compile_s": max(first - med, 0.0), "params": int(n_params),
+    return {"seconds": med, "times": times, "compile_s": own,
+            "compile_what": "torch._dynamo compilation metrics" if compiled else None,
+            "compiled_frames": frames, "recompiles_during_timing": recompiled,
+            "first_calls_s": firsts, "first_minus_steady_s": max(sum(firsts) - warm * med, 0.0),
+            "params": int(n_params),
             "peak_device_bytes": int(torch.cuda.max_memory_allocated()) if dev.type == "cuda" else None,
             "peak_rss_bytes": _peak_rss(), "rss_before_steps": rss0, "mamba_scan": scan,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "flush_denormal": not _is_gpu(spec)}
@@ -344,92 +469,153 @@ def _sync_tree_torch(x):
     return x
 
 
+# ================================================================================================ eval workers
+def w_weights(spec) -> dict:
+    """The twin with the official torch initialisation (``torch.manual_seed(seed)``, ``torch_ref.build_model``),
+    its ``state_dict`` written as numpy arrays: the one set of weights every eval worker loads."""
+    import torch
+
+    from torch_ref import build_model
+
+    cfg = _config(spec)
+    torch.manual_seed(spec.get("seed", 0))
+    twin = build_model(cfg.model)
+    sd = {k: v.detach().cpu().numpy() for k, v in twin.state_dict().items()}
+    np.savez(spec["path"], **sd)
+    return {"tensors": len(sd), "numbers": int(sum(v.size for v in sd.values())), "seed": spec.get("seed", 0)}
+
+
+def _load_weights(path) -> dict:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
 def w_eval(spec) -> dict:
-    """Stage times over the TVR-size gallery: warm-up (compiles; first blocks), then one timed pass."""
+    """Two full passes over the TVR-size gallery in one fresh process, on the weights of ``spec["weights"]``:
+    the first includes every compilation (what one evaluation costs from a cold start), the second is the steady
+    state. Stage times of both; the second pass's fused score matrix goes to ``spec["scores_out"]``."""
     cfg = _config(spec)
     ds = MemoryGallery(cfg, spec["dataset"], *spec["gallery"])
-    from jaxprvr.metrics.prvr import eval_q2m
-
     gt = np.asarray(ds.query_video_index)
-    warm = MemoryGallery(cfg, spec["dataset"], cfg.data.eval_context_bsz, cfg.data.eval_query_bsz)
-    t = {}
-    if spec["framework"].startswith("jax"):
+    sd = _load_weights(spec["weights"])
+    fw = spec["framework"]
+    out: dict = {"framework": fw}
+    if fw.startswith("jax"):
         import jax
 
         from benchmarks.flops import count_flops
         from jaxprvr import sharding as shd
-        from jaxprvr.evaluate import Evaluator
+        from jaxprvr.metrics.prvr import eval_q2m
         from jaxprvr.models import build_model
-        from jaxprvr.train import init_params
+        from parity.convert import model_table, torch_to_flax
 
         model = build_model(cfg.model)
-        params = jax.jit(lambda k: init_params(model, cfg, k))(jax.random.PRNGKey(0))
+        Evaluator = _api("Evaluator", ("jaxprvr.evaluate", "jaxprvr.tasks.prvr"))
         ev = Evaluator(model, cfg, shd.make_mesh(jax.devices()[:1]))
-        t0 = time.perf_counter()
-        ev.encode_gallery(params, warm)  # compiles encode_video / encode_query on their static block shapes
-        ev.encode_queries(params, warm)
-        t["warmup_encode_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        gallery = jax.block_until_ready(ev.encode_gallery(params, ds))
-        t["gallery_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        query = jax.block_until_ready(ev.encode_queries(params, ds))
-        t["queries_s"] = time.perf_counter() - t0
-        qb = cfg.data.eval_query_bsz
-        t0 = time.perf_counter()
-        ev.score_matrix(params, query[:qb], gallery)  # compiles the score function (full gallery shape)
-        t["warmup_score_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        mats = ev.score_matrix(params, query, gallery)
-        t["score_s"] = time.perf_counter() - t0
-        fused = mats["fused"]
+        params = shd.replicate(jax.tree.map(np.asarray, torch_to_flax(model_table(cfg.model), sd)), ev.mesh)
+        clock = JaxCompileClock()
+
+        def one_pass():
+            t = {}
+            t0 = time.perf_counter()
+            gallery = jax.block_until_ready(ev.encode_gallery(params, ds))
+            t["gallery_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            query = jax.block_until_ready(ev.encode_queries(params, ds))
+            t["queries_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            fused = np.asarray(ev.score_matrix(params, query, gallery)["fused"])  # on the host: synchronised
+            t["score_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            res = eval_q2m(fused, gt)
+            t["metrics_s"] = time.perf_counter() - t0
+            return t, fused, res, (gallery, query)
+
+        metric_code = "jaxprvr.metrics.prvr.eval_q2m (ties: stable)"
+        own0 = clock.read()
+        first, fused0, _, _ = one_pass()
+        own1 = clock.read()
+        _say(f"jax first pass {sum(first.values()):.1f} s (compile events {own1[0] - own0[0]:.1f} s)")
+        steady, fused, res, (gallery, query) = one_pass()
+        own2 = clock.read()
+        out.update(compile_s=own1[0] - own0[0], compile_what="jax.monitoring trace+lower+XLA",
+                   compiled_executables=own1[1] - own0[1], recompiles_in_steady_pass=own2[1] - own1[1])
         # FLOPs: one traced call of each function times the number of calls the pass made.
         vb = {k: np.asarray(v)[: cfg.data.eval_context_bsz] for k, v in
               next(iter(_video_blocks(ds, cfg.data.eval_context_bsz))).items()}
+        qb = cfg.data.eval_query_bsz
         qblk = {k: v for k, v in next(iter(_query_blocks(ds, qb))).items()}
+        rows = ev.score_rows(gallery) if hasattr(ev, "score_rows") else qb
         enc_v = count_flops(ev._encode_video, params, vb).flops * -(-ds.num_videos // cfg.data.eval_context_bsz)
         enc_q = count_flops(ev._encode_query, params, qblk).flops * -(-ds.num_queries // qb)
-        sc = count_flops(ev._score, params, query[:qb], shd.replicate(gallery, ev.mesh)).flops
-        t["flops"] = {"gallery": enc_v, "queries": enc_q, "score": sc * -(-ds.num_queries // qb)}
-        t["device_kind"] = jax.devices()[0].device_kind
-        t["peak_device_bytes"] = _jax_peak(jax.devices()[0])
+        gal = {**gallery, "video_valid": np.ones((ds.num_videos,), np.float32)}
+        sc = count_flops(ev._score, params, np.zeros((rows,) + query.shape[1:], query.dtype),
+                         shd.replicate(gal, ev.mesh)).flops
+        out["flops"] = {"gallery": enc_v, "queries": enc_q, "score": sc * -(-ds.num_queries // rows)}
+        out["device_kind"] = jax.devices()[0].device_kind
+        out["peak_device_bytes"] = _jax_peak(jax.devices()[0])
     else:
         import torch
 
         from torch_ref import build_model
-        from torch_ref.evaluate import TorchEvaluator
+        from torch_ref.evaluate import TorchEvaluator, eval_q2m as torch_eval_q2m
 
         torch.manual_seed(0)
         _torch_cpu_setup(spec)
         dev = "cuda" if _is_gpu(spec) else "cpu"
-        ev = TorchEvaluator(build_model(cfg.model), cfg, device=dev)
-        t0 = time.perf_counter()
-        ev.encode_gallery(warm)
-        ev.encode_queries(warm)
-        _sync_tree_torch(None)
-        t["warmup_encode_s"] = time.perf_counter() - t0
+        twin = build_model(cfg.model)
+        twin.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+        compiled = fw == "torch_compile"
+        if compiled:
+            _torch_compile_setup()
+            for name in ("encode_video", "encode_query", "score"):  # the three calls TorchEvaluator makes
+                setattr(twin, name, torch.compile(getattr(twin, name)))
+        ev = TorchEvaluator(twin, cfg, device=dev)
+
+        def one_pass():
+            t = {}
+            t0 = time.perf_counter()
+            gallery = _sync_tree_torch(ev.encode_gallery(ds))
+            t["gallery_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            query = _sync_tree_torch(ev.encode_queries(ds))
+            t["queries_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            fused = _sync_tree_torch(ev.score_matrix(query, gallery)["fused"])
+            t["score_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            res = torch_eval_q2m(fused, gt, sort=ev.sort)
+            t["metrics_s"] = time.perf_counter() - t0
+            return t, fused.cpu().numpy(), res, None
+
+        metric_code = f"torch_ref.evaluate.eval_q2m (official loop, sort={ev.sort})"
+        own0 = _torch_compile_clock() if compiled else (0.0, 0)
+        first, fused0, _, _ = one_pass()
+        own1 = _torch_compile_clock() if compiled else (0.0, 0)
+        _say(f"{fw} first pass {sum(first.values()):.1f} s")
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        gallery = _sync_tree_torch(ev.encode_gallery(ds))
-        t["gallery_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        query = _sync_tree_torch(ev.encode_queries(ds))
-        t["queries_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        mats = _sync_tree_torch(ev.score_matrix(query, gallery))
-        t["score_s"] = time.perf_counter() - t0
-        fused = mats["fused"].cpu().numpy()
-        t["peak_device_bytes"] = int(torch.cuda.max_memory_allocated()) if dev == "cuda" else None
-        t["threads"] = torch.get_num_threads()
-    t0 = time.perf_counter()
-    res = eval_q2m(np.asarray(fused), gt)
-    t["metrics_s"] = time.perf_counter() - t0
-    t["end_to_end_s"] = t["gallery_s"] + t["queries_s"] + t["score_s"] + t["metrics_s"]
-    t["sumr"] = float(res["sumr"])
-    t["peak_rss_bytes"] = _peak_rss()
-    t["fused_checksum"] = float(np.abs(np.asarray(fused, np.float64)).sum())
-    return t
+        steady, fused, res, _ = one_pass()
+        own2 = _torch_compile_clock() if compiled else (0.0, 0)
+        if compiled:
+            out.update(compile_s=own1[0] - own0[0], compile_what="torch._dynamo compilation metrics",
+                       compiled_frames=own1[1] - own0[1], recompiles_in_steady_pass=own2[1] - own1[1])
+        out["peak_device_bytes"] = int(torch.cuda.max_memory_allocated()) if dev == "cuda" else None
+        out["threads"] = torch.get_num_threads()
+    for k, v in steady.items():
+        out[k] = v
+    out["end_to_end_s"] = sum(steady.values())
+    out["first_pass"] = first
+    out["first_end_to_end_s"] = sum(first.values())
+    out["first_minus_steady_s"] = out["first_end_to_end_s"] - out["end_to_end_s"]
+    out["metric_code"] = metric_code
+    out["metrics"] = {k: float(res[k]) for k in ("r1", "r5", "r10", "r100", "sumr", "medr", "meanr")}
+    out["sumr"] = float(res["sumr"])
+    out["passes_max_abs_diff"] = float(np.abs(fused0.astype(np.float64) - fused).max())
+    out["peak_rss_bytes"] = _peak_rss()
+    if spec.get("scores_out"):
+        np.save(spec["scores_out"], np.asarray(fused, np.float32))
+    return out
 
 
 def _video_blocks(ds, bsz):
@@ -463,7 +649,7 @@ def w_input(spec) -> dict:
         out = {"write_s": write_s, "n_train_videos": n_train, "rows": []}
         for bsz in sizes:
             cap = ds.query_capacity(bsz, cfg.data.query_capacity_multiple)
-            from jaxprvr.data.dataset import batch_workers
+            from jaxprvr.data.pipeline import batch_workers
 
             workers = max(2, batch_workers(cfg.data.workers))  # the pool as jaxprvr.train sizes it (at least 2)
             for mode in ("serial", "prefetch", f"prefetch + {workers} workers"):
@@ -479,8 +665,8 @@ def w_input(spec) -> dict:
         return out
 
 
-WORKERS = {"ceiling": w_ceiling, "train_jax": w_train_jax, "train_torch": w_train_torch, "eval": w_eval,
-           "input": w_input}
+WORKERS = {"ceiling": w_ceiling, "train_jax": w_train_jax, "train_torch": w_train_torch, "weights": w_weights,
+           "eval": w_eval, "input": w_input}
 
 
 def set_matmul_precision(precision: str | None) -> None:
@@ -500,16 +686,34 @@ def set_matmul_precision(precision: str | None) -> None:
     torch.backends.cudnn.allow_tf32 = precision == "tf32"
 
 
+def short_error(e: BaseException) -> str:
+    """One line naming what failed: for a torch.compile backend failure (Dynamo wraps Inductor's exception,
+    whose own first line is only "backend='inductor' raised:") the innermost exception's type and first line."""
+    inner = e
+    seen = set()
+    while id(inner) not in seen:
+        seen.add(id(inner))
+        nxt = getattr(inner, "inner_exception", None) or inner.__cause__
+        if nxt is None:
+            break
+        inner = nxt
+    lines = [ln.strip() for ln in str(inner).splitlines() if ln.strip() and not ln.strip().endswith("raised:")]
+    where = f"{type(e).__name__} <- " if inner is not e else ""
+    return f"{where}{type(inner).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def worker_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     set_matmul_precision(spec.get("precision"))
+    load0 = os.getloadavg()  # other processes on the machine: a measurement taken under load is marked so
     try:
         result = {"ok": True, **WORKERS[spec["task"]](spec)}
     except Exception as e:  # reported in the table, the run goes on
         import traceback
 
         traceback.print_exc()
-        result = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+        result = {"ok": False, "error": short_error(e)}
+    result["loadavg"] = {"start": load0, "end": os.getloadavg()}
     print("@@RESULT " + json.dumps(result))
     return 0
 
@@ -531,19 +735,28 @@ def run_worker(spec: dict, timeout: float, log) -> dict:
     label = " ".join(str(spec[k]) for k in ("task", "framework", "model") if spec.get(k))
     print(f"[benchmarks.prvr] {label} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
+    env = _env(spec["device"])
+    # torch.compile's on-disk caches (FX graphs, AOTAutograd, compiled C++ kernels) in a new, empty folder per
+    # worker: real compile times, as JAX runs without its persistent cache here; nothing shared with other users.
+    inductor_dir = tempfile.mkdtemp(prefix="benchmarks-prvr-inductor-")
+    env["TORCHINDUCTOR_CACHE_DIR"] = inductor_dir
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.prvr", "--worker", json.dumps(spec)],
-                              capture_output=True, text=True, timeout=timeout, env=_env(spec["device"]))
+                              capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
+        shutil.rmtree(inductor_dir, ignore_errors=True)
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
         log.write(f"==== {label} (timed out after {timeout:.0f} s)\n{err[-20000:]}\n")
         log.flush()
+        print(f"[benchmarks.prvr]   FAILED (timed out after {timeout:.0f} s)", file=sys.stderr, flush=True)
         return {"ok": False, "error": f"timed out after {timeout:.0f} s", "wall_s": timeout}
+    shutil.rmtree(inductor_dir, ignore_errors=True)
     log.write(f"==== {label}\n{proc.stderr[-20000:]}\n")
     log.flush()
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT ")]
     if not lines:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        print(f"[benchmarks.prvr]   FAILED (exit {proc.returncode})", file=sys.stderr, flush=True)
         return {"ok": False, "error": f"exit {proc.returncode}: {tail[0][:300]}", "wall_s": time.perf_counter() - t0}
     res = json.loads(lines[-1][len("@@RESULT "):])
     res["wall_s"] = time.perf_counter() - t0
@@ -566,18 +779,42 @@ def _ratio(a, b):
     return f"{a / b:.2f}×" if a and b else "-"
 
 
+def _speed(fw, fws, time_key) -> str:
+    """On JAX rows: PyTorch eager's time / this row's (and torch.compile's / this row's); on PyTorch rows: this
+    row's time / float32 JAX's. Above 1: JAX is faster."""
+    r, jax_row = fws[fw], fws.get("jax", {})
+    sec = r.get(time_key)
+    if not fw.startswith("jax"):
+        return _ratio(sec, jax_row.get(time_key) if jax_row.get("ok") else None)
+    out = _ratio(fws.get("torch", {}).get(time_key) if fws.get("torch", {}).get("ok") else None, sec)
+    comp = fws.get("torch_compile", {})
+    if comp.get("ok"):
+        out += f" ({_ratio(comp.get(time_key), sec)} vs compiled)"
+    return out
+
+
 def _row_stats(fw, r, fws, ceil, time_key, flops):
-    """(JAX speed-up, achieved FLOP/s, the framework's ceiling, peak memory) of one table row. On JAX rows the
-    speed-up is PyTorch eager's time / this row's; on PyTorch rows it is this row's time / float32 JAX's."""
+    """(JAX speed-up, achieved FLOP/s, the framework's ceiling, peak memory) of one table row."""
     sec = r[time_key]
-    torch_row, jax_row = fws.get("torch", {}), fws.get("jax", {})
-    if fw.startswith("jax"):
-        speed = _ratio(torch_row.get(time_key) if torch_row.get("ok") else None, sec)
-    else:
-        speed = _ratio(sec, jax_row.get(time_key))
     ach = flops / sec if flops else None
     c = ceil.get("jax" if fw.startswith("jax") else "torch", {}).get("flops_per_s")
-    return speed, ach, c, r.get("peak_device_bytes") or r.get("peak_rss_bytes")
+    return _speed(fw, fws, time_key), ach, c, r.get("peak_device_bytes") or r.get("peak_rss_bytes")
+
+
+FW_LABEL = {"jax": "JAX", "jax_bf16": "JAX bf16", "torch": "torch eager", "torch_compile": "torch.compile"}
+
+
+def _load(r: dict) -> str:
+    """The machine's 1-minute load average when the measurement started and when it ended (2 cores: above ~2.5,
+    other processes were competing for them)."""
+    la = r.get("loadavg")
+    return f"{la['start'][0]:.1f}→{la['end'][0]:.1f}" if la else "-"
+
+
+def _cell(msg: str, n: int = 90) -> str:
+    """A failure reason for one table cell: one line, no pipes, at most ``n`` characters."""
+    msg = " ".join(str(msg).split()).replace("|", "/")
+    return msg if len(msg) <= n else msg[: n - 1] + "…"
 
 
 def report(results: dict) -> str:
@@ -597,44 +834,70 @@ def report(results: dict) -> str:
     if train:
         lines += ["## Training step (forward + official loss + backward + BertAdam)", "",
                   "| model | framework | batch (videos/queries) | step (median) | videos/s | queries/s | "
-                  "JAX ÷ PyTorch speed | GFLOP/step | achieved TFLOP/s | % of ceiling | compile | peak memory |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "JAX ÷ PyTorch speed | GFLOP/step | achieved TFLOP/s | % of ceiling | compile (compiler's own) | "
+                  "first call(s) − steady | peak memory | load |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for model, fws in train.items():
             j = fws.get("jax", {})
             flops = j.get("flops")
             for fw, r in fws.items():
                 if not r.get("ok"):
-                    lines.append(f"| {model} | {fw} | | failed: {r.get('error', '?')[:120]} | | | | | | | | |")
+                    lines.append(f"| {model} | {FW_LABEL.get(fw, fw)} | | failed: {_cell(r.get('error', '?'))} "
+                                 f"| | | | | | | | | {_load(r)} |")
                     continue
                 v, q = j.get("videos"), j.get("queries")
                 sec = r["seconds"]
                 speed, ach, c, mem = _row_stats(fw, r, fws, ceil, "seconds", flops)
-                lines.append(f"| {model} | {fw} | {v}/{q} | {_fmt_s(sec)} | {v / sec:.1f} | {q / sec:.1f} | "
-                             f"{speed} | {flops / 1e9:.1f} | {ach / 1e12:.3f} | "
-                             f"{100 * ach / c if c else 0:.1f}% | {_fmt_s(r.get('compile_s'))} | {_fmt_b(mem)} |")
-        lines += ["", "JAX ÷ PyTorch speed: on JAX rows, PyTorch eager step time / this row's step time (> 1: JAX faster); on "
-                  "PyTorch rows, this row's time / the float32 JAX time (the slowdown against JAX). "
-                  "Memory: device peak on GPU, process peak RSS on CPU.", ""]
+                rate = (f"{v / sec:.1f} | {q / sec:.1f}" if v and q else "- | -")
+                fl = (f"{flops / 1e9:.1f} | {ach / 1e12:.3f} | {100 * ach / c if c else 0:.1f}%" if flops
+                      else "- | - | -")
+                lines.append(f"| {model} | {FW_LABEL.get(fw, fw)} | {v}/{q} | {_fmt_s(sec)} | {rate} | {speed} | "
+                             f"{fl} | {_fmt_s(r.get('compile_s'))} | {_fmt_s(r.get('first_minus_steady_s'))} | "
+                             f"{_fmt_b(mem)} | {_load(r)} |")
+        lines += ["", "JAX ÷ PyTorch speed: on JAX rows, torch eager's step time / JAX's (in brackets torch.compile's "
+                  "/ JAX's); on PyTorch rows, this row's time / JAX's (> 1: JAX faster). Compile (compiler's own): JAX, "
+                  "the tracing + lowering + XLA compile seconds of the step that jax.monitoring reports; torch.compile, "
+                  "the Dynamo compile seconds (graph capture, AOTAutograd, Inductor with its C++ builds; forward and "
+                  "backward graphs) from torch._dynamo's compilation metrics. First call(s) − steady: the warm-up "
+                  "calls' total minus as many median steps (JAX and torch eager: 1 call; torch.compile: 3, one per "
+                  "batch, so that a recompilation for a new batch shape would fall before the timed steps, which "
+                  "are checked to compile nothing). "
+                  "Memory: device peak on GPU, process peak RSS on CPU. Load: the machine's 1-minute load average "
+                  "at the start and the end of the measurement.", ""]
     ev = results.get("eval", {})
     if ev:
-        nv, nq = results["gallery"]
-        lines += [f"## Evaluation over a TVR-size gallery ({nv} videos, {nq} queries)", "",
-                  "| model | framework | gallery | queries | scoring | R@K | end to end | JAX ÷ PyTorch | "
-                  "GFLOP | achieved TFLOP/s | % of ceiling | peak memory |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        sizes = results.get("eval_gallery") or {m: results["gallery"] for m in ev}
+        lines += ["## Evaluation over a TVR-size gallery, all columns on the same weights", "",
+                  "| model | videos / queries | framework | gallery | queries | scoring | R@K | end to end, steady | "
+                  "JAX ÷ PyTorch | end to end, first run | JAX ÷ PyTorch, first run | compile (compiler's own) | "
+                  "SumR | GFLOP | achieved TFLOP/s | % of ceiling | peak memory | load |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for model, fws in ev.items():
+            nv, nq = sizes.get(model, results["gallery"])
             j = fws.get("jax", {})
             fl = sum(j.get("flops", {}).values()) if j.get("ok") else None
             for fw, r in fws.items():
                 if not r.get("ok"):
-                    lines.append(f"| {model} | {fw} | failed: {r.get('error', '?')[:120]} | | | | | | | | | |")
+                    lines.append(f"| {model} | {nv:,} / {nq:,} | {FW_LABEL.get(fw, fw)} | failed: "
+                                 f"{_cell(r.get('error', '?'))} | | | | | | | | | | | | | {_load(r)} |")
                     continue
                 e2e = r["end_to_end_s"]
                 speed, ach, c, mem = _row_stats(fw, r, fws, ceil, "end_to_end_s", fl)
-                lines.append(f"| {model} | {fw} | {_fmt_s(r['gallery_s'])} | {_fmt_s(r['queries_s'])} | "
-                             f"{_fmt_s(r['score_s'])} | {_fmt_s(r['metrics_s'])} | {_fmt_s(e2e)} | {speed} | "
-                             f"{fl / 1e9 if fl else 0:.0f} | {ach / 1e12 if ach else 0:.3f} | "
-                             f"{100 * ach / c if (ach and c) else 0:.1f}% | {_fmt_b(mem)} |")
+                lines.append(f"| {model} | {nv:,} / {nq:,} | {FW_LABEL.get(fw, fw)} | {_fmt_s(r['gallery_s'])} | "
+                             f"{_fmt_s(r['queries_s'])} | {_fmt_s(r['score_s'])} | {_fmt_s(r['metrics_s'])} | "
+                             f"{_fmt_s(e2e)} | {speed} | {_fmt_s(r.get('first_end_to_end_s'))} | "
+                             f"{_speed(fw, fws, 'first_end_to_end_s')} | {_fmt_s(r.get('compile_s'))} | "
+                             f"{r['sumr']:.4f} | {fl / 1e9 if fl else 0:.0f} | {ach / 1e12 if ach else 0:.3f} | "
+                             f"{100 * ach / c if (ach and c) else 0:.1f}% | {_fmt_b(mem)} | {_load(r)} |")
+        lines += ["", "Each framework runs in a fresh process two full passes over the gallery: the first includes "
+                  "every compilation (JAX's jit of the encoders and the scorer; torch.compile's graphs, with their "
+                  "recompilations for the varying block shapes of the official collation), the second is the steady "
+                  "state, whose stage times fill the columns. R@K: each framework's own metric code (JAX: "
+                  "jaxprvr.metrics.prvr.eval_q2m; torch: the official loop of torch_ref.evaluate.eval_q2m). The "
+                  "weights are the twin's official torch initialisation (seed 0), converted to Flax with "
+                  "parity.convert.torch_to_flax for the JAX rows.", ""]
+        for model, cmp in results.get("eval_equal", {}).items():
+            lines += eval_equal_lines(model, cmp)
         lines.append("")
     scan = results.get("scan")
     if scan:
@@ -701,19 +964,24 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=tuple(SIZES), default=None, help="default: official on GPU, cpu on CPU")
     p.add_argument("--hidden", type=int, default=None, help="override the preset's hidden size")
     p.add_argument("--batch", type=int, default=None, help="override the preset's videos per training batch")
-    p.add_argument("--gallery", default=None, metavar="NV,NQ",
-                   help=f"evaluation gallery size (default: TVR test, {TVR_GALLERY[0]},{TVR_GALLERY[1]})")
+    p.add_argument("--gallery", action="append", default=None, metavar="[MODEL=]NV,NQ",
+                   help=f"evaluation gallery size, for every model or (MODEL=NV,NQ; repeatable) for one (default: "
+                        f"TVR test, {TVR_GALLERY[0]},{TVR_GALLERY[1]}; on CPU MS-SL gets {CPU_MSSL_QUERIES:,} of the "
+                        "queries: its scoring, a key-clip attention per query and video, takes ~70 ms per query "
+                        "against the 2,179 videos on 2 cores, ~13 min per pass for all 10,895)")
     p.add_argument("--eval-models", default=None,
-                   help="models of the eval section (default: --models on GPU; gmmformer_v2 on CPU, where one "
-                        "TVR-size evaluation takes minutes per framework)")
+                   help="models of the eval section (default: --models on GPU; on CPU, where one TVR-size "
+                        "evaluation takes minutes per framework, gmmformer_v2 and ms_sl of --models)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per measurement (default 3 CPU, 20 GPU)")
-    p.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto",
-                   help="also time the torch.compile'd twin (auto: on GPU only; on CPU Inductor compiles for minutes)")
+    p.add_argument("--torch-compile", choices=("on", "off"), default="on",
+                   help="also time the torch.compile'd twin (Inductor; on CPU it builds C++ kernels with the "
+                        "system compiler) in the train and eval sections")
     p.add_argument("--matmul-precision", choices=("tf32", "highest", "default"), default=None,
                    help="float32 matmul precision, the same in both frameworks (default: tf32 on GPU; on CPU "
                         "there is only float32); 'default' keeps each framework's own default")
     p.add_argument("--frameworks", default=None,
-                   help="comma list of train-section rows to run: jax, torch, torch_compile, jax_bf16 (default: all "
+                   help="comma list of train- and eval-section rows to run: jax, torch, torch_compile, jax_bf16 "
+                        "(the eval section always runs jax, the reference of its equality check) (default: all "
                         "that the other flags enable)")
     p.add_argument("--bf16", action="store_true",
                    help="add JAX rows with model.compute_dtype=bfloat16 (bf16 activations and matmuls, float32 "
@@ -722,6 +990,9 @@ def main(argv=None) -> int:
                    help="model.branch_impl of the JAX models: how the Gaussian attention branches run (auto: loop on "
                         "CPU, batched on GPU)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per measurement subprocess")
+    p.add_argument("--compile-timeout", type=float, default=None,
+                   help="seconds per torch.compile measurement subprocess (default: --timeout); one that runs out "
+                        "is reported as a failure cell")
     p.add_argument("--out", default=None, help="write all results as JSON")
     p.add_argument("--log", default=None, help="the workers' stderr (default: a temp file)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -744,7 +1015,8 @@ def main(argv=None) -> int:
         print(f"error: --models/--sections: unknown {bad}; expected models {list(MODELS)}, sections {list(SECTIONS)}",
               file=sys.stderr)
         return 2
-    torch_compile = args.torch_compile == "on" or (args.torch_compile == "auto" and device == "gpu")
+    torch_compile = args.torch_compile == "on"
+    compile_timeout = args.compile_timeout or args.timeout
     precision = args.matmul_precision or ("tf32" if device == "gpu" else "default")
     base = {"device": device, "dataset": args.dataset, **SIZES[size],
             "precision": None if precision == "default" else precision}
@@ -754,20 +1026,123 @@ def main(argv=None) -> int:
         base["branch_impl"] = args.branch_impl
     if args.batch:
         base["batch"] = args.batch
-    gallery = tuple(int(x) for x in args.gallery.split(",")) if args.gallery else TVR_GALLERY
+    gallery, galleries = TVR_GALLERY, {}
+    for g in args.gallery or []:
+        name, _, size = g.rpartition("=")
+        size = tuple(int(x) for x in size.split(","))
+        if name:
+            galleries[name] = size
+        else:
+            gallery = size
+    if device == "cpu" and not any("=" not in g for g in args.gallery or []):
+        galleries.setdefault("ms_sl", (gallery[0], min(gallery[1], CPU_MSSL_QUERIES)))
     eval_models = (args.eval_models.split(",") if args.eval_models else
-                   (models if device == "gpu" else [m for m in models if m == "gmmformer_v2"] or models[:1]))
+                   (models if device == "gpu" else [m for m in ("gmmformer_v2", "ms_sl") if m in models] or models[:1]))
     log_path = args.log or tempfile.mkstemp(prefix="benchmarks-prvr-", suffix=".log")[1]
     results = {"device": device, "device_desc": _device_desc(device), "size": size, "dataset": args.dataset,
                "matmul_precision": precision, "branch_impl": args.branch_impl,
                "repeats": repeats, "date": time.strftime("%Y-%m-%d %H:%M"), "gallery": gallery,
+               "eval_gallery": {m: galleries.get(m, gallery) for m in eval_models} if "eval" in sections else {},
                "models": models, "log": log_path}
     t_start = time.perf_counter()
+    scratch = tempfile.mkdtemp(prefix="benchmarks-prvr-eval-")  # eval weights and score matrices (~100 MB each)
+    try:
+        _run_sections(args, sections, models, eval_models, base, repeats, torch_compile, compile_timeout, gallery,
+                      galleries, device, results, log_path, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    results["total_s"] = time.perf_counter() - t_start
+    text = report(results)
+    print(text)
+    print(f"total {results['total_s'] / 60:.1f} min; worker logs: {log_path}", file=sys.stderr)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2, default=float))
+    return 0
+
+
+NEAR_TIE = 1e-6  # two scores of one query closer than this may be ordered differently by the two frameworks
+RANK_KS = (1, 5, 10, 100)
+OUTLIER = 1e-5  # score differences above this are counted (float32 rounding of these scores stays near 1e-6)
+
+
+def _row_chunks(n: int, size: int = 1024):
+    for a in range(0, n, size):
+        yield slice(a, min(a + size, n))
+
+
+def near_tie_pairs(scores: np.ndarray, tol: float = NEAR_TIE) -> int:
+    """Adjacent pairs of each row's sorted scores that lie within ``tol``: every near-tie of the matrix."""
+    return int(sum((np.diff(np.sort(scores[c], axis=1), axis=1) <= tol).sum()
+                   for c in _row_chunks(len(scores))))
+
+
+def compare_scores(ref: np.ndarray, other: np.ndarray, gt: np.ndarray, ref_metrics: dict, other_metrics: dict,
+                   tol: float = NEAR_TIE) -> dict:
+    """Two frameworks' fused score matrices on the same weights and gallery: the largest score difference,
+    whether R@1/5/10/100 (each framework's own metric code) are identical, and which queries rank their ground
+    truth differently. A rank may only differ where another video's score lies within ``tol`` of the ground
+    truth's (in either matrix): a near-tie, where float rounding decides the order."""
+    n = len(gt)
+    diff, beyond, near, differ = 0.0, 0, np.zeros(n, bool), np.zeros(n, bool)
+    for c in _row_chunks(n):
+        a, b = ref[c].astype(np.float64), other[c].astype(np.float64)
+        diff = max(diff, float(np.abs(a - b).max()))
+        beyond += int((np.abs(a - b) > OUTLIER).sum())
+        g = gt[c]
+        ga, gb = a[np.arange(len(a)), g][:, None], b[np.arange(len(b)), g][:, None]
+        near[c] = ((np.abs(a - ga) <= tol).sum(1) > 1) | ((np.abs(b - gb) <= tol).sum(1) > 1)  # > 1: not gt itself
+        differ[c] = (a > ga).sum(1) != (b > gb).sum(1)
+    identical = all(ref_metrics[f"r{k}"] == other_metrics[f"r{k}"] for k in RANK_KS)
+    return {"max_abs_score_diff": diff, "scores_beyond_1e-5": beyond, "scores": int(ref.size), "sumr": [ref_metrics["sumr"], other_metrics["sumr"]],
+            "r_at_k": {f"r{k}": [ref_metrics[f"r{k}"], other_metrics[f"r{k}"]] for k in RANK_KS},
+            "r_at_k_identical": identical, "near_tie_queries": int(near.sum()),
+            "rank_differs_queries": int(differ.sum()), "rank_differs_not_near_tie": int((differ & ~near).sum()),
+            "near_tie_pairs": near_tie_pairs(other, tol),
+            "equal": bool(identical or not (differ & ~near).any())}
+
+
+def compare_eval(rows: dict, paths: dict, gallery, tol: float = NEAR_TIE) -> dict:
+    """The eval section's equality check: JAX's scores and metrics against each torch column's."""
+    ref_row = rows.get("jax", {})
+    if not ref_row.get("ok") or not os.path.exists(paths.get("jax", "")):
+        return {"error": "no JAX scores to compare with"}
+    gt = gallery_ground_truth(*gallery)
+    ref = np.load(paths["jax"])
+    out = {"reference": "jax", "tolerance": tol, "near_tie_pairs_jax": near_tie_pairs(ref, tol), "against": {}}
+    for fw in ("torch", "torch_compile"):
+        r = rows.get(fw, {})
+        if r.get("ok") and os.path.exists(paths.get(fw, "")):
+            out["against"][fw] = compare_scores(ref, np.load(paths[fw]), gt, ref_row["metrics"], r["metrics"], tol)
+    return out
+
+
+def eval_equal_lines(model: str, cmp: dict) -> list[str]:
+    if cmp.get("error"):
+        return [f"eval metrics equal ({model}): not checked, {cmp['error']}"]
+    lines = []
+    for fw, c in cmp["against"].items():
+        name = "torch compiled" if fw == "torch_compile" else "torch eager"
+        a, b = c["sumr"]
+        lines.append(
+            f"eval metrics equal ({model}): JAX SumR {a:.4f} vs {name} SumR {b:.4f} (R@1/5/10/100 identical: "
+            f"{'yes' if c['r_at_k_identical'] else 'no'}; max |score diff| {c['max_abs_score_diff']:.2e}, "
+            f"{c['scores_beyond_1e-5']:,} of {c['scores']:,} scores differ by more than {OUTLIER:g}); "
+            f"near-ties within {cmp['tolerance']:g}: {c['near_tie_queries']} queries with another video that close "
+            f"to the ground truth's score ({c['near_tie_pairs']} near-tie pairs in all rows); ground-truth rank "
+            f"differs on {c['rank_differs_queries']} queries, {c['rank_differs_not_near_tie']} of them not near-ties "
+            f"-> {'EQUAL' if c['equal'] else 'NOT EQUAL'}")
+    return lines
+
+
+def _run_sections(args, sections, models, eval_models, base, repeats, torch_compile, compile_timeout, gallery,
+                  galleries, device, results, log_path, scratch) -> None:
+    """Runs the measurements of the chosen sections into ``results`` (saved after each one with ``--out``)."""
     with open(log_path, "w") as log:
         if "ceiling" in sections:
             n = 8192 if device == "gpu" else 2048
             results["ceiling"] = {fw: run_worker({**base, "task": "ceiling", "framework": fw, "n": n,
                                                   "repeats": repeats}, args.timeout, log) for fw in ("jax", "torch")}
+        deferred = []
         if "train" in sections:
             results["train"] = {}
             for model in models:
@@ -780,35 +1155,64 @@ def main(argv=None) -> int:
                     spec = {**base, "task": task, "framework": fw, "model": model, "repeats": repeats}
                     if fw == "jax_bf16":
                         spec["compute_dtype"] = "bfloat16"
+                    if fw == "torch_compile":  # the longest runs (Inductor's C++ builds) go last
+                        results["train"][model][fw] = {"ok": False, "error": "pending (runs after the other sections)"}
+                        deferred.append(("train", model, spec))
+                        continue
                     results["train"][model][fw] = run_worker(spec, args.timeout, log)
                     _save_partial(args.out, results)
+        scores = {}  # model -> framework -> its fused score matrix (.npy in scratch)
+
+        def check_eval(model):
+            results["eval_equal"][model] = compare_eval(results["eval"][model], scores[model],
+                                                        galleries.get(model, gallery))
+            for line in eval_equal_lines(model, results["eval_equal"][model]):
+                print(f"[benchmarks.prvr] {line}", file=sys.stderr, flush=True)
+            _save_partial(args.out, results)
+
         if "eval" in sections:
-            results["eval"] = {}
+            results["eval"], results["eval_equal"] = {}, {}
             for model in eval_models:
-                results["eval"][model] = {}
-                for fw in ("jax", "torch") + (("jax_bf16",) if args.bf16 else ()):
-                    spec = {**base, "task": "eval", "framework": fw, "model": model, "gallery": gallery}
+                results["eval"][model], scores[model] = {}, {}
+                weights = os.path.join(scratch, f"{model}-weights.npz")
+                made = run_worker({**base, "task": "weights", "model": model, "path": weights, "seed": 0},
+                                  args.timeout, log)
+                if not made.get("ok"):
+                    results["eval"][model]["jax"] = {"ok": False, "error": f"weights: {made.get('error')}"}
+                    continue
+                fws = ("jax", "torch") + (("torch_compile",) if torch_compile else ()) + (
+                    ("jax_bf16",) if args.bf16 else ())
+                if args.frameworks:
+                    fws = tuple(f for f in fws if f == "jax" or f in args.frameworks.split(","))
+                for fw in fws:
+                    scores[model][fw] = os.path.join(scratch, f"{model}-{fw}-scores.npy")
+                    spec = {**base, "task": "eval", "framework": fw, "model": model,
+                            "gallery": galleries.get(model, gallery), "weights": weights,
+                            "scores_out": scores[model][fw]}
                     if fw == "jax_bf16":
                         spec["compute_dtype"] = "bfloat16"
+                    if fw == "torch_compile":
+                        results["eval"][model][fw] = {"ok": False, "error": "pending (runs after the other sections)"}
+                        deferred.append(("eval", model, spec))
+                        continue
                     results["eval"][model][fw] = run_worker(spec, args.timeout, log)
                     _save_partial(args.out, results)
+                check_eval(model)
         if "scan" in sections:
             results["scan"] = _run_scan(device, repeats, log)
         if "input" in sections:
-            from configs import load_config
-
-            official = load_config(f"{models[0]}/{args.dataset}").train.batch_size
+            official = _load_config(f"{models[0]}/{args.dataset}").train.batch_size
             sizes = sorted({official, *(r["videos"] for fws in results.get("train", {}).values()
                                         for r in [fws.get("jax", {})] if r.get("ok"))})
             results["input"] = run_worker({**base, "task": "input", "model": models[0], "batch_sizes": sizes,
                                            "batches": 4}, args.timeout, log)
-    results["total_s"] = time.perf_counter() - t_start
-    text = report(results)
-    print(text)
-    print(f"total {results['total_s'] / 60:.1f} min; worker logs: {log_path}", file=sys.stderr)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2, default=float))
-    return 0
+        # torch.compile last (Inductor's C++ builds take minutes to most of an hour on 2 cores): the eval columns
+        # first, each completing its model's equality check, then the training steps.
+        for section, model, spec in sorted(deferred, key=lambda d: d[0] != "eval"):
+            results[section][model]["torch_compile"] = run_worker(spec, compile_timeout, log)
+            _save_partial(args.out, results)
+            if section == "eval":
+                check_eval(model)
 
 
 def _save_partial(out, results) -> None:
