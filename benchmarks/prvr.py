@@ -54,7 +54,6 @@ Prints markdown tables with JAX / PyTorch ratios and writes everything to ``--ou
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import resource
@@ -82,39 +81,17 @@ def _is_gpu(spec) -> bool:
 
 
 def _load_config(*args):
-    """``load_config`` from wherever this checkout keeps it (``jaxprvr.config``, formerly ``configs``)."""
-    try:
-        from jaxprvr.config import load_config
-    except ImportError:
-        from configs import load_config
+    from jaxprvr.config import load_config
+
     return load_config(*args)
 
 
 def _dataset_dims(dataset: str) -> tuple[int, int]:
-    """(visual feature width, query feature width) of a dataset, from the config's dataset table (flat, or
-    grouped by task as ``{"prvr": {"tvr": ...}}``)."""
-    try:
-        from jaxprvr.config import DATASETS
-    except ImportError:
-        from configs.base import DATASETS
-    row = DATASETS.get(dataset)
-    if row is None or "visual_feat_dim" not in row:
-        row = next(t[dataset] for t in DATASETS.values() if isinstance(t, dict) and dataset in t)
+    """(visual feature width, query feature width) of a PRVR dataset, from the config's dataset table."""
+    from jaxprvr.config import DATASETS
+
+    row = DATASETS["prvr"][dataset]
     return int(row["visual_feat_dim"]), int(row["q_feat_size"])
-
-
-def _api(name: str, modules=("jaxprvr.train", "jaxprvr.tasks.prvr", "jaxprvr.evaluate")):
-    """A training / evaluation function of the JAX side, from the first of ``modules`` that has it (they move
-    between ``jaxprvr.train``/``jaxprvr.evaluate`` and the task module)."""
-    import importlib
-
-    errors = []
-    for mod in modules:
-        try:
-            return getattr(importlib.import_module(mod), name)
-        except (ImportError, AttributeError) as e:
-            errors.append(f"{mod}: {type(e).__name__}: {e}")
-    raise ImportError(f"{name} not found: " + "; ".join(errors))
 
 
 def _config(spec, batch=None):
@@ -336,13 +313,10 @@ def w_train_jax(spec) -> dict:
     from jaxprvr import sharding as shd
     from jaxprvr.models import build_model
 
-    init_params, make_optimizer = _api("init_params"), _api("make_optimizer")
-    make_train_step, train_keys = _api("make_train_step"), _api("train_keys")
-    # Two step signatures: step(state, batch, keys, hard) (hard negatives as an argument), or
-    # make_train_step(..., steps_per_epoch) with step(state, batch, keys), hard negatives from
-    # loss.hard_negative_start_epoch (0 here: the timed steps use them, as the torch rows do).
-    epoch_api = "steps_per_epoch" in inspect.signature(make_train_step).parameters
-    cfg = _config({**spec, "hard_from_start": epoch_api})
+    from jaxprvr.train import init_params, make_optimizer, make_train_step, train_keys
+
+    # Hard negatives from loss.hard_negative_start_epoch = 0: the timed steps use them, as the torch rows do.
+    cfg = _config({**spec, "hard_from_start": True})
     batches = [train_batch(cfg, spec["dataset"], cfg.train.batch_size, s) for s in range(3)]
     dev = jax.devices()[0]
     mesh = shd.make_mesh([dev])
@@ -351,9 +325,9 @@ def w_train_jax(spec) -> dict:
     tx = make_optimizer(cfg, params, 1000)
     state = shd.replicate({"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}, mesh)
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
-    step = make_train_step(model, cfg, tx, mesh, 1000) if epoch_api else make_train_step(model, cfg, tx, mesh)
+    step = make_train_step(model, cfg, tx, mesh, 1000)
     dev_batches = [shd.shard_batch(b, mesh) for b in batches]
-    extra = (train_keys(0),) if epoch_api else (train_keys(0), np.bool_(True))
+    extra = (train_keys(0),)
     _say(f"jax {spec['model']}: {n_params} params, batches ready; tracing for the FLOP count")
     fc = count_flops(step, state, dev_batches[0], *extra)
     _say(f"{fc.flops / 1e9:.1f} GFLOP per step; first call (compiles)")
@@ -510,7 +484,8 @@ def w_eval(spec) -> dict:
         from parity.convert import model_table, torch_to_flax
 
         model = build_model(cfg.model)
-        Evaluator = _api("Evaluator", ("jaxprvr.evaluate", "jaxprvr.tasks.prvr"))
+        from jaxprvr.tasks.prvr import Evaluator
+
         ev = Evaluator(model, cfg, shd.make_mesh(jax.devices()[:1]))
         params = shd.replicate(jax.tree.map(np.asarray, torch_to_flax(model_table(cfg.model), sd)), ev.mesh)
         clock = JaxCompileClock()

@@ -1,7 +1,8 @@
 """Orbax checkpoints of a training run: ``<out>/ckpt/latest`` and ``<out>/ckpt/best``.
 
 Each checkpoint holds three items: ``params`` (what evaluation and conversion need), ``opt_state``
-(training only) and ``meta`` (JSON: config, epoch, step, early-stopping state). Orbax writes each step
+(training only) and ``meta`` (JSON: config, epoch, step, early-stopping state), and a fourth,
+``model_state``, for a model with non-trainable variables (``{"batch_stats": ...}`` of BatchNorm). Orbax writes each step
 to a temporary folder and renames it when complete, so a kill at any moment leaves the previous
 checkpoint loadable; a checkpoint is only deleted after its successor is finalised.
 """
@@ -16,7 +17,7 @@ import orbax.checkpoint as ocp
 
 from jaxprvr.errors import JaxprvrError
 
-ITEMS = ("params", "opt_state", "meta")
+ITEMS = ("params", "opt_state", "meta", "model_state")
 
 
 def _host_tree(tree):
@@ -47,10 +48,12 @@ class Checkpoints:
                 item_names=ITEMS,
             )
 
-    def save(self, slot: str, step: int, params, opt_state=None, meta: dict | None = None) -> None:
+    def save(self, slot: str, step: int, params, opt_state=None, meta: dict | None = None, model_state=None) -> None:
         items = dict(params=ocp.args.StandardSave(_host_tree(params)), meta=ocp.args.JsonSave(meta or {}))
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(_host_tree(opt_state))
+        if model_state:
+            items["model_state"] = ocp.args.StandardSave(_host_tree(model_state))
         mgr = self._managers[slot]
         mgr.save(step, args=ocp.args.Composite(**items), force=True)
         mgr.wait_until_finished()
@@ -69,6 +72,13 @@ class Checkpoints:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         out = mgr.restore(step, args=ocp.args.Composite(**items))
         return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, out["meta"]
+
+    def restore_model_state(self, slot: str, abstract_model_state):
+        """The ``model_state`` item (BatchNorm statistics) of the slot's newest step."""
+        step = self.latest_step(slot)
+        if step is None:
+            raise JaxprvrError(self.directory / slot, "a saved checkpoint", "none")
+        return load_model_state(self.directory / slot / str(step), abstract_model_state)
 
     def close(self):
         for mgr in self._managers.values():
@@ -109,6 +119,19 @@ def load_params(path: str | Path, abstract_params):
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise JaxprvrError(step_dir / "params", "parameters matching the model config", f"{type(e).__name__}: {e}") from None
     return params, read_meta(step_dir)
+
+
+def load_model_state(path: str | Path, abstract_model_state):
+    """The non-trainable variables (``{"batch_stats": ...}``) of a checkpoint of a model that has them."""
+    step_dir = resolve_params_dir(path)
+    if not (step_dir / "model_state").is_dir():
+        raise JaxprvrError(step_dir, "a model_state/ item (the model's BatchNorm statistics)", "none",
+                           hint="a checkpoint of this model saves it; was it written for another model?")
+    try:
+        return ocp.StandardCheckpointer().restore(step_dir / "model_state", abstract_model_state)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise JaxprvrError(step_dir / "model_state", "variables matching the model config",
+                           f"{type(e).__name__}: {e}") from None
 
 
 def load_ema_params(path: str | Path, abstract_params):

@@ -63,10 +63,10 @@ def load_checkpoint_config(args):
 
 
 def run(args) -> dict:
-    from jaxprvr.checkpoint import load_ema_params, load_params
+    from jaxprvr.checkpoint import load_ema_params, load_model_state, load_params
     from jaxprvr.models import build_model
     from jaxprvr.tasks import task_for
-    from jaxprvr.train import init_params, resolve_data_root
+    from jaxprvr.train import init_variables, resolve_data_root
 
     enable_compile_cache(args)
     cfg, saved_cfg = load_checkpoint_config(args)
@@ -77,13 +77,14 @@ def run(args) -> dict:
     ds = task.open_split(cfg, root, args.split)
     cfg = task.with_data_dims(cfg, ds)
     model = build_model(cfg.model)
-    abstract = jax.eval_shape(lambda: init_params(model, cfg, jax.random.PRNGKey(0)))
+    abstract, abstract_state = jax.eval_shape(lambda: init_variables(model, cfg, jax.random.PRNGKey(0)))
     params, _ = load_params(args.ckpt, abstract)
+    kw = {"model_state": load_model_state(args.ckpt, abstract_state)} if abstract_state else {}
     use_ema = bool(saved_cfg.get("train", {}).get("use_ema", False)) and not args.no_ema
     if use_ema:  # as in training: validation, best selection and test all ran on the EMA weights
         params = load_ema_params(args.ckpt, abstract)
     res = task.evaluator(model, cfg).evaluate(params, ds, progress=not args.no_progress,
-                                              keep_outputs=bool(args.save_outputs))
+                                              keep_outputs=bool(args.save_outputs), **kw)
     if args.save_outputs:
         task.save_outputs(args.save_outputs, res, ds)
     res = {k: v for k, v in res.items() if not k.startswith("_")}

@@ -56,8 +56,20 @@ def dummy_batch(cfg) -> dict:
     return task_for(cfg).dummy_batch(cfg)
 
 
+# The variable collections a model may keep beside its parameters, updated by the train step and saved
+# with the checkpoints (BatchNorm's running statistics); every other collection is transient.
+MODEL_STATE_COLLECTIONS = ("batch_stats",)
+
+
+def init_variables(model, cfg, key):
+    """``(params, model_state)``: the parameters and the non-trainable collections of
+    :data:`MODEL_STATE_COLLECTIONS` (``{}`` for a model without any, e.g. the PRVR families)."""
+    variables = model.init({"params": key}, dummy_batch(cfg), train=False)
+    return variables["params"], {k: variables[k] for k in MODEL_STATE_COLLECTIONS if k in variables}
+
+
 def init_params(model, cfg, key):
-    return model.init({"params": key}, dummy_batch(cfg), train=False)["params"]
+    return init_variables(model, cfg, key)[0]
 
 
 def make_optimizer(cfg, params, steps_per_epoch: int):
@@ -67,7 +79,9 @@ def make_optimizer(cfg, params, steps_per_epoch: int):
 
 def make_train_step(model, cfg, tx, mesh, steps_per_epoch: int):
     """``step(state, batch, keys) -> (state, metrics)``: the task's loss and one optimizer update, jitted, on a
-    sharded batch; the state is donated and stays replicated. ``keys``: :func:`train_keys`."""
+    sharded batch; the state is donated and stays replicated. ``keys``: :func:`train_keys`. A state holding
+    ``"model_state"`` (BatchNorm statistics) gets it back as the loss updated it; the parameters' gradient
+    never flows through it."""
     loss_fn = task_for(cfg).loss(model, cfg, steps_per_epoch)
 
     def step(state, batch, keys):
@@ -76,10 +90,14 @@ def make_train_step(model, cfg, tx, mesh, steps_per_epoch: int):
         # an "rbg" one, whose per-layer fold-ins compile faster than threefry's.
         k_drop, k_sample = (jax.random.fold_in(k, state["step"]) for k in keys)
         rngs = {"dropout": k_drop, "sample": k_sample}
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rngs, state["step"])
+        model_state = state.get("model_state", {})
+        (loss, (terms, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], batch, rngs, state["step"], model_state)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        if "model_state" in state:
+            new_state["model_state"] = jax.lax.stop_gradient(model_state)
         return new_state, {"loss": loss, **terms}
 
     rep = shd.replicated(mesh)
@@ -149,19 +167,24 @@ class _Run:
         cfg, mesh = self.cfg, self.mesh
         self.model = build_model(cfg.model)
         key = jax.random.PRNGKey(cfg.train.seed)
-        params = jax.jit(lambda k: init_params(self.model, cfg, k), out_shardings=shd.replicated(mesh))(key)
+        params, model_state = jax.jit(lambda k: init_variables(self.model, cfg, k),
+                                      out_shardings=shd.replicated(mesh))(key)
         if init_from is not None and not self.resumed:
-            params = _init_from(init_from, cfg, abstract_tree(params), mesh)
+            params, model_state = _init_from(init_from, cfg, abstract_tree(params), abstract_tree(model_state), mesh)
         self.tx = self.task.optimizer(cfg, params, self.plan.steps_per_epoch)
-        self.state = shd.replicate({"params": params, "opt_state": self.tx.init(params),
-                                    "step": jnp.zeros((), jnp.int32)}, mesh)
+        state = {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        if model_state:
+            state["model_state"] = model_state
+        self.state = shd.replicate(state, mesh)
         self.meta = {"next_epoch": 0, "step_in_epoch": 0, "es_cnt": 0, self.best_key: None, "best_epoch": -1,
                      "stopped": False}
         if self.resumed:
             p, o, meta = self.ckpts.restore("latest", abstract_tree(self.state["params"]),
                                             abstract_tree(self.state["opt_state"]))
-            self.state = shd.replicate({"params": p, "opt_state": o,
-                                        "step": jnp.asarray(meta["global_step"], jnp.int32)}, mesh)
+            state = {"params": p, "opt_state": o, "step": jnp.asarray(meta["global_step"], jnp.int32)}
+            if model_state:
+                state["model_state"] = self.ckpts.restore_model_state("latest", abstract_tree(model_state))
+            self.state = shd.replicate(state, mesh)
             self.meta.update({k: meta[k] for k in self.meta if k in meta})
         else:
             self.save("latest")  # from here on, a kill at any moment leaves a checkpoint to --resume from
@@ -174,7 +197,8 @@ class _Run:
         if self.ckpts.latest_step(slot) == self.global_step:
             return  # nothing trained since this slot was written (e.g. --max-steps reached at once)
         meta = dict(self.meta, global_step=self.global_step, config=self.cfg.to_dict(), **extra)
-        self.ckpts.save(slot, self.global_step, self.state["params"], self.state["opt_state"], meta)
+        self.ckpts.save(slot, self.global_step, self.state["params"], self.state["opt_state"], meta,
+                        model_state=self.state.get("model_state"))
 
     def fit(self, max_steps: int | None) -> bool:
         """Epochs until ``n_epoch``, early stopping or ``max_steps``; returns whether ``max_steps`` stopped it."""
@@ -231,10 +255,14 @@ class _Run:
 
         return eval_params(self.state["params"], self.state["opt_state"], self.cfg.train.use_ema)
 
+    def _evaluate(self, params, ds, model_state):
+        kw = {"model_state": model_state} if model_state else {}
+        return self.evaluator.evaluate(params, ds, progress=self.progress, **kw)
+
     def validate(self, epoch: int) -> None:
         """Validation, the ``best`` checkpoint and early stopping (official ``main.py``: ``es_cnt > max_es_cnt``)."""
         m, tc, metric = self.meta, self.cfg.train, self.task.selection_metric
-        val = self.evaluator.evaluate(self.eval_params(), self.val_ds, progress=self.progress)
+        val = self._evaluate(self.eval_params(), self.val_ds, self.state.get("model_state"))
         improved = self.task.better(val[metric], m[self.best_key])
         if improved:
             m.update({self.best_key: val[metric], "best_epoch": epoch, "es_cnt": 0})
@@ -269,7 +297,10 @@ class _Run:
             params = eval_params(p, o, True)
         else:
             params, _, _ = self.ckpts.restore(slot, abstract)
-        test = self.evaluator.evaluate(shd.replicate(params, self.mesh), test_ds, progress=self.progress)
+        model_state = self.state.get("model_state")
+        if model_state:
+            model_state = shd.replicate(self.ckpts.restore_model_state(slot, abstract_tree(model_state)), self.mesh)
+        test = self._evaluate(shd.replicate(params, self.mesh), test_ds, model_state)
         test.update(split="test", checkpoint=slot, **self.task.test_fields(test_ds))
         if jax.process_index() == 0:
             (self.out / "test_results.json").write_text(json.dumps(jsonable(test), indent=2))
@@ -297,15 +328,16 @@ def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = Tru
     return summary
 
 
-def _init_from(path, cfg, abstract, mesh):
-    from jaxprvr.checkpoint import load_params, read_meta
+def _init_from(path, cfg, abstract, abstract_model_state, mesh):
+    from jaxprvr.checkpoint import load_model_state, load_params, read_meta
 
     saved = read_meta(path).get("config", {}).get("model", {})
     if saved and saved.get("name") != cfg.model.name:
         raise JaxprvrError(path, f"a checkpoint of model {cfg.model.name}", f"one of {saved.get('name')}",
                            hint="pass the matching --model")
     params, _ = load_params(path, abstract)
-    return shd.replicate(params, mesh)
+    model_state = load_model_state(path, abstract_model_state) if abstract_model_state else {}
+    return shd.replicate(params, mesh), shd.replicate(model_state, mesh)
 
 
 def _flat(res: dict) -> dict:

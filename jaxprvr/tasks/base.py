@@ -9,8 +9,9 @@ Conventions every task keeps:
 
 * a model is called as ``model.apply({"params": p}, batch, train=..., rngs={"dropout": k})`` on a dict
   batch holding :attr:`Task.batch_keys` and returns ``(outputs, aux)``;
-* the loss is ``loss(params, batch, rngs, step) -> (loss, named terms)``, a pure function of the traced
-  global ``step`` and of two PRNG streams, ``rngs["dropout"]`` and ``rngs["sample"]`` (both functions of the
+* the loss is ``loss(params, batch, rngs, step, model_state) -> (loss, (named terms, new model_state))``,
+  ``model_state`` holding the model's non-trainable collections (``{"batch_stats": ...}``; ``{}`` for a model
+  without BatchNorm), a pure function of the traced global ``step`` and of two PRNG streams, ``rngs["dropout"]`` and ``rngs["sample"]`` (both functions of the
   seed and of the step only, so a resumed run draws what an uninterrupted one draws);
 * the evaluator returns a flat metrics dict (``"_"``-prefixed keys are artefacts, kept out of the logs)
   holding :attr:`Task.selection_metric`, which selects the ``best`` checkpoint.
@@ -78,7 +79,8 @@ class Task:
 
     # -- evaluation
     def evaluator(self, model, cfg, mesh=None):
-        """An object with ``evaluate(params, ds, progress=False, keep_outputs=False) -> metrics dict``."""
+        """An object with ``evaluate(params, ds, progress=False, keep_outputs=False) -> metrics dict``; for a model
+        with BatchNorm it also takes ``model_state=`` (the running statistics)."""
         raise NotImplementedError
 
     def test_fields(self, ds) -> dict:

@@ -119,11 +119,12 @@ class PRVRTask(Task):
 
         name, start = cfg.model.name, cfg.loss.hard_negative_start_epoch
 
-        def loss_fn(params, batch, rngs, step):
+        def loss_fn(params, batch, rngs, step, model_state):
             # ``hard`` is traced: the switch to hard negatives does not recompile the step.
             hard = step // steps_per_epoch >= start
             scores, aux = model.apply({"params": params}, batch, train=True, rngs={"dropout": rngs["dropout"]})
-            return total_loss(name, scores, aux, batch, cfg.loss, rngs["sample"], hard=hard)
+            loss, terms = total_loss(name, scores, aux, batch, cfg.loss, rngs["sample"], hard=hard)
+            return loss, (terms, model_state)  # no BatchNorm: the (empty) model state passes through
 
         return loss_fn
 
