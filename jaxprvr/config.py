@@ -35,6 +35,20 @@ DATASETS: dict[str, dict[str, dict[str, Any]]] = {
         "act": dict(collection="activitynet", visual_feature="i3d", visual_feat_dim=1024, q_feat_size=1024),
         "cha": dict(collection="charades", visual_feature="i3d_rgb_lgi", visual_feat_dim=1024, q_feat_size=1024),
     },
+    # Video moment retrieval, MMN-format data (jaxprvr.data.mmn_format; docs/data.md): the paths of the official
+    # ret/config/paths_catalog.py L8-55 re-rooted under --data-root ("/a/b" -> ROOT/a/b, "./dataset/x" ->
+    # ROOT/dataset/x), the feature layout (video_mode) and its width, the fixed clip count after resampling.
+    "vmr": {
+        "activitynet": dict(ann_dir="dataset/ActivityNet", video_feat="hujingjing2/Spoken_Video_Grounding/data/activity-c3d",
+                            query_feat_dir="hujingjing2/data/ActivityNet/text_distbert_feat", video_mode="c3d_h5",
+                            splits=("train", "val", "test"), input_size=500, num_pre_clips=256),
+        "tacos": dict(ann_dir="dataset/TACoS", video_feat="hujingjing2/data/TACoS/tall_c3d_features_pca.hdf5",
+                      query_feat_dir="hujingjing2/data/TACoS/text_distbert_feat_new", video_mode="c3d_hdf5",
+                      splits=("train", "val", "test"), input_size=500, num_pre_clips=512),
+        "charades": dict(ann_dir="dataset/Charades_STA", video_feat="hujingjing2/data/data/features/i3d_finetuned",
+                         query_feat_dir="hujingjing2/data/Charades_STA/text_distbert_feat", video_mode="i3d_npy",
+                         splits=("train", "test"), input_size=1024, num_pre_clips=128),
+    },
 }
 
 
@@ -221,7 +235,115 @@ class MTMLossConfig(GMMFormerV2LossConfig):
     w_recon: float = 0.0
 
 
-DATA_CONFIGS: dict[str, type] = {"prvr": PRVRDataConfig}
+# ---------------------------------------------------------------------------------------------- VMR
+
+
+@dataclass(frozen=True)
+class VMRDataConfig(DataConfig):
+    """MMN-format moment retrieval data (jaxprvr.data.mmn_format) and the evaluation protocol
+    (ret/data/datasets/evaluation.py). Paths are relative to --data-root unless absolute."""
+
+    ann_dir: str = ""  # holds {split}_audio_new.json
+    video_feat: str = ""  # a folder of <vid>.h5 / <vid>.npy, or one hdf5 file (video_mode)
+    query_feat_dir: str = ""  # <audio stem>.pt per query, (1, 768): text features
+    # data.query_modality=speech reads speech features (SLMR) from speech_feat_dir instead (the same model;
+    # preprocess/audio_encode.py L168-174 writes audio_wav2vec2_feat / audio_data2vec_feat beside the text ones).
+    query_modality: str = "text"
+    speech_feat_dir: str = ""
+    video_mode: str = "c3d_h5"  # "c3d_h5" (ANet: <vid>.h5['feature']), "c3d_hdf5" (TACoS: one file keyed <vid>),
+    #                             "i3d_npy" (Charades: <vid>.npy, (T,1,1,D))
+    splits: tuple[str, ...] = ("train", "val", "test")  # the annotation files the dataset has
+    num_pre_clips: int = 256  # follows model.num_pre_clips (_sync)
+    # Evaluation (ret/data/datasets/evaluation.py; TEST.* of the official config).
+    iou_thresholds: tuple[float, ...] = (0.3, 0.5, 0.7)
+    nms_thresh: float = 0.5
+    contrastive_score_pow: float = 0.5
+    eval_batch_size: int = 12  # TEST.BATCH_SIZE: videos per evaluation batch
+    topk: int = 10  # moments kept per query after NMS (predictions.json; R@k needs k <= topk)
+    query_capacity_multiple: int = 8  # per-video query slots are the split's max count rounded up to this
+
+
+@dataclass(frozen=True)
+class VMRTrainConfig(TrainConfig):
+    """The moment-retrieval recipe (MRNet train_net.py / trainer.py): AdamW, MultiStepLR per 1-based epoch,
+    global-norm clipping, evaluation every ``test_period`` epochs from ``skip_test`` on ``eval_split``."""
+
+    lr: float = 8e-4
+    wd: float = 1e-5
+    adam_b1: float = 0.9
+    adam_b2: float = 0.99
+    batch_size: int = 12  # videos per batch, each with all its queries
+    n_epoch: int = 15
+    milestones: tuple[int, ...] = (7, 15)  # MultiStepLR: x lr_gamma after these (1-based) epochs
+    lr_gamma: float = 0.1
+    max_grad_norm: float = 5.0  # clip_grad_norm_: g * min(1, max / (||g|| + 1e-6))
+    seed: int = 25285
+    test_period: int = 1
+    skip_test: int = 0  # no evaluation before this (1-based) epoch
+    # The split evaluated during training and used to select "best" (official: the test split, no selection;
+    # "val" is the honest protocol where the dataset has one: docs/quirks.md).
+    eval_split: str = "val"
+    max_es_cnt: int = -1
+
+
+@dataclass(frozen=True)
+class MRNetConfig(ModelConfig):
+    """MRNet (xian-sh/MRNet ret/modeling/ret_model/; MODEL.RET.* and SOLVER.* of checkpoints/best/*/config.yml)."""
+
+    name: str = "mrnet"
+    input_size: int = 500  # FEATPOOL.INPUT_SIZE (the video feature width)
+    num_pre_clips: int = 256  # INPUT.NUM_PRE_CLIPS: clips after resampling the raw features
+    num_clips: int = 64  # NUM_CLIPS: N of the N x N proposal map (FeatAvgPool stride num_pre_clips // num_clips)
+    featpool_hidden: int = 512  # FEATPOOL.HIDDEN_SIZE
+    featpool_kernel: int = 4  # FEATPOOL.KERNEL_SIZE
+    pooling_counts: tuple[int, ...] = (15, 8, 8)  # FEAT2D.POOLING_COUNTS
+    joint_space: int = 256  # JOINT_SPACE_SIZE (d_model of TransRet)
+    text_dim: int = 768  # INPUT_TEXT_DIM
+    predictor_hidden: int = 512  # PREDICTOR.HIDDEN_SIZE
+    predictor_kernel: int = 9  # PREDICTOR.KERNEL_SIZE
+    predictor_layers: int = 4  # PREDICTOR.NUM_STACK_LAYERS
+    trans_layers: int = 2  # SOLVER.TRANS_LAYER
+    n_heads: int = 8  # SOLVER.N_HEAD
+    ffn_dim: int = 1024
+    gamma: float = 0.98  # SOLVER.GAMMA: the decay of the retention mask
+    d_double: bool = True  # SOLVER.D_DOUBLE: D + D^T (two-sided decay, diagonal 2)
+    mask_mode: str = "both"  # SOLVER.MASK_MODE: no | ret | sparse | both
+    att_mode: str = "all"  # SOLVER.ATT_MODE: all (joint text+video sequence) | v (video-video only)
+    # SOLVER.ATT_SOFTMAX. False is the official zero attention output (ret_model.py L145-157; the released
+    # Charades config): docs/quirks.md.
+    att_softmax: bool = True
+    att_dropout: float = 0.0  # SOLVER.ATT_DROPOUT on the attention probabilities (None -> 0)
+    # "projected": ret_model.py (six bias-free W as x @ W, one output Linear; ANet, Charades);
+    # "mha": ret_model_tacos.py (four Linears with bias; TACoS).
+    ret_variant: str = "projected"
+    input_dropout: float = 0.5  # input_vid_proj LinearLayer dropout
+    dropout: float = 0.1  # TransRet residual dropouts
+    # How the attention runs (same math): "parallel" (the full (n_q+N)^2 logits) or "chunkwise" (key blocks of
+    # attention_chunk with an online softmax; memory linear in the sequence length).
+    attention_impl: str = "parallel"
+    attention_chunk: int = 64
+
+
+@dataclass(frozen=True)
+class MRNetLossConfig(LossConfig):
+    """MODEL.RET.LOSS.* and the SOLVER weights of the total (ret/engine/trainer.py L90-106)."""
+
+    min_iou: float = 0.5
+    max_iou: float = 1.0
+    num_pos_proposals: int = 1  # NUM_POSTIVE_VIDEO_PROPOSAL
+    margin: float = 0.3
+    tau_video: float = 0.1
+    tau_sent: float = 0.1
+    neg_video_iou: float = 0.5  # NEGATIVE_VIDEO_IOU
+    sent_removal_iou: float = 0.5  # SENT_REMOVAL_IOU
+    w_contrastive: float = 0.1  # CONTRASTIVE_WEIGHT
+    w_sparse: float = 10.0  # SPARSE_WEIGHT
+    loss_ratio: float = 0.15  # LOSS_RATIO: sparsity doubled when w_sparse * L_sp >= loss_ratio * batch * w_sparse
+    only_iou_epoch: int = 6  # ONLY_IOU: the last (1-based) epoch with the full loss; later ones scale it by 0.01
+
+
+DATA_CONFIGS: dict[str, type] = {"prvr": PRVRDataConfig, "vmr": VMRDataConfig}
+TRAIN_CONFIGS: dict[str, type] = {"vmr": VMRTrainConfig}  # other tasks: TrainConfig
 
 # Old names -> the fields that replaced them (an override or make_config with an old name is an error naming them).
 RENAMED = {
@@ -268,7 +390,7 @@ def make_config(model: str, dataset: str, *, model_kw=None, data_kw=None, loss_k
     m = _fill(row.model_config, facts, {"name": model, **(model_kw or {})}, "model")
     d = _fill(DATA_CONFIGS[task], facts, {"dataset": dataset, **(data_kw or {})}, "data")
     cfg = Config(model=m, data=d, loss=_fill(row.loss_config, facts, loss_kw, "loss"),
-                 train=_fill(TrainConfig, facts, train_kw, "train"))
+                 train=_fill(TRAIN_CONFIGS.get(task, TrainConfig), facts, train_kw, "train"))
     return _sync(cfg)
 
 

@@ -64,10 +64,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # stacks, and a video reconstructor of 4*hidden x 128*3072 weights): its demo runs 64 wide.
     Family("mtm", "MTM", "prvr", "jaxprvr.models.mtm:MTM", C.MTMConfig, C.MTMLossConfig, "torch_ref.mtm:MTM",
            "parity.mtm", "tianxinlin666/MTM", demo=(("model.hidden_size", "64"),)),
+    Family("mrnet", "MRNet", "vmr", "jaxprvr.models.mrnet:MRNet", C.MRNetConfig, C.MRNetLossConfig,
+           "torch_ref.mrnet:MRNet", "parity.mrnet", "xian-sh/MRNet"),
 )}
 
 # The model `--config <dataset>` trains when no --model is given: the strongest implemented on that dataset.
-DEFAULT_MODEL = {"tvr": "mtm", "act": "mtm", "cha": "mtm"}
+DEFAULT_MODEL = {"tvr": "mtm", "act": "mtm", "cha": "mtm", "activitynet": "mrnet", "tacos": "mrnet", "charades": "mrnet"}
 
 
 def names(task: str | None = None) -> tuple[str, ...]:
