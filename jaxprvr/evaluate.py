@@ -35,8 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data-root", default=None, help="the dataset folder (docs/data.md)")
     src.add_argument("--demo", action="store_true", help="use the built-in synthetic demo dataset")
     p.add_argument("--split", default="test", help="val | test | train (default: test)")
-    p.add_argument("--save-outputs", "--save-scores", dest="save_outputs", default=None, metavar="DIR",
-                   help="write what the task keeps of the evaluation (PRVR: scores.npy + query/video id lists)")
+    p.add_argument("--save-outputs", "--save-scores", "--save-predictions", dest="save_outputs", default=None,
+                   metavar="DIR", help="write what the task keeps of the evaluation (PRVR: scores.npy + query/video "
+                                       "id lists; moment retrieval: metrics.json, predictions.json, score_maps.npz)")
+    p.add_argument("--topk", type=int, default=None,
+                   help="moment retrieval: moments kept per query in predictions.json (--set data.topk=K)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-ema", action="store_true",
                    help="evaluate the raw weights of a run trained with train.use_ema (default: the EMA weights)")
@@ -59,7 +62,8 @@ def load_checkpoint_config(args):
         if args.model is not None and saved.get("name") != args.model:
             raise JaxprvrError(args.ckpt, f"a checkpoint of --model {args.model}", f"one of {saved.get('name')}")
         cfg = dataclasses.replace(cfg, model=model_config_from_dict(saved, where=str(args.ckpt)))
-    return apply_overrides(cfg, args.overrides), saved_cfg
+    overrides = list(args.overrides) + ([f"data.topk={args.topk}"] if getattr(args, "topk", None) else [])
+    return apply_overrides(cfg, overrides), saved_cfg
 
 
 def run(args) -> dict:

@@ -241,3 +241,61 @@ def eval_params(params, opt_state, use_ema: bool):
     if use_ema and isinstance(opt_state, EmaState):
         return opt_state.shadow
     return params
+
+
+# ---------------------------------------------------------------------------------------------- AdamW recipe
+# Moment retrieval (MRNet train_net.py L50-52, trainer.py L109-110, L141): torch AdamW, MultiStepLR stepped per
+# epoch, clip_grad_norm_ over the whole model.
+
+
+def multistep_lr(lr: float, milestones, gamma: float, steps_per_epoch: int) -> Callable:
+    """The learning rate of global step ``step`` (0-based) under ``MultiStepLR(milestones, gamma)`` stepped after
+    every epoch: epoch ``e = step // steps_per_epoch + 1`` (1-based, as the official loop counts) runs at
+    ``lr * gamma ** #{m in milestones: m < e}``."""
+    ms = sorted(int(m) for m in milestones)
+    # The rates as torch's scheduler computes them (successive products in Python floats), cast once.
+    rates = [float(lr)]
+    for _ in ms:
+        rates.append(rates[-1] * gamma)
+
+    def schedule(step):
+        epoch = jnp.asarray(step, jnp.int32) // steps_per_epoch + 1
+        n = sum((jnp.int32(m) < epoch).astype(jnp.int32) for m in ms) if ms else jnp.int32(0)
+        return jnp.asarray(np.asarray(rates), jnp.result_type(float))[n]
+
+    return schedule
+
+
+def clip_grad_norm_torch(max_norm: float) -> optax.GradientTransformation:
+    """``torch.nn.utils.clip_grad_norm_``: ``g * min(1, max_norm / (||g||_2 + 1e-6))`` with the norm over every
+    gradient (optax's ``clip_by_global_norm`` has no 1e-6 and divides instead)."""
+
+    def update(updates, state, params=None):
+        del params
+        leaves = jax.tree.leaves(updates)
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32 if g.dtype != jnp.float64 else g.dtype)))
+                            for g in leaves))
+        coef = jnp.minimum(max_norm / (norm + 1e-6), 1.0)
+        return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def torch_adamw(schedule, b1: float, b2: float, weight_decay: float, max_grad_norm: float, trainable=None,
+                eps: float = 1e-8) -> optax.GradientTransformation:
+    """``clip_grad_norm_`` then ``torch.optim.AdamW`` (bias-corrected moments, eps outside the square root,
+    decoupled decay ``p -= lr * wd * p``) at ``schedule(step)``. ``trainable`` (a pytree of bools) marks the
+    parameters the official model gives a gradient: the others (``grad is None`` in torch) are neither
+    updated nor decayed and hold no moments worth converting (their moments stay 0)."""
+    inner = optax.chain(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(schedule),
+    )
+    if trainable is not None:
+        labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
+        inner = optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, labels)
+    return optax.chain(clip_grad_norm_torch(max_grad_norm), inner) if max_grad_norm > 0 else inner
+
+
+__all__ += ["multistep_lr", "clip_grad_norm_torch", "torch_adamw"]

@@ -139,7 +139,7 @@ class _Run:
         self.progress = progress and jax.process_index() == 0
         self.t_start = time.perf_counter()
         self.train_ds = self.task.open_split(cfg, data_root, "train")
-        self.val_ds = self.task.open_split(cfg, data_root, "val")
+        self.val_ds = self.task.open_split(cfg, data_root, self.task.validation_split(cfg))
         self.cfg = cfg = self.task.with_data_dims(cfg, self.train_ds)
         n_slices = jax.process_count() if batch_slices is None else batch_slices
         self.plan = self.task.train_plan(cfg, self.train_ds, mesh=self.mesh, n_slices=n_slices)

@@ -51,6 +51,10 @@ class Task:
     def open_split(self, cfg, root, split: str):
         raise NotImplementedError
 
+    def validation_split(self, cfg) -> str:
+        """The split evaluated after each epoch to select ``best`` (and to stop early)."""
+        return "val"
+
     def with_data_dims(self, cfg, ds):
         """``cfg`` with the dimensions the data on disk fixes (e.g. the visual feature width)."""
         return cfg
