@@ -188,7 +188,7 @@ def test_parameter_count_at_tvr_size(name):
     assert round(n / 1e6, 3) == {"ms_sl": 4.853, "gmmformer": 12.848, "gmmformer_v2": 32.273}[name]
 
 
-def test_block_sizes_match_prvr_report():
+def test_block_sizes_match_the_analytic_counts():
     p = flat_paths(tvr_shapes("gmmformer_v2"))
 
     def size(prefix):

@@ -1,4 +1,4 @@
-"""The official ``mamba_ssm`` Mamba-1 layer, importable on CPU and on CUDA (reference/environment.md).
+"""The official ``mamba_ssm`` Mamba-1 layer, importable on CPU and on CUDA (scripts/setup.sh installs it).
 
 On a CUDA build, :func:`load` simply imports ``mamba_ssm``. On a CPU-only install (``MAMBA_SKIP_CUDA_BUILD=TRUE
 ... pip install --no-build-isolation --no-deps mamba_ssm causal_conv1d einops``, as ``scripts/setup.sh`` does)

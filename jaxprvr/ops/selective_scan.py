@@ -49,10 +49,9 @@ channel and state index), and it is computed in one of three interchangeable for
     worth of intermediates, i.e. flat in L. Depth O((L / T) log T).
 
 All three give the same result to float32 rounding (and the same gradients; tests/test_ops_selective_scan.py).
-Which is fastest depends on the device and the shape (anchors.md part B: on CPU and for long
-sequences the sequential form often wins, on GPU the associative form usually does at L <= 128).
-The default per model will be chosen by measurement and recorded in docs/benchmarks.md (later);
-until then the default here is ``"associative"``.
+Which is fastest depends on the device and the shape: on 2 CPU cores the sequential form is the fastest
+at MTM's shapes (docs/benchmarks.md, "Selective scan"), so the Mamba layer (:class:`jaxprvr.models.mamba.Mamba`)
+defaults to ``"sequential"``; on GPU the associative form is expected to compete (not measured yet).
 """
 
 from __future__ import annotations
