@@ -244,8 +244,18 @@ def demo_root(dataset: str = "tvr", cache_dir: str | os.PathLike | None = None) 
 
 
 def main(argv=None) -> int:
+    # Moment-retrieval datasets (activitynet, tacos, charades) have their own writer and options.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dataset")
+    known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    from jaxprvr.data import synthetic_vmr
+
+    if known.dataset in synthetic_vmr.DATASETS:
+        return synthetic_vmr.main(argv)
     parser = argparse.ArgumentParser(prog="python -m jaxprvr.data.synthetic",
-                                     description="Write a synthetic PRVR dataset in the MS-SL release layout.")
+                                     description="Write a synthetic PRVR dataset in the MS-SL release layout "
+                                                 "(--dataset activitynet|tacos|charades: a moment-retrieval "
+                                                 "dataset in the MMN layout, jaxprvr.data.synthetic_vmr).")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="tvr")
     parser.add_argument("--out", required=True, help="data root to create (it gets a <collection>/ folder)")
     parser.add_argument("--train-videos", type=int, default=600)
