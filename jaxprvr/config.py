@@ -261,6 +261,9 @@ class VMRDataConfig(DataConfig):
     eval_batch_size: int = 12  # TEST.BATCH_SIZE: videos per evaluation batch
     topk: int = 10  # moments kept per query after NMS (predictions.json; R@k needs k <= topk)
     query_capacity_multiple: int = 8  # per-video query slots are the split's max count rounded up to this
+    # A query whose span is empty after clamping to [0, duration] (e <= s): "error" names it; "keep" trains and
+    # evaluates it as the official code does (an all-zero IoU target; ActivityNet train has 4: docs/quirks.md).
+    empty_spans: str = "error"
 
 
 @dataclass(frozen=True)
