@@ -455,8 +455,11 @@ class MRNet(nn.Module):
         self.proposal_conv = ProposalConv(d, mcfg.predictor_hidden, mcfg.predictor_kernel, mcfg.predictor_layers,
                                           d, self.feat2d.mask2d)
         p = mcfg.input_dropout
-        self.input_vid_proj = nn.Sequential(LinearLayer(mcfg.featpool_hidden, d, p, relu=True),
-                                            LinearLayer(d, d, p, relu=False))
+        # L495-501 builds THREE LinearLayers and keeps the first two ([:n_input_proj]): the third is constructed
+        # (its Linear draws from the RNG) and discarded, so the RNG state after construction matches.
+        layers = [LinearLayer(mcfg.featpool_hidden, d, p, relu=True), LinearLayer(d, d, p, relu=False),
+                  LinearLayer(d, d, p, relu=True)]
+        self.input_vid_proj = nn.Sequential(*layers[:2])
         self.iou_score_loss = BceLoss(lcfg.min_iou, lcfg.max_iou, self.feat2d.mask2d)
         self.contrastive_loss = ContrastiveLoss(lcfg, self.feat2d.mask2d)
         self.only_iou_loss_epoch = lcfg.only_iou_epoch
