@@ -314,7 +314,8 @@ def test_mask_multiplies_logits_before_softmax():
     ref = torch_mha_core(*(torch.from_numpy(a[0])[:, None] for a in (q, k, v)), torch.from_numpy(m), 2)[:, 0].numpy()
     got = np.asarray(masked_attention(q, k, v, m, None, 2))[0]
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
-    s = np.einsum("hqd,hkd->hqk", q[0].reshape(6, 2, 4).transpose(1, 0, 2) / 2.0, k[0].reshape(6, 2, 4).transpose(1, 0, 2))
+    qh, kh = (a[0].reshape(6, 2, 4).transpose(1, 0, 2) for a in (q, k))
+    s = np.einsum("hqd,hkd->hqk", qh / 2.0, kh)
     p = np.exp(s - s.max(-1, keepdims=True))
     p = p / p.sum(-1, keepdims=True) * m
     wrong = np.einsum("hqk,hkd->qhd", p, v[0].reshape(6, 2, 4).transpose(1, 0, 2)).reshape(6, 8)
