@@ -177,3 +177,7 @@ def mrnet_loss(outputs: Mapping, aux: Mapping, batch: Mapping, loss_cfg: MRNetLo
     loss = loss + jnp.where(loss_sp >= threshold, loss_sp * factor, 0.0)  # L100-101 / L105-106
     terms = {"loss_iou": loss_iou, "loss_vid": loss_vid, "loss_sent": loss_sent, "loss_sp": loss_sp}
     return loss, terms
+
+
+# The loss of each moment-retrieval family, by model name (the task reads this table).
+LOSSES = {"mrnet": mrnet_loss}

@@ -511,6 +511,36 @@ class MRNet(nn.Module):
     def compute_dtype(self) -> Dtype:
         return resolve_compute_dtype(self.cfg)
 
+    def trainable_mask(self, params):
+        """A pytree of bools over ``params``: False for the parameters the official model never gives a gradient
+        (``grad is None`` in torch, so AdamW neither updates nor decays them): ``text_encoder.fc_out1`` (its output
+        is only returned at inference), ``text_out.fc_out2`` and ``text_out.layernorm`` (built, unused),
+        ``W_txt_Q/K`` in mode ``v`` (computed, unused, ret_model.py L314-315), ``W_*_Q/K`` when the projected
+        attention is zeroed (``att_softmax=False``: the logits feed only the discarded Hardswish, L141-157), and
+        ``learn_vid_ret`` when the sparse mask is off (``mask_mode`` no/ret: neither the mask nor the sparsity
+        loss uses it, L283-293)."""
+        c = self.cfg
+        frozen = [("text_encoder", "fc_out1"), ("text_out", "fc_out2"), ("text_out", "layernorm")]
+        w_frozen = set()
+        if c.ret_variant == "projected":
+            if c.att_mode == "v":
+                w_frozen |= {"W_txt_Q", "W_txt_K"}
+            if not c.att_softmax:
+                w_frozen |= {"W_txt_Q", "W_txt_K", "W_vid_Q", "W_vid_K"}
+        sparse_off = c.mask_mode in ("no", "ret")
+
+        def decide(path, _leaf):
+            names = [getattr(k, "key", str(k)) for k in path]
+            if any(tuple(names[i:i + 2]) == f for f in frozen for i in range(len(names) - 1)):
+                return False
+            if names and names[-1] in w_frozen:
+                return False
+            if sparse_off and "learn_vid_ret" in names:
+                return False
+            return True
+
+        return jax.tree_util.tree_map_with_path(decide, params)
+
     def setup(self):
         c = self.cfg
         validate_config(c)
