@@ -64,8 +64,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # stacks, and a video reconstructor of 4*hidden x 128*3072 weights): its demo runs 64 wide.
     Family("mtm", "MTM", "prvr", "jaxprvr.models.mtm:MTM", C.MTMConfig, C.MTMLossConfig, "torch_ref.mtm:MTM",
            "parity.mtm", "tianxinlin666/MTM", demo=(("model.hidden_size", "64"),)),
+    # MRNet's compute is the 2-D conv stack over the N x N map (ActivityNet: 9x9 kernels, 512 channels, 64 x 64
+    # cells, ~96% of a step): the demo runs a 32 x 32 map with a 5x5 x 2 stack, 64 wide.
     Family("mrnet", "MRNet", "vmr", "jaxprvr.models.mrnet:MRNet", C.MRNetConfig, C.MRNetLossConfig,
-           "torch_ref.mrnet:MRNet", "parity.mrnet", "xian-sh/MRNet"),
+           "torch_ref.mrnet:MRNet", "parity.mrnet", "xian-sh/MRNet",
+           demo=(("model.num_clips", "32"), ("model.featpool_kernel", "8"), ("model.pooling_counts", "(15,8)"),
+                 ("model.joint_space", "64"), ("model.featpool_hidden", "64"), ("model.predictor_hidden", "64"),
+                 ("model.predictor_kernel", "5"), ("model.predictor_layers", "2"), ("model.ffn_dim", "128"),
+                 ("loss.only_iou_epoch", "4"))),
 )}
 
 # The model `--config <dataset>` trains when no --model is given: the strongest implemented on that dataset.

@@ -131,7 +131,10 @@ class prefetch:  # noqa: N801 - used like a function: ``for batch in prefetch(ba
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # at interpreter shutdown the threading module's globals may already be gone
+            pass
 
 
 __all__ = ["prefetch", "ordered_map", "batch_workers"]
