@@ -95,9 +95,9 @@ def test_family_fields_stay_in_their_family():
 
 def test_config_table_and_mismatched_model():
     rows = {r["config"]: r for r in config_table()}
-    assert set(rows) == {"tvr", "act", "cha"}
+    assert set(rows) == {"tvr", "act", "cha", "activitynet", "tacos", "charades"}
     for ds, r in rows.items():
-        assert r["task"] == "prvr" and r["default"] in r["models"]
+        assert r["task"] == ("prvr" if ds in ("tvr", "act", "cha") else "vmr") and r["default"] in r["models"]
         assert sorted(r["models"]) == sorted(m for m in registry.names() if ds in configs_of(m))
     with pytest.raises(JaxprvrError, match="--model"):
         load_config("tvr", model="clip4clip")
@@ -107,9 +107,35 @@ def test_checkpoint_model_config_round_trip():
     from jaxprvr.config import model_config_from_dict
 
     for model in registry.names():
-        cfg = load_config("tvr", model).model
+        cfg = load_config(configs_of(model)[0], model).model
         assert model_config_from_dict(dict(cfg.__dict__)) == cfg
     old = dict(load_config("tvr", "ms_sl").model.__dict__, sft_factor=0.09, video_scale_w=0.0)  # flat schema
     assert model_config_from_dict(old) == load_config("tvr", "ms_sl").model
     with pytest.raises(JaxprvrError, match="sft_factor"):
         model_config_from_dict(dict(old, sft_factor=0.5))
+
+
+def test_vmr_configs_hold_the_released_settings():
+    """configs/mrnet/*.py against the released checkpoints/best/*/config.yml values (vmr.md A2.2, A4)."""
+    want = {  # dataset: (num_pre_clips, num_clips, pooling, predictor k x layers, trans layers, att_mode, softmax,
+        #                   variant, lr, batch, epochs, milestones, nms, pow, thresholds)
+        "activitynet": (256, 64, (15, 8, 8), (9, 4), 2, "all", True, "projected", 8e-4, 12, 15, (7, 15), 0.5, 0.5,
+                        (0.3, 0.5, 0.7)),
+        "charades": (128, 64, (15, 8, 8), (17, 2), 4, "v", False, "projected", 1e-4, 12, 25, (8, 13), 0.5, 0.5,
+                     (0.3, 0.5, 0.7)),
+        "tacos": (512, 128, (15, 8, 8, 8), (5, 3), 1, "all", True, "mha", 1.5e-3, 2, 250, (130, 190), 0.4, 0.3,
+                  (0.1, 0.3, 0.5)),
+    }
+    for ds, w in want.items():
+        c = load_config(ds)
+        m, t, d = c.model, c.train, c.data
+        got = (m.num_pre_clips, m.num_clips, m.pooling_counts, (m.predictor_kernel, m.predictor_layers),
+               m.trans_layers, m.att_mode, m.att_softmax, m.ret_variant, t.lr, t.batch_size, t.n_epoch, t.milestones,
+               d.nms_thresh, d.contrastive_score_pow, d.iou_thresholds)
+        assert got == w, ds
+        assert d.num_pre_clips == m.num_pre_clips and m.name == "mrnet"
+    with pytest.raises(JaxprvrError, match="configs of mrnet"):
+        load_config("tvr", "mrnet")
+    with pytest.raises(JaxprvrError, match="sft_factor"):
+        load_config("activitynet", overrides=["model.sft_factor=0.5"])
+    assert load_config("charades").train.eval_split == "test"  # no val split (docs/quirks.md)
