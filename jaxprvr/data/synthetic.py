@@ -220,16 +220,23 @@ def demo_root(dataset: str = "tvr", cache_dir: str | os.PathLike | None = None) 
     """
     if dataset not in DEMO_SIZES:
         raise JaxprvrError("demo dataset", f"one of {sorted(DEMO_SIZES)}", repr(dataset))
-    base = _cache_base(cache_dir)
-    final = base / f"{dataset}-v{DEMO_VERSION}"
-    marker = final / DATASETS[dataset]["collection"] / MARKER
+    final = _cache_base(cache_dir) / f"{dataset}-v{DEMO_VERSION}"
+    n_train, n_val, n_test = DEMO_SIZES[dataset]
+    return create_once(final, final / DATASETS[dataset]["collection"] / MARKER,
+                       lambda tmp: write_synthetic(tmp, dataset, n_train, n_val, n_test, seed=0, progress=True))
+
+
+def create_once(final: Path, marker: Path, write) -> Path:
+    """``final``, created by ``write(tmp)`` on first use: written to a temporary folder beside it and renamed into
+    place, so an interrupted or concurrent creation never leaves a half-written dataset under that name (of two
+    concurrent creators one wins the rename and the other discards its copy); ``marker`` (written last by
+    ``write``) proves a folder complete."""
     if not final.exists():
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=base))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         tmp.chmod(0o755)  # mkdtemp's 0700 would become the dataset's mode
         try:
-            n_train, n_val, n_test = DEMO_SIZES[dataset]
-            write_synthetic(tmp, dataset, n_train, n_val, n_test, seed=0, progress=True)
+            write(tmp)
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -238,7 +245,7 @@ def demo_root(dataset: str = "tvr", cache_dir: str | os.PathLike | None = None) 
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     if not marker.is_file():
-        raise JaxprvrError(final, f"a complete demo dataset (with {MARKER})", "a folder without it",
+        raise JaxprvrError(final, f"a complete demo dataset (with {marker.name})", "a folder without it",
                            hint="delete the folder to have it recreated")
     return final
 

@@ -32,9 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,26 +274,11 @@ def demo_root(dataset: str = "activitynet", cache_dir: str | os.PathLike | None 
     or concurrent creation never leaves a half-written dataset under that name."""
     if dataset not in DATASETS:
         raise JaxprvrError("demo dataset", f"one of {list(DATASETS)}", repr(dataset))
-    base = _cache_base(cache_dir)
-    final = base / f"mrnet-{dataset}-v{DEMO_VERSION}"
+    from jaxprvr.data.synthetic import create_once
+
+    final = _cache_base(cache_dir) / f"mrnet-{dataset}-v{DEMO_VERSION}"
     marker = resolve(final, load_config(dataset).data.ann_dir) / MARKER
-    if not final.exists():
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=base))
-        tmp.chmod(0o755)
-        try:
-            write_synthetic_vmr(tmp, dataset, seed=0)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not marker.is_file():  # not a concurrent creator's finished copy
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if not marker.is_file():
-        raise JaxprvrError(final, f"a complete demo dataset (with {MARKER})", "a folder without it",
-                           hint="delete the folder to have it recreated")
-    return final
+    return create_once(final, marker, lambda tmp: write_synthetic_vmr(tmp, dataset, seed=0))
 
 
 def main(argv=None) -> int:
