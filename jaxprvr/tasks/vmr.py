@@ -37,12 +37,11 @@ class VMRTask(Task):
     batch_keys = BATCH_KEYS
     selection_metric = "R1@0.5"
     selection_mode = "max"
-    # --demo: a short schedule with the lr milestone and the ONLY_IOU switch inside it; evaluation on val from
-    # the first epoch (the family's registry row narrows the model).
+    # --demo: a short schedule with the lr milestone and the ONLY_IOU switch inside it; evaluation on the config's
+    # eval split from the first epoch (the family's registry row narrows the model).
     demo_overrides = {
         "train.n_epoch": "6",
         "train.milestones": "(4,)",
-        "train.eval_split": "val",
         "train.skip_test": "0",
         "train.log_every": "5",
     }
