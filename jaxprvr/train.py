@@ -207,7 +207,12 @@ class _Run:
             if not self.run_epoch(m["next_epoch"], max_steps):
                 self.save("latest")
                 return True
-            self.validate(m["next_epoch"])
+            epoch = m["next_epoch"]
+            if self.task.validates_after(self.cfg, epoch):
+                self.validate(epoch)
+            else:  # not an evaluation epoch (e.g. MRNet's TEST_PERIOD): the epoch ends with a checkpoint only
+                m.update(next_epoch=epoch + 1, step_in_epoch=0)
+                self.save("latest")
         return False
 
     def run_epoch(self, epoch: int, max_steps: int | None) -> bool:

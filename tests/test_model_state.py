@@ -202,3 +202,28 @@ def test_dataclass_config_is_what_the_trainer_saves(toy, tmp_path):
     cfg = _cfg(n_epoch=1)
     train(cfg, None, tmp_path / "r", progress=False, run_test=False)
     assert json.loads((tmp_path / "r" / "config.json").read_text()) == dataclasses.asdict(cfg)
+
+
+def test_trainer_validates_only_where_the_task_says(toy, tmp_path):
+    """``Task.validates_after``: epochs without validation end with a ``latest`` checkpoint only; the metrics log
+    holds exactly the validated epochs; ``best`` comes from them."""
+    from jaxprvr.train import train
+
+    toy.validates_after = lambda cfg, epoch: epoch in (1, 3)
+    summary = train(_cfg(n_epoch=4), None, tmp_path / "r", progress=False, run_test=False)
+    logs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in logs if r.get("split") == "val"] == [1, 3]
+    assert summary["epochs_done"] == 4 and summary["best_epoch"] in (1, 3)
+
+
+def test_vmr_evaluation_epochs_follow_the_official_rule():
+    """MRNet trainer.py L145 (1-based epoch): evaluate when ``epoch % TEST_PERIOD == 0 and epoch >= SKIP_TEST``;
+    ours also evaluates after the last epoch."""
+    from jaxprvr.config import load_config
+    from jaxprvr.tasks.vmr import TASK
+
+    cfg = load_config("tacos")  # TEST_PERIOD 10, SKIP_TEST 0, 250 epochs
+    got = [e + 1 for e in range(cfg.train.n_epoch) if TASK.validates_after(cfg, e)]
+    assert got == [e for e in range(1, 251) if e % 10 == 0]
+    cfg = load_config("activitynet", overrides=["train.test_period=4", "train.skip_test=6", "train.n_epoch=15"])
+    assert [e + 1 for e in range(15) if TASK.validates_after(cfg, e)] == [8, 12, 15]

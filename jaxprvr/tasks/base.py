@@ -55,6 +55,10 @@ class Task:
         """The split evaluated after each epoch to select ``best`` (and to stop early)."""
         return "val"
 
+    def validates_after(self, cfg, epoch: int) -> bool:
+        """Whether the trainer evaluates the validation split after (0-based) ``epoch`` (default: every epoch)."""
+        return True
+
     def with_data_dims(self, cfg, ds):
         """``cfg`` with the dimensions the data on disk fixes (e.g. the visual feature width)."""
         return cfg

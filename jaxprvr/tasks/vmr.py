@@ -55,6 +55,12 @@ class VMRTask(Task):
     def validation_split(self, cfg) -> str:
         return cfg.train.eval_split
 
+    def validates_after(self, cfg, epoch: int) -> bool:
+        """Every ``train.test_period`` epochs from ``train.skip_test`` (1-based, ``trainer.py`` L145), and after the
+        last epoch (so that a run always ends with an evaluation to select from)."""
+        e, t = epoch + 1, cfg.train
+        return (t.test_period > 0 and e % t.test_period == 0 and e >= t.skip_test) or e == t.n_epoch
+
     def open_split(self, cfg, root, split):
         from jaxprvr.data.mmn_format import MMNDataset
 
