@@ -767,6 +767,10 @@ def _run(cfg, ckpt, data_root, seed, n_videos, steps, groups, device, say, compi
 
     name = cfg.model.name
     spec = spec_of(cfg)
+    if spec.check_rows is not None:  # a family with its own stages (parity.base.FamilySpec.check_rows)
+        return spec.check_rows(cfg, ckpt=ckpt, data_root=data_root, seed=seed, n_videos=n_videos, steps=steps,
+                               groups=groups, device=device, say=say, compiler_options=compiler_options, tol=tol,
+                               perturb=perturb)
     tab = spec.table_for(cfg.model)
     f64 = tol.dtype == "float64"
     torch.manual_seed(seed)
@@ -901,9 +905,7 @@ def main(argv=None) -> int:
     import torch
 
     dev = f"JAX {jax.devices()[0].device_kind} vs torch {args.device or 'cpu'} ({torch.__version__})"
-    m = cfg.model
-    title = (f"parity.check {args.model} / {cfg.data.dataset}: hidden {m.hidden_size}, heads {m.n_heads}, "
-             f"visual {m.visual_feat_dim}, query {m.q_feat_size}; {args.dtype}; "
+    title = (f"parity.check {args.model} / {cfg.data.dataset}: {spec_of(cfg).describe(cfg)}; {args.dtype}; "
              f"{describe_precision(args.matmul_precision)}"
              f"; {dev}; {'checkpoint ' + args.ckpt if args.ckpt else 'official init'}"
              f"{'' if args.perturb == 'none' else ', perturbed: ' + args.perturb}; "

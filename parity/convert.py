@@ -383,6 +383,8 @@ def torch2jax(args) -> dict:
     if not src.is_file():
         raise JaxprvrError(src, "an official checkpoint file (model.ckpt / best.ckpt)", "no such file")
     fam = spec(args.model)
+    if fam.convert_torch2jax is not None:  # a family with its own file layout (parity.base.FamilySpec)
+        return fam.convert_torch2jax(args, _load_config(args))
     try:
         ck = fam.read_official(src)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad input file
@@ -443,6 +445,8 @@ def jax2torch(args) -> dict:
     from jaxprvr.config import model_config_from_dict
     from jaxprvr.checkpoint import read_meta, resolve_params_dir
 
+    if spec(args.model).convert_jax2torch is not None:  # a family with its own file layout
+        return spec(args.model).convert_jax2torch(args, _load_config(args))
     step_dir = resolve_params_dir(args.input)
     meta = read_meta(step_dir)
     cfg = _load_config(args)

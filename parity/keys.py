@@ -12,6 +12,13 @@ kind                torch layout                            Flax layout
 ``layernorm``       ``LayerNorm.weight (n,)``               ``LayerNorm.scale (n,)``: none
 ``embedding``       ``Embedding.weight (rows, d)``          ``Embed.embedding (rows, d)``: none
 ``param``           a raw ``nn.Parameter``                  the same array: none
+``conv2d``          ``nn.Conv2d.weight (out, in/g, kh, kw)`` ``Conv.kernel (kh, kw, in/g, out)``: axes
+                                                            2,3,1,0 (back: 3,2,0,1)
+``bn_param``        ``BatchNorm.weight`` / ``.bias (n,)``   ``scale`` / ``bias (n,)``: none
+``bn_mean``         ``BatchNorm.running_mean (n,)``         ``batch_stats .../mean``: none
+``bn_var``          ``BatchNorm.running_var (n,)``          ``batch_stats .../var``: none
+``bn_count``        ``num_batches_tracked ()`` int64        ``batch_stats .../num_batches_tracked`` int32
+``buffer``          a constant buffer (``xpos.scale``)      no Flax entry: recomputed on the way back
 ==================  ======================================  ==========================================
 
 Transposes are decided by the kind written in the table, never by shape (most Linears are square).
@@ -25,7 +32,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-KINDS = {"linear": 2, "conv1d": 3, "bias": 1, "layernorm": 1, "embedding": 2, "param": None}
+KINDS = {"linear": 2, "conv1d": 3, "bias": 1, "layernorm": 1, "embedding": 2, "param": None, "conv2d": 4,
+         "bn_param": 1, "bn_mean": 1, "bn_var": 1, "bn_count": 0, "buffer": None}
 
 
 class Entry(NamedTuple):
@@ -41,12 +49,21 @@ def to_flax(kind: str, a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a.T)
     if kind == "conv1d":
         return np.ascontiguousarray(a.transpose(2, 1, 0))
+    if kind == "conv2d":
+        return np.ascontiguousarray(a.transpose(2, 3, 1, 0))
+    if kind == "bn_count":
+        return np.asarray(a, np.int32).copy()
     return np.array(a, copy=True)
 
 
-# Both relayouts (a 2-D transpose, reversing three axes) are their own inverses.
-to_torch = to_flax
-to_torch.__doc__ = "torch layout <-> Flax layout (each transform is its own inverse)."
+def to_torch(kind: str, a: np.ndarray) -> np.ndarray:
+    """Flax layout -> torch layout (the inverse of :func:`to_flax`; a 2-D transpose and reversing three axes are
+    their own inverses, ``conv2d`` is not)."""
+    if kind == "conv2d":
+        return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
+    if kind == "bn_count":
+        return np.asarray(a, np.int64).copy()
+    return to_flax(kind, a)
 
 
 # ------------------------------------------------------------------------------------------ row builders

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxprvr.errors import JaxprvrError
+from parity.base import FamilySpec
 from parity.rows import Row, as_numpy, close_row, nonfinite
 
 METRIC_KEYS = ("r1", "r5", "r10", "r100", "sumr")
@@ -51,7 +52,7 @@ class Plain:
         self.fn = fn
 
 
-class PRVRSpec:
+class PRVRSpec(FamilySpec):
     """Parity spec of a PRVR family. Subclasses set :attr:`name`, :attr:`table` and override the hooks."""
 
     name = ""
@@ -65,6 +66,10 @@ class PRVRSpec:
     def table_for(self, model_cfg):
         """The key-table argument of :mod:`parity.convert` for a model config (default: the family name)."""
         return self.name
+
+    def describe(self, cfg) -> str:
+        m = cfg.model
+        return f"hidden {m.hidden_size}, heads {m.n_heads}, visual {m.visual_feat_dim}, query {m.q_feat_size}"
 
     # -- inputs
     def make_batch(self, model_cfg, n_videos: int = 4, seed: int = 0, counts=None) -> dict:
