@@ -68,7 +68,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # cells, ~96% of a step): the demo runs a 32 x 32 map with a 5x5 x 2 stack, 64 wide.
     Family("mrnet", "MRNet", "vmr", "jaxprvr.models.mrnet:MRNet", C.MRNetConfig, C.MRNetLossConfig,
            "torch_ref.mrnet:MRNet", "parity.mrnet", "xian-sh/MRNet",
-           demo=(("model.num_clips", "32"), ("model.featpool_kernel", "8"), ("model.pooling_counts", "(15,8)"),
+           demo=(("model.num_clips", "32"), ("model.featpool_kernel", "4"), ("model.pooling_counts", "(15,8)"),
                  ("model.joint_space", "64"), ("model.featpool_hidden", "64"), ("model.predictor_hidden", "64"),
                  ("model.predictor_kernel", "5"), ("model.predictor_layers", "2"), ("model.ffn_dim", "128"),
                  ("loss.only_iou_epoch", "4"))),
