@@ -677,12 +677,15 @@ def short_error(e: BaseException) -> str:
     return f"{where}{type(inner).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def worker_main(spec_json: str) -> int:
+def worker_main(spec_json: str, workers: dict | None = None) -> int:
+    """Runs one measurement (``workers``: task name -> function; default this module's :data:`WORKERS`) and
+    prints its result as one ``@@RESULT`` JSON line."""
     spec = json.loads(spec_json)
+    workers = WORKERS if workers is None else workers
     set_matmul_precision(spec.get("precision"))
     load0 = os.getloadavg()  # other processes on the machine: a measurement taken under load is marked so
     try:
-        result = {"ok": True, **WORKERS[spec["task"]](spec)}
+        result = {"ok": True, **workers[spec["task"]](spec)}
     except Exception as e:  # reported in the table, the run goes on
         import traceback
 
@@ -706,9 +709,11 @@ def _env(device: str) -> dict:
     return env
 
 
-def run_worker(spec: dict, timeout: float, log) -> dict:
-    label = " ".join(str(spec[k]) for k in ("task", "framework", "model") if spec.get(k))
-    print(f"[benchmarks.prvr] {label} ...", file=sys.stderr, flush=True)
+def run_worker(spec: dict, timeout: float, log, module: str = "benchmarks.prvr") -> dict:
+    """Runs ``python -m <module> --worker <spec>`` (that module's ``worker_main``) in a fresh process and returns
+    its result (or a failure row), appending its stderr to ``log``."""
+    label = " ".join(str(spec[k]) for k in ("task", "framework", "model", "impl", "L") if spec.get(k))
+    print(f"[{module}] {label} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     env = _env(spec["device"])
     # torch.compile's on-disk caches (FX graphs, AOTAutograd, compiled C++ kernels) in a new, empty folder per
@@ -716,14 +721,14 @@ def run_worker(spec: dict, timeout: float, log) -> dict:
     inductor_dir = tempfile.mkdtemp(prefix="benchmarks-prvr-inductor-")
     env["TORCHINDUCTOR_CACHE_DIR"] = inductor_dir
     try:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.prvr", "--worker", json.dumps(spec)],
+        proc = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(spec)],
                               capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
         shutil.rmtree(inductor_dir, ignore_errors=True)
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
         log.write(f"==== {label} (timed out after {timeout:.0f} s)\n{err[-20000:]}\n")
         log.flush()
-        print(f"[benchmarks.prvr]   FAILED (timed out after {timeout:.0f} s)", file=sys.stderr, flush=True)
+        print(f"[{module}]   FAILED (timed out after {timeout:.0f} s)", file=sys.stderr, flush=True)
         return {"ok": False, "error": f"timed out after {timeout:.0f} s", "wall_s": timeout}
     shutil.rmtree(inductor_dir, ignore_errors=True)
     log.write(f"==== {label}\n{proc.stderr[-20000:]}\n")
@@ -731,12 +736,12 @@ def run_worker(spec: dict, timeout: float, log) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT ")]
     if not lines:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-        print(f"[benchmarks.prvr]   FAILED (exit {proc.returncode})", file=sys.stderr, flush=True)
+        print(f"[{module}]   FAILED (exit {proc.returncode})", file=sys.stderr, flush=True)
         return {"ok": False, "error": f"exit {proc.returncode}: {tail[0][:300]}", "wall_s": time.perf_counter() - t0}
     res = json.loads(lines[-1][len("@@RESULT "):])
     res["wall_s"] = time.perf_counter() - t0
     status = "ok" if res.get("ok") else f"FAILED ({res.get('error')})"
-    print(f"[benchmarks.prvr]   {status} in {res['wall_s']:.0f} s", file=sys.stderr, flush=True)
+    print(f"[{module}]   {status} in {res['wall_s']:.0f} s", file=sys.stderr, flush=True)
     return res
 
 

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# benchmarks.vmr on one GPU (H100/H200), as one prepared command inside a device lease:
+#
+#   run(command="bash benchmarks/gpu_vmr.sh", timeout_s=600)          # the device tool; JSON + table under $OUT
+#   bash benchmarks/gpu_vmr.sh [OUT_DIR]                               # any CUDA machine with jax[cuda] + torch
+#
+# The device image's python3 holds jax (CUDA), torch, flax, optax and h5py: nothing is installed. ActivityNet at
+# the official size (77.5M parameters, B = 12), true float32 in both frameworks (JAX
+# jax_default_matmul_precision=highest, torch allow_tf32=False; printed in the header), bf16 JAX rows, 10 timed
+# calls per row, 240 of the 4,917 test videos (the official per-query Python NMS of the twin takes ~30 ms per
+# query: the full split's 17,031 queries would take ~9 min per pass on their own), torch.compile with 150 s per
+# compiled column. The whole run is capped at VMR_GPU_TIMEOUT seconds (default 540, inside the tool's 600);
+# results are saved after every measurement, so a run that is cut short keeps what it measured
+# (OUT_DIR/vmr_gpu.json has "partial": true then). Then: copy the JSON to docs/results/ and the tables into
+# docs/benchmarks.md ("Moment retrieval (MRNet)"), naming the card.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-gpu_vmr_out}}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/gpu.txt"
+"$PY" -c "import jax, torch; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, torch.cuda.is_available())" \
+    | tee -a "$OUT_DIR/gpu.txt"
+timeout "${VMR_GPU_TIMEOUT:-540}" "$PY" -m benchmarks.vmr --device gpu --size official --config "${VMR_CONFIG:-activitynet}" \
+    --sections "${VMR_SECTIONS:-train,eval,forward,retention,memory,conv}" --bf16 --repeats "${VMR_REPEATS:-10}" \
+    --eval-videos "${VMR_EVAL_VIDEOS:-240}" --compile-timeout "${VMR_COMPILE_TIMEOUT:-150}" --timeout 300 \
+    --out "$OUT_DIR/vmr_gpu.json" --log "$OUT_DIR/vmr_gpu_workers.log" 2>&1 | tee "$OUT_DIR/vmr_gpu.md"
+rc=${PIPESTATUS[0]}
+echo "benchmarks.vmr exit $rc (124: cut at the time limit; the JSON keeps the rows measured)" | tee -a "$OUT_DIR/vmr_gpu.md"
+exit "$rc"
