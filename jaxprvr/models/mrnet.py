@@ -489,8 +489,11 @@ class ProposalConv(nn.Module):
         pad = (k - 1) * n_layers // 2  # first_padding, L27
         in_ch = c.joint_space
         for j in range(n_layers):
-            padding = [(pad, pad), (pad, pad)] if j == 0 else "VALID"
-            x = torch_conv(hid, in_ch, (k, k), padding, f"convs_{j}", dt)(x)
+            if j == 0:
+                # The first conv's zero padding, applied as an explicit pad and a VALID conv: the same numbers,
+                # but XLA's CPU backward of a conv that pads internally took 2.6x as long (benchmarks.vmr "conv").
+                x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+            x = torch_conv(hid, in_ch, (k, k), "VALID", f"convs_{j}", dt)(x)
             x = TorchBatchNorm(hid, name=f"bn_{j}")(x, video_valid, train=train)
             x = jax.nn.relu(x) * jnp.asarray(weights[j], stat_dtype(dt))[None, :, :, None].astype(x.dtype)
             in_ch = hid
