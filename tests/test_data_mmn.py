@@ -394,7 +394,15 @@ def test_annotation_errors(fresh, edit, match):
     root, cfg = fresh
     _edit(root, cfg, "test", edit)
     with pytest.raises(JaxprvrError, match=match):
-        MMNDataset(root, cfg, "test")
+        MMNDataset(root, cfg, "test", empty_spans="error")  # the ActivityNet config keeps them (official)
+
+
+def test_activitynet_config_keeps_empty_spans(fresh):
+    """configs/mrnet/activitynet.py sets data.empty_spans=keep (MMN's train file has 4): the dataset follows it."""
+    root, cfg = fresh
+    assert cfg.data.empty_spans == "keep"
+    _edit(root, cfg, "test", lambda a: _first(a)["timestamps"].__setitem__(0, [10.0, 5.0]))
+    assert MMNDataset(root, cfg, "test").record(0).moments.shape[0] >= 1
 
 
 def test_empty_span_keep_is_official(fresh):
