@@ -16,6 +16,13 @@ optimizer differ in kind (moment retrieval: BatchNorm statistics in ``batch_stat
 from __future__ import annotations
 
 
+class Plain:
+    """A block spec's JAX side that is a plain function of the inputs (no Flax parameters)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+
 class FamilySpec:
     name = ""
     table: tuple = ()

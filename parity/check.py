@@ -76,7 +76,7 @@ import numpy as np
 
 from jaxprvr.cli import add_compile_cache_args, enable_compile_cache
 from jaxprvr.errors import JaxprvrError
-from parity.prvr import Plain
+from parity.base import Plain
 from parity.rows import (BLOCK, EPS32, EPS64, MODEL, TOLERANCES, Row, Tolerances, as_numpy, close_row,  # noqa: F401
                          format_table, join_notes, missing_row, nonfinite)
 

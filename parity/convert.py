@@ -3,8 +3,8 @@
 Library::
 
     from parity.convert import torch_to_flax, flax_to_torch
-    params = torch_to_flax("gmmformer_v2", state_dict)      # nested dict of numpy arrays (Flax layout)
-    state_dict = flax_to_torch("gmmformer_v2", params)       # OrderedDict in the official key order
+    params = torch_to_flax(model_name, state_dict)      # nested dict of numpy arrays (Flax layout)
+    state_dict = flax_to_torch(model_name, params)       # OrderedDict in the official key order
 
 Each model has one explicit key table (``parity/<model>.py``; rows :class:`parity.keys.Entry`: torch key,
 Flax path, kind). The kind decides the transform (Linear weights are transposed, everything else is copied),

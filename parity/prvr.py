@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxprvr.errors import JaxprvrError
-from parity.base import FamilySpec
+from parity.base import FamilySpec, Plain  # noqa: F401 - Plain: re-exported for the family specs
 from parity.rows import Row, as_numpy, close_row, nonfinite
 
 METRIC_KEYS = ("r1", "r5", "r10", "r100", "sumr")
@@ -43,13 +43,6 @@ class ZeroGrad:
     pattern: str
     reason: str
     partial: bool = False
-
-
-class Plain:
-    """A block spec's JAX side that is a plain function of the inputs (no Flax parameters)."""
-
-    def __init__(self, fn):
-        self.fn = fn
 
 
 class PRVRSpec(FamilySpec):
