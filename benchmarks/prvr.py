@@ -94,6 +94,17 @@ def _dataset_dims(dataset: str) -> tuple[int, int]:
     return int(row["visual_feat_dim"]), int(row["q_feat_size"])
 
 
+def warm_up(call, sync, n: int) -> list[float]:
+    """``n`` synchronised warm-up calls ``call(0..n-1)`` (compilation falls here); their seconds."""
+    firsts = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        sync(call(i))
+        firsts.append(time.perf_counter() - t0)
+        _say(f"warm-up call {i}: {firsts[-1]:.1f} s")
+    return firsts
+
+
 def _config(spec, batch=None):
     visual, query = _dataset_dims(spec["dataset"])
     over = [f"model.visual_feat_dim={visual}", f"model.q_feat_size={query}"]
@@ -398,12 +409,7 @@ def w_train_torch(spec) -> dict:
     # ActivityNet and Charades; TVR has 5 per video) falls before the timed calls, which must compile nothing.
     warm = 3 if compiled else 1
     _say(f"torch {spec['model']} ({spec['framework']}): {n_params} params; {warm} warm-up call(s)")
-    firsts = []
-    for i in range(warm):
-        t0 = time.perf_counter()
-        sync(call(i))
-        firsts.append(time.perf_counter() - t0)
-        _say(f"warm-up call {i}: {firsts[-1]:.1f} s")
+    firsts = warm_up(call, sync, warm)
     own, frames = _torch_compile_clock() if compiled else (None, None)
     rss0 = _peak_rss()
     if dev.type == "cuda":

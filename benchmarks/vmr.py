@@ -70,7 +70,7 @@ import numpy as np
 
 from benchmarks.prvr import (FW_LABEL, JaxCompileClock, _cell, _device_desc, _fmt_b, _fmt_s, _jax_peak, _load,
                              _median_timed, _peak_rss, _ratio, _save_partial, _say, _torch_compile_clock,
-                             _torch_compile_setup, _torch_cpu_setup, run_worker, worker_main)
+                             _torch_compile_setup, _torch_cpu_setup, run_worker, warm_up, worker_main)
 
 CONFIGS = ("activitynet", "tacos", "charades")
 SECTIONS = ("train", "eval", "forward", "retention", "memory", "conv", "profile")
@@ -506,12 +506,7 @@ def w_train_torch(spec) -> dict:
     warm = 3 if compiled else 1
     _say(f"torch train ({spec['framework']}): {n_params} params; {warm} warm-up call(s)")
     rss0 = _rss_now()
-    firsts = []
-    for i in range(warm):
-        t0 = time.perf_counter()
-        sync(call(i))
-        firsts.append(time.perf_counter() - t0)
-        _say(f"warm-up call {i}: {firsts[-1]:.1f} s")
+    firsts = warm_up(call, sync, warm)
     own, frames = _torch_compile_clock() if compiled else (None, None)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
