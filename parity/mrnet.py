@@ -1032,7 +1032,7 @@ class MRNetCheck:
         import torch
 
         from jaxprvr.tasks.vmr import TASK
-        from parity.check import ZeroList, _compare_trained
+        from parity.check import AdamWReplay, ZeroList, _compare_trained
         from torch_ref.mrnet import official_optimizer, official_train_step
 
         spe = 2
@@ -1056,15 +1056,30 @@ class MRNetCheck:
         def step(p, s, m, b, i):
             (_, (_, m)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, b, {"dropout": jax.random.key(0)}, i, m)
             u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s, m
+            return optax.apply_updates(p, u), s, m, g
+
+        @jax.jit
+        def grad_at(p, m, b, i):
+            return jax.grad(lambda q: loss_fn(q, b, {"dropout": jax.random.key(0)}, i, m)[0])(p)
+
+        tab = make_table(tcfg.model)
+        entries = [e for e in tab if not e.alias]
+        replay = None if self.f64 else AdamWReplay(
+            {n: _np(p) for n, p in init.items()}, tcfg.train.adam_b1, tcfg.train.adam_b2, 1e-8, tcfg.train.wd,
+            tcfg.train.max_grad_norm, self.tol.grad_rel)
+
+        def torch_grads(tw):
+            return {n: _np(p.grad) for n, p in tw.named_parameters() if p.grad is not None}
 
         lrs = []
         for i in range(self.steps):
             epoch = i // spe + 1
             b = batches[i % 2]
+            if replay is not None:  # JAX's gradient at the float64 twin's parameters of this step
+                p64 = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32),
+                                             self.variables(twins[1])["params"])
+                g_at64 = _flatten(jax.device_get(grad_at(p64, ms, self.device_batch(b), np.int32(i))))
             for tw, (opt, sched) in zip(twins, opts):
-                if i == 0:
-                    pass
                 dt = next(tw.parameters()).dtype
                 from parity.check import cast_batch
 
@@ -1076,16 +1091,21 @@ class MRNetCheck:
                         warnings.simplefilter("ignore")
                         sched.step()
             lrs.append(float(TASK.lr_at(tcfg, spe)(i)))
-            params, state, ms = step(params, state, ms, self.device_batch(b), np.int32(i))
+            params, state, ms, g = step(params, state, ms, self.device_batch(b), np.int32(i))
+            if replay is not None:
+                gt = [torch_grads(tw) for tw in twins]
+                gflat = _flatten(jax.device_get(g))
+                names = [e for e in entries if e.torch in gt[1]]
+                replay.step({e.torch: to_torch(e.kind, np.asarray(gflat[e.flax])) for e in names}, lrs[-1], gt[1],
+                            gt[0], {e.torch: to_torch(e.kind, np.asarray(g_at64[e.flax])) for e in names})
         zero = ZeroList(self.spec.zero_gradients(tcfg))
         bound = self.spec.adam_step_bound(tcfg, self.steps, lrs)
-        tab = make_table(tcfg.model)
         named = dict(twins[0].named_parameters())
         named64 = None if self.f64 else dict(twins[1].named_parameters())
         params = jax.device_get(params)
         rows = [_compare_trained(f"params after {self.steps} AdamW steps (2 per epoch, milestone after epoch 2, "
                                  f"ONLY_IOU 1; lr {', '.join(f'{x:g}' for x in lrs)})", tab, params, named, named64,
-                                 self.tol, zero, bound)]
+                                 self.tol, zero, bound, replay)]
         # never-updated parameters (the twin's: grad None after its backward): bit-identical to the start in both
         # frameworks
         listed = [n for n, p in twins[0].named_parameters() if p.grad is None]

@@ -254,3 +254,29 @@ def test_check_cli_json_float32(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert rc == 0 and rows and all(r["passed"] for r in rows)
     assert {r["group"] for r in rows} == {"convert", "block", "loss", "metrics"}
+
+
+# ---------------------------------------------------------------------------------------------- float32 training row
+
+
+@pytest.fixture(scope="module")
+def ck32():
+    return checker("charades", "float32")
+
+
+def test_float32_train_row_passes_and_runs_the_replay(ck32):
+    rows = ck32.train_rows()
+    bad = [(r.stage, r.note) for r in rows if not r.passed]
+    assert not bad, bad
+    assert "AdamW replay" in rows[0].tolerance
+
+
+def test_float32_optimizer_eps_mutant_fails_despite_the_replay(ck32, monkeypatch):
+    """Adam's eps 1e-6 instead of torch's 1e-8 on the JAX side only: the replay (official eps) rejects it."""
+    import jaxprvr.optim as jo
+
+    orig = jo.torch_adamw
+    monkeypatch.setattr(jo, "torch_adamw", lambda *a, **kw: orig(*a, **{**kw, "eps": 1e-6}))
+    rows = ck32.train_rows()
+    bad = failing(rows, "AdamW steps")
+    assert bad and "AdamW replay: not AdamW of its own gradients" in bad[0].note, [r.note for r in bad]
