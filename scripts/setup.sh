@@ -19,3 +19,8 @@ if ! python -c "import importlib.util as u; assert u.find_spec('mamba_ssm') and 
   MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
     python -m pip install -q --no-build-isolation --no-deps "mamba_ssm==2.3.2.post1" "causal_conv1d==1.7.0" "einops>=0.7"
 fi
+# openai/CLIP's own model code (clip/model.py, the reference of tests/test_clip_model.py): the clip-anytorch wheel,
+# pure Python, without its dependencies (torchvision has no CPU build for this torch; the tests load model.py alone).
+if ! python -c "import importlib.util as u; assert u.find_spec('clip')" 2>/dev/null; then
+  python -m pip install -q --no-deps "clip-anytorch==2.6.0"
+fi
