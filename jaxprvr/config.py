@@ -345,6 +345,39 @@ class MRNetLossConfig(LossConfig):
     only_iou_epoch: int = 6  # ONLY_IOU: the last (1-based) epoch with the full loss; later ones scale it by 0.01
 
 
+# ---------------------------------------------------------------------------------------------- text-video retrieval
+
+@dataclass(frozen=True)
+class ClipWTIConfig(ModelConfig):
+    """BackBone_tvr (shallowdream66/BackBone_tvr backbone_tvr/tvr/models/modeling.py): CLIP + seqTransf + WTI.
+
+    The CLIP sizes below are ViT-B/32's; with ``clip`` set they are read from the weights instead (``modeling.py``
+    L48-60), and a value given here that disagrees is an error."""
+
+    name: str = "clip_wti"
+    # OpenAI-format CLIP weights (ViT-B-32.pt, a state dict, or a parity.convert clip2jax directory); "" = a random
+    # CLIP at the sizes below (--demo, tests).
+    clip: str = ""
+    embed_dim: int = 512
+    image_resolution: int = 224
+    vision_layers: int = 12
+    vision_width: int = 768
+    vision_patch_size: int = 32
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_layers: int = 12
+    vision_heads: int = 0  # 0: width // 64 (OpenAI's rule)
+    text_heads: int = 0
+    agg_module: str = "seqTransf"  # --agg_module: seqTransf | None (meanP-free WTI on the raw frame features)
+    num_hidden_layers: int = 4  # --num_hidden_layers: seqTransf blocks (initialised from CLIP text blocks 0..)
+    max_words: int = 32  # --max_words
+    max_frames: int = 12  # --max_frames
+    # fp32 (the official CPU path), bf16 (speed), fp16 (float16 activations, what convert_weights computes on a GPU)
+    precision: str = "fp32"
+    remat: bool = False  # rematerialise every residual block (CLIP towers and seqTransf) in the backward
+
+
 DATA_CONFIGS: dict[str, type] = {"prvr": PRVRDataConfig, "vmr": VMRDataConfig}
 TRAIN_CONFIGS: dict[str, type] = {"vmr": VMRTrainConfig}  # other tasks: TrainConfig
 

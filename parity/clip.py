@@ -146,7 +146,8 @@ def _check_shapes(params, dims, where, visual, fprefix=""):
 
 def params_to_state_dict(dims: CLIPDims, params: Mapping, dtypes: Mapping | None = None, prefix: str = "",
                          where="params") -> "OrderedDict[str, np.ndarray]":
-    """Flax CLIP params -> OpenAI's keys, in ``state_dict`` order, each in ``dtypes[key]`` (default float32):
+    """Flax CLIP params -> OpenAI's keys, in ``state_dict`` order, each in ``dtypes[key]`` (default: the array's own
+    dtype):
     the inverse of :func:`state_dict_to_params` (bit-exact when the values came from there)."""
     flat = _flatten(params)
     visual = any(k.startswith("visual/") for k in flat)
@@ -156,7 +157,7 @@ def params_to_state_dict(dims: CLIPDims, params: Mapping, dtypes: Mapping | None
         if e.flax not in flat:
             raise JaxprvrError(where, f"the Flax parameter {e.flax}", "none")
         a = to_torch(e.kind, np.asarray(flat[e.flax]))
-        out[e.torch] = a.astype((dtypes or {}).get(e.torch, "float32"))
+        out[e.torch] = a.astype(dtypes[e.torch]) if dtypes and e.torch in dtypes else a
     return out
 
 

@@ -24,3 +24,7 @@ fi
 if ! python -c "import importlib.util as u; assert u.find_spec('clip')" 2>/dev/null; then
   python -m pip install -q --no-deps "clip-anytorch==2.6.0"
 fi
+# decord 0.6.0, the official video reader: only for tests/test_video.py's cross-check (x86-64 Linux wheels only).
+if [ "$(uname -m)" = "x86_64" ] && ! python -c "import decord" 2>/dev/null; then
+  python -m pip install -q --no-deps "decord==0.6.0" || echo "setup: decord not installed (its cross-check will skip)"
+fi
