@@ -146,27 +146,33 @@ def torch_linear_init(fan_in: int):
 class ResidualAttentionBlock(nn.Module):
     """``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))`` (``ResidualAttentionBlock``). ``mask``: boolean, broadcastable
     to ``(B, heads, L, L)``, True = attend (the causal mask; a fully masked row cannot occur there); ``bias``:
-    additive, broadcastable likewise (seqTransf's ``-1e6`` on padded keys). ``init_std``: OpenAI's text-tower init
-    ``(attn, proj, fc)`` standard deviations; None = torch's module defaults (the vision tower's)."""
+    additive, broadcastable likewise (seqTransf's ``-1e6`` on padded keys). ``init``: ``"torch"`` (the modules'
+    defaults: the vision tower), ``"openai_text"`` (``initialize_parameters``' normals with ``init_std = (attn,
+    proj, fc)``; biases at torch's defaults) or ``"bert"`` (BackBone_tvr's ``init_weights``: Linear weights
+    N(0, 0.02), biases 0; ``in_proj`` keeps MultiheadAttention's xavier, as it is not an ``nn.Linear``)."""
 
     width: int
     heads: int
     ln_eps: float = CLIP_LN_EPS
     dtype: Any = F32
     init_std: Optional[tuple] = None
+    init: str = "torch"
 
     @nn.compact
     def __call__(self, x, mask=None, bias=None):
         w, h = self.width, self.heads
         d = w // h
-        if self.init_std is None:
-            in_init = nn.initializers.xavier_uniform()  # nn.MultiheadAttention._reset_parameters
-            out_init, fc_init, proj_init = (torch_linear_init(w), torch_linear_init(w), torch_linear_init(4 * w))
-            fc_bias, proj_bias = torch_linear_init(w), torch_linear_init(4 * w)
-        else:
+        in_init = nn.initializers.xavier_uniform()  # nn.MultiheadAttention._reset_parameters (bias 0)
+        if self.init == "openai_text":
             a, p, f = self.init_std
             in_init, out_init = nn.initializers.normal(a), nn.initializers.normal(p)
             fc_init, proj_init = nn.initializers.normal(f), nn.initializers.normal(p)
+            fc_bias, proj_bias = torch_linear_init(w), torch_linear_init(4 * w)
+        elif self.init == "bert":
+            out_init = fc_init = proj_init = nn.initializers.normal(0.02)
+            fc_bias = proj_bias = nn.initializers.zeros
+        else:
+            out_init, fc_init, proj_init = (torch_linear_init(w), torch_linear_init(w), torch_linear_init(4 * w))
             fc_bias, proj_bias = torch_linear_init(w), torch_linear_init(4 * w)
         dense = dict(dtype=self.dtype, param_dtype=F32)
         y = _ln("ln_1", self.ln_eps, self.dtype)(x)
@@ -198,13 +204,14 @@ class Transformer(nn.Module):
     dtype: Any = F32
     init_std: Optional[tuple] = None
     remat: bool = False
+    init: str = "torch"
 
     @nn.compact
     def __call__(self, x, mask=None, bias=None):
         block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
         for i in range(self.layers):
-            x = block(self.width, self.heads, self.ln_eps, self.dtype, self.init_std, name=f"resblocks_{i}")(
-                x, mask, bias)
+            x = block(self.width, self.heads, self.ln_eps, self.dtype, self.init_std, self.init,
+                      name=f"resblocks_{i}")(x, mask, bias)
         return x
 
 
@@ -282,7 +289,7 @@ class TextTower(nn.Module):
         # initialize_parameters (clip/model.py): attn W^-1/2, proj W^-1/2 (2 layers)^-1/2, fc (2W)^-1/2
         std = (w ** -0.5, (w ** -0.5) * ((2 * dm.text_layers) ** -0.5), (2 * w) ** -0.5)
         x = Transformer(w, dm.text_layers, dm.t_heads, dtype=self.dtype, init_std=std, remat=self.remat,
-                        name="transformer")(x, mask=causal_mask(n))
+                        init="openai_text", name="transformer")(x, mask=causal_mask(n))
         hidden = _ln("ln_final", CLIP_LN_EPS, self.dtype)(x)
         proj = self.param("text_projection", nn.initializers.normal(w ** -0.5), (w, dm.embed_dim), F32)
         tokens = hidden @ proj.astype(hidden.dtype)
