@@ -49,6 +49,12 @@ DATASETS: dict[str, dict[str, dict[str, Any]]] = {
                          query_feat_dir="hujingjing2/data/Charades_STA/text_distbert_feat", video_mode="i3d_npy",
                          splits=("train", "test"), input_size=1024, num_pre_clips=128),
     },
+    # Text-video retrieval from raw videos (BackBone_tvr's loaders; jaxprvr.data.t2v, docs/data.md).
+    "t2v": {
+        "msrvtt": dict(splits=("train", "val", "test")),
+        "msvd": dict(splits=("train", "val", "test")),
+        "lsmdc": dict(splits=("train", "val", "test")),
+    },
 }
 
 
@@ -378,8 +384,58 @@ class ClipWTIConfig(ModelConfig):
     remat: bool = False  # rematerialise every residual block (CLIP towers and seqTransf) in the backward
 
 
-DATA_CONFIGS: dict[str, type] = {"prvr": PRVRDataConfig, "vmr": VMRDataConfig}
-TRAIN_CONFIGS: dict[str, type] = {"vmr": VMRTrainConfig}  # other tasks: TrainConfig
+@dataclass(frozen=True)
+class T2VDataConfig(DataConfig):
+    """Raw-video text-video retrieval data (jaxprvr.data.t2v, jaxprvr.data.video) and the evaluation protocol.
+    Paths are relative to --data-root unless absolute; "" = the dataset's default layout (docs/data.md)."""
+
+    anno_path: str = ""  # --anno_path: the annotation folder
+    video_path: str = ""  # --video_path: the video folder
+    train_split: str = "9k"  # MSR-VTT: the train CSV (MSRVTT_train.9k.csv; the official hard-codes 9k) | "7k"
+    video_framerate: int = 1  # --video_framerate: the sampling stride is round(fps / int(framerate))
+    # Training augmentation (dataloader_retrieval.py L88-92): the clip-consistent RandAugment | "none"
+    augment: str = "rand-m7-n4-mstd0.5-inc1"
+    shuffle: bool = True  # data.shuffle=false keeps the file order (a seeded permutation per epoch otherwise)
+    # Decoded frames are cached (jaxprvr.data.video.FrameStore: lossless, native size, the sampled indices only)
+    # under this folder; "" = <data-root>/.jaxprvr_frames
+    frame_cache: str = ""
+    on_bad_video: str = "error"  # "error": one error naming the file; "zeros": a zero video, counted and reported
+    eval_batch_size: int = 16  # --batch_size_val: pairs per feature batch
+    sim_block: int = 128  # texts x videos per WTI block of the similarity matrix (blocking does not change it)
+    # "pairs" (official: texts x texts, diagonal positives) | "grouped" (CLIP4Clip multi-sentence) | "auto":
+    # pairs when every video has one caption (MSR-VTT 1k-A, LSMDC test), else grouped (docs/quirks.md: MSVD)
+    protocol: str = "auto"
+    # jaxprvr.evaluate --save-features / --save-inputs: features.npz (text [N,L,D], video after seqTransf
+    # [N,T,D], the CLIP frame embeddings, masks) / inputs.npz (ids, masks, the float32 videos) + frames.json
+    save_features: bool = False
+    save_inputs: bool = False
+
+
+@dataclass(frozen=True)
+class T2VTrainConfig(TrainConfig):
+    """BackBone_tvr's recipe (main_retrieval.py L167-268): BertAdam (no bias correction, b2 0.98, eps 1e-6,
+    decoupled wd on names without "bias"), lr x coef_lr on the CLIP tensors, warmup_cosine over the whole run,
+    torch's global clip_grad_norm_(1.0) first, logit_scale clamped at ln 100 after every step."""
+
+    lr: float = 1e-4
+    coef_lr: float = 1e-3
+    wd: float = 0.2
+    lr_warmup_proportion: float = 0.1
+    adam_b1: float = 0.9
+    adam_b2: float = 0.98
+    adam_eps: float = 1e-6
+    max_grad_norm: float = 1.0  # global clip_grad_norm_ (BertAdam's per-tensor clip after it is then a no-op)
+    batch_size: int = 64  # the README's (argparse default 24)
+    n_epoch: int = 5
+    seed: int = 42
+    max_es_cnt: int = -1
+    # The split evaluated after every epoch to select "best" by t2v R@1 (MSR-VTT: val IS the 1k-A test file,
+    # as officially: docs/quirks.md).
+    eval_split: str = "val"
+
+
+DATA_CONFIGS: dict[str, type] = {"prvr": PRVRDataConfig, "vmr": VMRDataConfig, "t2v": T2VDataConfig}
+TRAIN_CONFIGS: dict[str, type] = {"vmr": VMRTrainConfig, "t2v": T2VTrainConfig}  # other tasks: TrainConfig
 
 # Old names -> the fields that replaced them (an override or make_config with an old name is an error naming them).
 RENAMED = {

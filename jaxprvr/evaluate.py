@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-outputs", "--save-scores", "--save-predictions", dest="save_outputs", default=None,
                    metavar="DIR", help="write what the task keeps of the evaluation (PRVR: scores.npy + query/video "
                                        "id lists; moment retrieval: metrics.json, predictions.json, score_maps.npz)")
+    p.add_argument("--save-features", action="store_true",
+                   help="text-video retrieval: also write features.npz (text tokens, videos after seqTransf, the "
+                        "CLIP frame embeddings, masks) into --save-scores OUT")
+    p.add_argument("--save-inputs", action="store_true",
+                   help="text-video retrieval: also write inputs.npz (ids, masks, the float32 videos: large) and "
+                        "frames.json (each video's sampled frame indices, count, fps) into --save-scores OUT")
     p.add_argument("--topk", type=int, default=None,
                    help="moment retrieval: moments kept per query in predictions.json (--set data.topk=K)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -63,6 +69,8 @@ def load_checkpoint_config(args):
             raise JaxprvrError(args.ckpt, f"a checkpoint of --model {args.model}", f"one of {saved.get('name')}")
         cfg = dataclasses.replace(cfg, model=model_config_from_dict(saved, where=str(args.ckpt)))
     overrides = list(args.overrides) + ([f"data.topk={args.topk}"] if getattr(args, "topk", None) else [])
+    overrides += ["data.save_features=true"] if getattr(args, "save_features", False) else []
+    overrides += ["data.save_inputs=true"] if getattr(args, "save_inputs", False) else []
     return apply_overrides(cfg, overrides), saved_cfg
 
 

@@ -20,6 +20,7 @@ else 0. :func:`official_weight_decay_mask` reproduces that rule on Flax paramete
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -29,7 +30,7 @@ import optax
 
 from jaxprvr.errors import JaxprvrError
 
-__all__ = ["warmup_linear", "official_weight_decay_mask", "torch_style_name", "BertAdamState", "bert_adam",
+__all__ = ["warmup_linear", "warmup_cosine", "SCHEDULES", "clamp_max", "official_weight_decay_mask", "torch_style_name", "BertAdamState", "bert_adam",
            "EmaState", "ema_decay_at", "ema_update", "with_ema", "bert_adam_state_of", "eval_params"]
 
 # Substrings of the official no-decay rule (GMMFormer src/Opts/builder.py:6).
@@ -67,6 +68,29 @@ def warmup_linear(step, warmup: float, t_total: float, dtype=jnp.float32):
     during = progress / (warmup if warmup > 0 else 1.0)
     after = jnp.maximum((progress - 1.0) / (warmup - 1.0), 0.0)
     return jnp.where(progress < warmup, during, after)
+
+
+def warmup_cosine(step, warmup: float, t_total: float, dtype=jnp.float32):
+    """BackBone_tvr / DRL ``warmup_cosine`` (``optimization.py`` L26-29) at ``progress = step / t_total``:
+    ``progress / warmup`` during the warmup, then ``0.5 (1 + cos(pi progress))`` over the **whole** run (not
+    re-normalised after the warmup: the factor drops from ~1 to ``0.5 (1 + cos(0.1 pi))`` = 0.976 at 10 %)."""
+    _check_warmup(warmup)
+    warmup = max(float(warmup), 0.0)
+    t_total = float(t_total)
+    if t_total < 0:
+        return jnp.ones_like(jnp.asarray(step, dtype)) if isinstance(step, jax.Array) else 1.0
+    if isinstance(step, (int, float)):
+        progress = step / t_total
+        if progress < warmup:
+            return progress / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    progress = jnp.asarray(step, dtype) / t_total
+    during = progress / (warmup if warmup > 0 else 1.0)
+    after = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(progress < warmup, during, after)
+
+
+SCHEDULES = {"warmup_linear": warmup_linear, "warmup_cosine": warmup_cosine}
 
 
 def _check_warmup(warmup: float) -> None:
@@ -119,14 +143,21 @@ class BertAdamState(NamedTuple):
 def bert_adam(lr: float, warmup: float, t_total: int, weight_decay: float = 0.01,
               weight_decay_mask: Any | Callable[[Any], Any] = official_weight_decay_mask,
               max_grad_norm: float = 1.0, b1: float = 0.9, b2: float = 0.999,
-              eps: float = 1e-6) -> optax.GradientTransformation:
-    """Official BertAdam with the ``warmup_linear`` schedule, as one optax transformation.
+              eps: float = 1e-6, schedule: str = "warmup_linear",
+              lr_scale: Any | Callable[[Any], Any] = None) -> optax.GradientTransformation:
+    """Official BertAdam with the ``warmup_linear`` (PRVR) or ``warmup_cosine`` (BackBone_tvr) schedule, as one
+    optax transformation.
 
     ``weight_decay_mask``: a pytree of bools like the params, or a function of the params returning one
     (default :func:`official_weight_decay_mask`); ``None`` decays every tensor. ``max_grad_norm <= 0``
-    disables the per-tensor clipping, as officially. ``t_total = steps_per_epoch * n_epoch``.
+    disables the per-tensor clipping, as officially. ``t_total = steps_per_epoch * n_epoch``. ``lr_scale``: a
+    pytree of floats (or a function of the params returning one), each tensor's group learning rate as a
+    multiple of ``lr`` (BackBone_tvr's ``lr * coef_lr`` for the CLIP tensors); ``None``: 1 everywhere.
     The updates are meant for ``optax.apply_updates`` (``p + update = p - lr_t * u``).
     """
+    if schedule not in SCHEDULES:
+        raise JaxprvrError("bert_adam schedule", f"one of {sorted(SCHEDULES)}", repr(schedule))
+    sched_fn = SCHEDULES[schedule]
     if lr < 0.0:
         raise JaxprvrError("bert_adam lr", "a learning rate >= 0", repr(lr))
     _check_warmup(warmup)
@@ -160,9 +191,13 @@ def bert_adam(lr: float, warmup: float, t_total: int, weight_decay: float = 0.01
         grads = jax.tree_util.tree_map(clip, updates)
         m = jax.tree_util.tree_map(lambda m_, g: b1 * m_ + (1.0 - b1) * g, state.m, grads)
         v = jax.tree_util.tree_map(lambda v_, g: b2 * v_ + (1.0 - b2) * g * g, state.v, grads)
-        lr_t = lr * warmup_linear(state.count, warmup, t_total, dtype=_float_dtype(params))
+        factor = sched_fn(state.count, warmup, t_total, dtype=_float_dtype(params))
+        if lr_scale is None:
+            scales = jax.tree_util.tree_map(lambda _: 1.0, params)
+        else:
+            scales = lr_scale(params) if callable(lr_scale) else lr_scale
 
-        def step(m_, v_, p, decay):
+        def step(m_, v_, p, decay, scale):
             u = m_ / (jnp.sqrt(v_) + eps)
             if weight_decay > 0.0:
                 if isinstance(decay, (bool, np.bool_)):
@@ -170,9 +205,10 @@ def bert_adam(lr: float, warmup: float, t_total: int, weight_decay: float = 0.01
                         u = u + weight_decay * p
                 else:  # a traced/array mask
                     u = u + weight_decay * p * jnp.asarray(decay, u.dtype)
-            return (-lr_t * u).astype(p.dtype)
+            # the group's lr (a Python float: lr * coef_lr) times the schedule, as BertAdam computes lr_scheduled
+            return (-(lr * float(scale)) * factor * u).astype(p.dtype)
 
-        new_updates = jax.tree_util.tree_map(step, m, v, params, mask)
+        new_updates = jax.tree_util.tree_map(step, m, v, params, mask, scales)
         return new_updates, BertAdamState(count=state.count + 1, m=m, v=v)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -264,6 +300,28 @@ def multistep_lr(lr: float, milestones, gamma: float, steps_per_epoch: int) -> C
         return jnp.asarray(np.asarray(rates), jnp.result_type(float))[n]
 
     return schedule
+
+
+def clamp_max(select: Callable[[Any], Any], max_value: float) -> optax.GradientTransformation:
+    """Updates that leave ``p + u <= max_value`` on the parameters ``select(params)`` marks (a pytree of bools):
+    ``torch.clamp_(p, max=max_value)`` after the step (BackBone_tvr clamps ``logit_scale`` at ln 100,
+    ``main_retrieval.py`` L262-268). ``u' = min(p + u, c) - p``, so ``p + u'`` is exactly ``c`` whenever ``c - p``
+    is exact (``p`` within a factor 2 of ``c``, where the clamp can act)."""
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("clamp_max needs params: call update(grads, state, params)")
+        marks = select(params)
+
+        def one(u, p, on):
+            if not on:
+                return u
+            c = jnp.asarray(max_value, p.dtype)
+            return jnp.minimum(p + u, c) - p
+
+        return jax.tree.map(one, updates, params, marks), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def clip_grad_norm_torch(max_norm: float) -> optax.GradientTransformation:

@@ -72,10 +72,20 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                  ("model.joint_space", "64"), ("model.featpool_hidden", "64"), ("model.predictor_hidden", "64"),
                  ("model.predictor_kernel", "5"), ("model.predictor_layers", "2"), ("model.ffn_dim", "128"),
                  ("loss.only_iou_epoch", "4"))),
+    # BackBone_tvr's CLIP ViT-B/32 + seqTransf + WTI: the demo trains a small CLIP from scratch (no weights can be
+    # downloaded) on 32 x 32 frames, 2 + 2 layers, 64 wide.
+    Family("clip_wti", "CLIP + seqTransf + WTI (BackBone_tvr)", "t2v", "jaxprvr.models.clip_wti:ClipWTI",
+           C.ClipWTIConfig, C.LossConfig, "torch_ref.clip_wti:BackBoneTVR", "parity.clip_wti",
+           "shallowdream66/BackBone_tvr",
+           demo=(("model.image_resolution", "32"), ("model.vision_patch_size", "8"), ("model.vision_width", "64"),
+                 ("model.vision_layers", "2"), ("model.text_width", "64"), ("model.text_layers", "2"),
+                 ("model.embed_dim", "64"), ("model.num_hidden_layers", "2"), ("model.vision_heads", "2"),
+                 ("model.text_heads", "2"))),
 )}
 
 # The model `--config <dataset>` trains when no --model is given: the strongest implemented on that dataset.
-DEFAULT_MODEL = {"tvr": "mtm", "act": "mtm", "cha": "mtm", "activitynet": "mrnet", "tacos": "mrnet", "charades": "mrnet"}
+DEFAULT_MODEL = {"tvr": "mtm", "act": "mtm", "cha": "mtm", "activitynet": "mrnet", "tacos": "mrnet", "charades": "mrnet",
+                 "msrvtt": "clip_wti", "msvd": "clip_wti", "lsmdc": "clip_wti"}
 
 
 def names(task: str | None = None) -> tuple[str, ...]:

@@ -98,7 +98,7 @@ def make_train_step(model, cfg, tx, mesh, steps_per_epoch: int):
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
         if "model_state" in state:
             new_state["model_state"] = jax.lax.stop_gradient(model_state)
-        return new_state, {"loss": loss, **terms}
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **terms}  # norm before clipping
 
     rep = shd.replicated(mesh)
     return jax.jit(step, donate_argnums=(0,), out_shardings=(rep, rep))
@@ -171,6 +171,8 @@ class _Run:
                                       out_shardings=shd.replicated(mesh))(key)
         if init_from is not None and not self.resumed:
             params, model_state = _init_from(init_from, cfg, abstract_tree(params), abstract_tree(model_state), mesh)
+        elif not self.resumed:
+            params = shd.replicate(self.task.initial_params(cfg, params), mesh)
         self.tx = self.task.optimizer(cfg, params, self.plan.steps_per_epoch)
         state = {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
         if model_state:
@@ -246,7 +248,9 @@ class _Run:
 
     def _log_step(self, gstep, epoch, extra, metrics, seen, dt, bar) -> None:
         metrics = jax.device_get(metrics)
-        rec = {"step": gstep, "epoch": epoch, "lr": self.lr_at(gstep - 1), **extra,
+        lr = self.lr_at(gstep - 1)
+        rec = {"step": gstep, "epoch": epoch, "lr": lr,
+               **{k: lr * s for k, s in self.task.lr_group_scales(self.cfg).items()}, **extra,
                **{f"{k}_per_s": n / dt for k, n in seen.items()}, **metrics}
         self.writer.write(rec)
         if not np.isfinite(rec["loss"]):

@@ -91,7 +91,7 @@ def _unflatten(flat):
 
 
 def state_dict_to_params(sd: Mapping, where="state dict", prefix: str = "", visual: bool | None = None,
-                         dims: CLIPDims | None = None) -> tuple[CLIPDims, dict, dict]:
+                         dims: CLIPDims | None = None, dtype=np.float32) -> tuple[CLIPDims, dict, dict]:
     """An OpenAI-format CLIP ``state_dict`` (numpy arrays or tensors; fp16 or fp32) -> ``(dims, params,
     dtypes)``: float32 Flax params of :class:`~jaxprvr.models.clip.CLIP` (``{"visual", "text", "logit_scale"}``)
     and each OpenAI key's stored dtype (so :func:`params_to_state_dict` can write the file back as it was). Keys
@@ -117,7 +117,7 @@ def state_dict_to_params(sd: Mapping, where="state dict", prefix: str = "", visu
         dtypes[e.torch] = str(a.dtype)
         if not np.issubdtype(a.dtype, np.floating):
             raise JaxprvrError(where, f"a float tensor at {e.torch}", f"dtype {a.dtype}")
-        flat[e.flax] = to_flax(e.kind, a.astype(np.float32))
+        flat[e.flax] = to_flax(e.kind, a.astype(dtype))
     params = _unflatten(flat)
     _check_shapes(params, dims, where, visual, fprefix="")
     return dims, params, dtypes

@@ -36,9 +36,10 @@ def make_table(model_cfg) -> tuple:
     return check_table(key_rows(model_cfg))
 
 
-def torch_to_params(model_cfg, state_dict: Mapping, where="state_dict"):
-    """A BackBone_tvr ``state_dict`` -> ``(model_cfg with the weights' CLIP sizes, float32 params, dtypes)``; keys
-    must match exactly (``module.`` prefixes of a DDP save stripped)."""
+def torch_to_params(model_cfg, state_dict: Mapping, where="state_dict", dtype=np.float32):
+    """A BackBone_tvr ``state_dict`` -> ``(model_cfg with the weights' CLIP sizes, params in ``dtype`` (float32;
+    float64 for the float64 parity runs), the stored dtypes)``; keys must match exactly (``module.`` prefixes of a
+    DDP save stripped)."""
     from jaxprvr.models.clip import CLIPDims
     from parity.convert import to_numpy
 
@@ -59,7 +60,7 @@ def torch_to_params(model_cfg, state_dict: Mapping, where="state_dict"):
     for e in table:
         a = to_numpy(sd[e.torch])
         dtypes[e.torch] = str(a.dtype)
-        flat[e.flax] = to_flax(e.kind, a.astype(np.float32))
+        flat[e.flax] = to_flax(e.kind, a.astype(dtype))
     params = _unflatten(flat)
     _check_shapes(cfg, params, where)
     return cfg, params, dtypes
@@ -73,7 +74,7 @@ def _check_shapes(cfg, params, where):
     r, t = cfg.image_resolution, 2
     shapes = jax.eval_shape(lambda: ClipWTI(cfg).init(
         jax.random.key(0), np.zeros((1, 4), np.int32), np.ones((1, 4), np.int32),
-        np.zeros((1, t, 3, r, r), np.float32), np.ones((1, t), np.int32))["params"])
+        np.zeros((1, t, 3, r, r), np.float32), np.ones((1, t), np.int32), method="forward")["params"])
     want, got = _flatten(shapes), _flatten(params)
     for path in sorted(set(want) | set(got)):
         if path not in got or path not in want:

@@ -69,7 +69,7 @@ def _twin_outputs(m, batch, dtype=torch.float32):
 def test_forward_matches_the_twin_float32(twin, converted, batch):
     cfg, params, _ = converted
     tf, vf, lg = _twin_outputs(twin[0], batch)
-    out, aux = jax.jit(lambda p: mw.ClipWTI(cfg).apply({"params": p}, *batch))(params)
+    out, aux = jax.jit(lambda p: mw.ClipWTI(cfg).apply({"params": p}, *batch, method="forward"))(params)
     np.testing.assert_allclose(np.asarray(aux["text_feat"]), tf, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(aux["video_feat"]), vf, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(out["logits"]), lg, rtol=1e-5, atol=1e-6)
@@ -88,7 +88,7 @@ def test_loss_and_gradients_match_the_twin_float64(twin, converted, batch):
         p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
 
         def f(p):
-            out, _ = mw.ClipWTI(cfg).apply({"params": p}, ids, tm, video.astype(np.float64), vm)
+            out, _ = mw.ClipWTI(cfg).apply({"params": p}, ids, tm, video.astype(np.float64), vm, method="forward")
             return mw.symmetric_ce(out["logits"], out["logit_scale"])
 
         jl, jg = jax.value_and_grad(f)(p64)
@@ -156,8 +156,9 @@ def test_init_trick_copies_the_text_tower(twin):
     cfg = mw.with_clip_dims(ClipWTIConfig(num_hidden_layers=3), pw.torch_to_params(
         ClipWTIConfig(num_hidden_layers=2), twin[0].state_dict())[0])
     model = mw.ClipWTI(dataclasses.replace(cfg, num_hidden_layers=3))
-    params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 4), np.int32), np.ones((1, 4), np.int32),
-                        np.zeros((1, 2, 3, 64, 64), np.float32), np.ones((1, 2), np.int32))["params"]
+    params = jax.jit(lambda k: model.init(k, np.zeros((1, 4), np.int32), np.ones((1, 4), np.int32),
+                                          np.zeros((1, 2, 3, 64, 64), np.float32), np.ones((1, 2), np.int32),
+                                          method="forward"))(jax.random.key(0))["params"]
     from parity.clip import state_dict_to_params
 
     _, clip_params, _ = state_dict_to_params(clip.state_dict())
@@ -217,7 +218,7 @@ def test_padded_frames_mask_is_caught(twin, converted, batch):
 
     mw.ClipWTI.aggregate = no_mask
     try:
-        _, aux = jax.jit(lambda p: mw.ClipWTI(cfg).apply({"params": p}, *batch))(params)
+        _, aux = jax.jit(lambda p: mw.ClipWTI(cfg).apply({"params": p}, *batch, method="forward"))(params)
     finally:
         mw.ClipWTI.aggregate = orig
     got = np.asarray(aux["video_feat"])

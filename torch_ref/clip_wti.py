@@ -189,3 +189,81 @@ def backbone_keys(dims: dict, agg_module: str = "seqTransf", num_hidden_layers: 
 
 def numpy_state(model) -> "OrderedDict[str, np.ndarray]":
     return OrderedDict((k, v.detach().cpu().numpy().copy()) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------- the recipe
+
+
+def warmup_cosine(x, warmup=0.002):
+    """``optimization.py`` L26-29."""
+    import math
+
+    if x < warmup:
+        return x / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * x))
+
+
+class BertAdamTVR(torch.optim.Optimizer):
+    """BackBone_tvr's ``BertAdam`` (``optimization.py`` L52-168; pytorch-pretrained-bert style): per tensor, the
+    per-tensor ``clip_grad_norm_`` (``max_grad_norm``), ``m``/``v`` without bias correction, ``u = m / (sqrt(v) + e)
+    + wd p``, ``p -= group lr * schedule(step / t_total) * u`` with ``step`` counted from 0; tensors whose grad is
+    None are skipped."""
+
+    def __init__(self, params, lr, warmup=-1, t_total=-1, schedule="warmup_cosine", b1=0.9, b2=0.999, e=1e-6,
+                 weight_decay=0.01, max_grad_norm=1.0):
+        defaults = dict(lr=lr, schedule=schedule, warmup=warmup, t_total=t_total, b1=b1, b2=b2, e=e,
+                        weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+        super().__init__(params, defaults)
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.data
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state["next_m"] = torch.zeros_like(p.data)
+                    state["next_v"] = torch.zeros_like(p.data)
+                next_m, next_v = state["next_m"], state["next_v"]
+                beta1, beta2 = group["b1"], group["b2"]
+                if group["max_grad_norm"] > 0:
+                    torch.nn.utils.clip_grad_norm_(p, group["max_grad_norm"])
+                next_m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                next_v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                update = next_m / (next_v.sqrt() + group["e"])
+                if group["weight_decay"] > 0.0:
+                    update += group["weight_decay"] * p.data
+                if group["t_total"] != -1:
+                    lr_scheduled = group["lr"] * warmup_cosine(state["step"] / group["t_total"], group["warmup"])
+                else:
+                    lr_scheduled = group["lr"]
+                p.data.add_(-(lr_scheduled * update))
+                state["step"] += 1
+
+
+def official_optimizer(model, lr=1e-4, coef_lr=1e-3, weight_decay=0.2, warmup=0.1, t_total=100):
+    """``prep_optimizer`` (``main_retrieval.py`` L167-203): four groups (decay x clip), ``lr * coef_lr`` on names
+    containing ``"clip."``, no decay on names containing ``bias`` / ``LayerNorm.bias`` / ``LayerNorm.weight``."""
+    named = list(model.named_parameters())
+    no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight"]
+    decay = [(n, p) for n, p in named if not any(nd in n for nd in no_decay)]
+    nodecay = [(n, p) for n, p in named if any(nd in n for nd in no_decay)]
+    groups = [
+        {"params": [p for n, p in decay if "clip." in n], "weight_decay": weight_decay, "lr": lr * coef_lr},
+        {"params": [p for n, p in decay if "clip." not in n], "weight_decay": weight_decay},
+        {"params": [p for n, p in nodecay if "clip." in n], "weight_decay": 0.0, "lr": lr * coef_lr},
+        {"params": [p for n, p in nodecay if "clip." not in n], "weight_decay": 0.0},
+    ]
+    return BertAdamTVR(groups, lr=lr, warmup=warmup, schedule="warmup_cosine", b1=0.9, b2=0.98, e=1e-6,
+                       t_total=t_total, weight_decay=weight_decay, max_grad_norm=1.0)
+
+
+def official_after_backward(model, optimizer):
+    """``train_epoch`` L254-268 after ``loss.backward()``: the global ``clip_grad_norm_(1.0)``, the step, zero_grad,
+    ``logit_scale`` clamped at ln 100."""
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad()
+    torch.clamp_(model.clip.logit_scale.data, max=np.log(100))

@@ -99,8 +99,9 @@ class WeightMLP(nn.Module):
 
 
 class ClipWTI(nn.Module):
-    """``(text_ids [B, L], text_mask [B, L], video [B, T, 3, R, R] float, video_mask [B, T]) -> ({"logits" (B, B)
-    text x video, "logit_scale"}, aux {"text_feat", "video_feat", "frame_feat"})``."""
+    """``forward(text_ids [B, L], text_mask [B, L], video [B, T, 3, R, R] float, video_mask [B, T]) -> ({"logits"
+    (B, B) text x video, "logit_scale"}, aux {"text_feat", "video_feat", "frame_feat"})``; ``__call__(batch)`` is
+    the same on a dict batch."""
 
     cfg: object
 
@@ -155,7 +156,13 @@ class ClipWTI(nn.Module):
         return wti_logits(text_feat, text_mask, video_feat, video_mask, self.text_weight_fc(text_feat),
                           self.video_weight_fc(video_feat))
 
-    def __call__(self, text_ids, text_mask, video, video_mask):
+    def __call__(self, batch, train: bool = False):
+        """The task's call: ``batch`` holds ``text_ids``, ``text_mask``, ``video``, ``video_mask`` (no dropout
+        anywhere in the official model, so ``train`` changes nothing)."""
+        del train
+        return self.forward(batch["text_ids"], batch["text_mask"], batch["video"], batch["video_mask"])
+
+    def forward(self, text_ids, text_mask, video, video_mask):
         text_feat = self.text_features(text_ids)
         frames = self.frame_features(video)
         video_feat = self.aggregate(frames, video_mask)

@@ -63,6 +63,11 @@ class Task:
         """``cfg`` with the dimensions the data on disk fixes (e.g. the visual feature width)."""
         return cfg
 
+    def initial_params(self, cfg, params):
+        """The parameters a fresh run starts from, given the random init (e.g. pretrained weights loaded into a
+        part of the model); not called on ``--resume`` or ``--init-from``."""
+        return params
+
     def dummy_batch(self, cfg) -> dict:
         """A small batch of the static layout, for ``model.init``."""
         raise NotImplementedError
@@ -80,6 +85,10 @@ class Task:
     def lr_at(self, cfg, steps_per_epoch: int) -> Callable[[int], float]:
         """The learning rate of global step ``step`` (for the logs)."""
         raise NotImplementedError
+
+    def lr_group_scales(self, cfg) -> dict[str, float]:
+        """Named learning-rate groups as multiples of :meth:`lr_at` (logged per step as ``name = lr * scale``)."""
+        return {}
 
     def log_fields(self, cfg, epoch: int) -> dict:
         """Extra fields of the per-step log records of ``epoch`` (e.g. a phase of the recipe)."""
