@@ -32,8 +32,8 @@ all its frames are encoded, so an interrupted run keeps every finished video (a 
 at the first bad video with one line naming the file (after writing the videos finished before it); ``skip``
 counts it, names it in the JSON and goes on. Frames of consecutive videos are packed into fixed batches of
 ``--batch-size`` (the last one padded: one compilation), split over the devices of the ``data`` mesh
-(:mod:`jaxprvr.sharding`) when there are several; videos are decoded and preprocessed up to two ahead on a background thread. A
-video's native-size frames are held in memory while it is preprocessed.
+(:mod:`jaxprvr.sharding`) when there are several; videos are decoded and preprocessed up to two ahead on a
+background thread. A video's native-size frames are held in memory while it is preprocessed.
 
 Output: one JSON line (counts, shapes, seconds); progress bars on stderr; mistakes are one ``error: ...`` line and
 exit status 2 (:mod:`jaxprvr.cli`).
