@@ -259,10 +259,16 @@ def main(argv=None) -> int:
 
     if known.dataset in synthetic_vmr.DATASETS:
         return synthetic_vmr.main(argv)
+    if known.dataset in ("msrvtt", "msvd", "lsmdc"):  # text-video retrieval: real videos, jaxprvr.data.synthetic_t2v
+        from jaxprvr.data import synthetic_t2v
+
+        return synthetic_t2v.main(argv)
     parser = argparse.ArgumentParser(prog="python -m jaxprvr.data.synthetic",
                                      description="Write a synthetic PRVR dataset in the MS-SL release layout "
                                                  "(--dataset activitynet|tacos|charades: a moment-retrieval "
-                                                 "dataset in the MMN layout, jaxprvr.data.synthetic_vmr).")
+                                                 "dataset in the MMN layout, jaxprvr.data.synthetic_vmr; "
+                                                 "--dataset msrvtt|msvd|lsmdc: text-video retrieval with real "
+                                                 "videos, jaxprvr.data.synthetic_t2v).")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="tvr")
     parser.add_argument("--out", required=True, help="data root to create (it gets a <collection>/ folder)")
     parser.add_argument("--train-videos", type=int, default=600)
