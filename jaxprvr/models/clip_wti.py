@@ -26,6 +26,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprvr.errors import JaxprvrError
 from jaxprvr.models.clip import CLIP, PRECISIONS, CLIPDims, Transformer
@@ -116,7 +117,7 @@ class ClipWTI(nn.Module):
             raise JaxprvrError("model", "text_width == embed_dim (the head runs on projected features at the text "
                                "width, modeling.py L81-98)", f"{dims.text_width} vs {dims.embed_dim}")
         self.dims = dims
-        self.clip = CLIP(dims, c.precision, c.remat)
+        self.clip = CLIP(dims, c.precision, c.remat, logit_scale_init=1.0)  # module_clip.py: torch.ones([])
         w = dims.text_width
         if c.agg_module == "seqTransf":
             self.frame_position_embeddings = nn.Embed(dims.context_length, w,
@@ -176,14 +177,18 @@ def init_from_clip(params: dict, num_hidden_layers: int) -> dict:
     ``frame_position_embeddings`` <- the text ``positional_embedding``; seqTransf block ``i`` <- text block ``i``
     for ``i < num_hidden_layers`` (cut from the beginning; blocks beyond CLIP's text depth keep their init)."""
     out = dict(params)
+
+    def copy(a):  # own buffers (``val.clone()``): the train state donates them, an alias would be donated twice
+        return a.copy() if isinstance(a, np.ndarray) else jnp.array(a, copy=True)
+
     if "frame_position_embeddings" in params:
-        out["frame_position_embeddings"] = {"embedding": params["clip"]["text"]["positional_embedding"]}
+        out["frame_position_embeddings"] = {"embedding": copy(params["clip"]["text"]["positional_embedding"])}
     if "transformerClip" in params:
         text = params["clip"]["text"]["transformer"]
         blocks = dict(params["transformerClip"])
         for i in range(num_hidden_layers):
             if f"resblocks_{i}" in text:
-                blocks[f"resblocks_{i}"] = jax.tree.map(lambda a: a, text[f"resblocks_{i}"])
+                blocks[f"resblocks_{i}"] = jax.tree.map(copy, text[f"resblocks_{i}"])
         out["transformerClip"] = blocks
     return out
 

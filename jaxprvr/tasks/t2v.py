@@ -179,7 +179,7 @@ class T2VTask(Task):
     selection_mode = "max"
     # --demo: a small CLIP from scratch (no weights), every tensor at the head's rate (coef_lr 1), short schedule.
     demo_overrides = {
-        "train.n_epoch": "8",
+        "train.n_epoch": "20",
         "train.batch_size": "16",
         "train.lr": "5e-4",
         "train.coef_lr": "1.0",
