@@ -137,3 +137,26 @@ def test_train_and_evaluate_clis(roots, tmp_path):
     assert inputs["video"].shape[1:] == (4, 3, 32, 32) and set(frames) == set(ids["video_ids"])
     test = json.loads((run / "test_results.json").read_text())
     assert test["chance_t2v/R1"] == pytest.approx(100.0 / len(sim))
+
+
+def test_frames_cli_fills_the_store_the_task_reads(roots, tmp_path):
+    """``python -m jaxprvr.data.frames`` decodes each video once; a second run finds them all; the task then reads
+    the same videos from that store as decoding the files directly gives (jaxprvr.data.video.load_clip)."""
+    from jaxprvr.data import frames
+    from jaxprvr.data.video import load_clip
+
+    store = tmp_path / "store"
+    args = ["--config", "msrvtt", "--data-root", str(roots["msrvtt"]), "--split", "test", "--out", str(store),
+            "--no-progress", *[f"--set={s}" for s in TINY]]
+    first = frames.run(frames.build_parser().parse_args(args))
+    again = frames.run(frames.build_parser().parse_args(args))
+    assert first["decoded"] == first["videos"] > 0 and again["already_stored"] == first["videos"]
+    assert again["decoded"] == 0
+    cfg = _cfg("msrvtt", [f"data.frame_cache={store}"])
+    ds = T.TASK.open_split(cfg, roots["msrvtt"], "test")
+    assert str(ds.store.root).startswith(str(store))
+    for i in range(ds.n_videos):
+        v, m = ds.video(i)
+        ref = load_clip(ds.data.video_path(ds.video_ids[i]), max_frames=4, size=32)
+        assert np.array_equal(v, ref.video) and np.array_equal(m, ref.mask)
+    assert frames.main(["--config", "tvr", "--data-root", str(tmp_path)]) == 2
