@@ -30,8 +30,9 @@ import optax
 
 from jaxprvr.errors import JaxprvrError
 
-__all__ = ["warmup_linear", "warmup_cosine", "SCHEDULES", "clamp_max", "official_weight_decay_mask", "torch_style_name", "BertAdamState", "bert_adam",
-           "EmaState", "ema_decay_at", "ema_update", "with_ema", "bert_adam_state_of", "eval_params"]
+__all__ = ["warmup_linear", "warmup_cosine", "SCHEDULES", "clamp_max", "official_weight_decay_mask",
+           "torch_style_name", "BertAdamState", "bert_adam", "EmaState", "ema_decay_at", "ema_update", "with_ema",
+           "bert_adam_state_of", "eval_params"]
 
 # Substrings of the official no-decay rule (GMMFormer src/Opts/builder.py:6).
 NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")
@@ -46,49 +47,35 @@ def _float_dtype(tree):
     return jnp.float64 if any(getattr(x, "dtype", None) == jnp.float64 for x in leaves) else jnp.float32
 
 
-def warmup_linear(step, warmup: float, t_total: float, dtype=jnp.float32):
-    """Official ``WarmupLinearSchedule`` multiplier at ``step`` (works on Python numbers and jax arrays).
+def _warmup_then(after_py, after_jnp):
+    """A BertAdam schedule of ``progress = step / t_total``: ``progress / warmup`` during the warmup, then
+    ``after(progress)`` (``_LRSchedule``: ``t_total < 0`` gives a constant 1, ``warmup = -1`` means 0). Works on
+    Python numbers and jax arrays; ``dtype``: of a traced ``step``'s schedule (float64 only with x64)."""
 
-    ``progress = step / t_total``; ``progress / warmup`` while ``progress < warmup``, else
-    ``max((progress - 1) / (warmup - 1), 0)`` (GMMFormer ``Opts/optimization.py:172-175``). As in
-    ``_LRSchedule`` (``:46-61``): ``t_total < 0`` gives a constant 1, and ``warmup = -1`` means 0.
-    ``dtype``: of a traced ``step``'s schedule (float64 only with x64, for float64 parameters).
-    """
-    _check_warmup(warmup)
-    warmup = max(float(warmup), 0.0)
-    t_total = float(t_total)
-    if t_total < 0:
-        return jnp.ones_like(jnp.asarray(step, dtype)) if isinstance(step, jax.Array) else 1.0
-    if isinstance(step, (int, float)):
-        progress = step / t_total
-        if progress < warmup:
-            return progress / warmup
-        return max((progress - 1.0) / (warmup - 1.0), 0.0)
-    progress = jnp.asarray(step, dtype) / t_total
-    during = progress / (warmup if warmup > 0 else 1.0)
-    after = jnp.maximum((progress - 1.0) / (warmup - 1.0), 0.0)
-    return jnp.where(progress < warmup, during, after)
+    def schedule(step, warmup: float, t_total: float, dtype=jnp.float32):
+        _check_warmup(warmup)
+        warmup = max(float(warmup), 0.0)
+        t_total = float(t_total)
+        if t_total < 0:
+            return jnp.ones_like(jnp.asarray(step, dtype)) if isinstance(step, jax.Array) else 1.0
+        if isinstance(step, (int, float)):
+            progress = step / t_total
+            return progress / warmup if progress < warmup else after_py(progress, warmup)
+        progress = jnp.asarray(step, dtype) / t_total
+        during = progress / (warmup if warmup > 0 else 1.0)
+        return jnp.where(progress < warmup, during, after_jnp(progress, warmup))
+
+    return schedule
 
 
-def warmup_cosine(step, warmup: float, t_total: float, dtype=jnp.float32):
-    """BackBone_tvr / DRL ``warmup_cosine`` (``optimization.py`` L26-29) at ``progress = step / t_total``:
-    ``progress / warmup`` during the warmup, then ``0.5 (1 + cos(pi progress))`` over the **whole** run (not
-    re-normalised after the warmup: the factor drops from ~1 to ``0.5 (1 + cos(0.1 pi))`` = 0.976 at 10 %)."""
-    _check_warmup(warmup)
-    warmup = max(float(warmup), 0.0)
-    t_total = float(t_total)
-    if t_total < 0:
-        return jnp.ones_like(jnp.asarray(step, dtype)) if isinstance(step, jax.Array) else 1.0
-    if isinstance(step, (int, float)):
-        progress = step / t_total
-        if progress < warmup:
-            return progress / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    progress = jnp.asarray(step, dtype) / t_total
-    during = progress / (warmup if warmup > 0 else 1.0)
-    after = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    return jnp.where(progress < warmup, during, after)
-
+# Official ``WarmupLinearSchedule`` (GMMFormer ``Opts/optimization.py:172-175``): after the warmup,
+# ``max((progress - 1) / (warmup - 1), 0)``.
+warmup_linear = _warmup_then(lambda x, w: max((x - 1.0) / (w - 1.0), 0.0),
+                             lambda x, w: jnp.maximum((x - 1.0) / (w - 1.0), 0.0))
+# BackBone_tvr / DRL ``warmup_cosine`` (``optimization.py`` L26-29): after the warmup, ``0.5 (1 + cos(pi
+# progress))`` over the **whole** run (not re-normalised: the factor drops from ~1 to 0.976 at 10 %).
+warmup_cosine = _warmup_then(lambda x, w: 0.5 * (1.0 + math.cos(math.pi * x)),
+                             lambda x, w: 0.5 * (1.0 + jnp.cos(jnp.pi * x)))
 
 SCHEDULES = {"warmup_linear": warmup_linear, "warmup_cosine": warmup_cosine}
 

@@ -22,6 +22,9 @@ import numpy as np
 
 from jaxprvr.errors import JaxprvrError
 from jaxprvr.models.clip import NON_PARAMETER_KEYS, CLIPDims
+from parity.convert import _check_keys
+from parity.convert import flatten as _flatten
+from parity.convert import unflatten as _unflatten
 from parity.keys import Entry, check_table, layernorm, linear, to_flax, to_torch
 
 
@@ -68,28 +71,6 @@ def clip_table(dims: CLIPDims, **kw) -> tuple:
     return check_table(clip_rows(dims, **kw))
 
 
-def _flatten(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, path))
-        else:
-            out[path] = v
-    return out
-
-
-def _unflatten(flat):
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = v
-    return tree
-
-
 def state_dict_to_params(sd: Mapping, where="state dict", prefix: str = "", visual: bool | None = None,
                          dims: CLIPDims | None = None, dtype=np.float32) -> tuple[CLIPDims, dict, dict]:
     """An OpenAI-format CLIP ``state_dict`` (numpy arrays or tensors; fp16 or fp32) -> ``(dims, params,
@@ -104,13 +85,7 @@ def state_dict_to_params(sd: Mapping, where="state dict", prefix: str = "", visu
     has_scale = (prefix + "logit_scale") in sd
     dims = dims or CLIPDims.from_state_dict(sd, prefix, where)
     table = clip_table(dims, prefix=prefix, visual=visual, logit_scale=has_scale)
-    expected = [e.torch for e in table]
-    missing = [k for k in expected if k not in sd]
-    unexpected = sorted(set(keys) - set(expected))
-    if missing or unexpected:
-        raise JaxprvrError(where, f"the {len(expected)} OpenAI CLIP keys" + (f" under {prefix!r}" if prefix else ""),
-                           f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
-                           f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    _check_keys(where, [e.torch for e in table], keys, "OpenAI CLIP keys" + (f" under {prefix!r}" if prefix else ""))
     flat, dtypes = {}, OrderedDict()
     for e in table:
         a = to_numpy(sd[e.torch])

@@ -201,17 +201,9 @@ def test_missing_dependency_is_one_clear_error(monkeypatch, missing):
 
 # -- live cross-check against OpenAI's simple_tokenizer.py from the clip-anytorch wheel (scripts/setup.sh) -----
 def _openai_tokenizer():
-    import importlib.util
+    from tests.openai_clip import openai_clip_module
 
-    spec = importlib.util.find_spec("clip")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("clip-anytorch is not installed (scripts/setup.sh installs it)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "simple_tokenizer.py"
-    # loaded by path: clip/__init__.py imports torchvision, which is not installed
-    mod_spec = importlib.util.spec_from_file_location("_openai_simple_tokenizer", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.SimpleTokenizer()
+    return openai_clip_module("simple_tokenizer").SimpleTokenizer()
 
 
 def test_random_strings_match_openai_live(tok):

@@ -5,9 +5,6 @@ the torch-free reading of TorchScript archives and fp16 state dicts, and the siz
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +15,7 @@ from jaxprvr.data.torch_pt import read_state_dict
 from jaxprvr.errors import JaxprvrError
 from jaxprvr.models.clip import CLIP, CLIPDims, TextTower
 from parity import clip as pc
+from tests.openai_clip import openai_clip_module, random_clip_inputs
 from torch_ref import clip as tc
 
 DIMS = dict(embed_dim=32, image_resolution=64, vision_layers=2, vision_width=128, vision_patch_size=16,
@@ -25,16 +23,8 @@ DIMS = dict(embed_dim=32, image_resolution=64, vision_layers=2, vision_width=128
 
 
 def openai_model_module():
-    """openai/CLIP's ``clip/model.py`` as shipped in the ``clip-anytorch`` wheel, loaded without the package
-    ``__init__`` (which imports torchvision, absent for CPU torch here)."""
-    spec = importlib.util.find_spec("clip")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("clip-anytorch is not installed (scripts/setup.sh installs it)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "model.py"
-    mspec = importlib.util.spec_from_file_location("openai_clip_model", path)
-    mod = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(mod)
-    return mod
+    """openai/CLIP's ``clip/model.py`` as shipped in the ``clip-anytorch`` wheel (:mod:`tests.openai_clip`)."""
+    return openai_clip_module("model")
 
 
 def perturb(model, seed=1):
@@ -58,14 +48,7 @@ def openai():
 
 @pytest.fixture(scope="module")
 def inputs():
-    rng = np.random.default_rng(0)
-    pixels = rng.standard_normal((3, 3, 64, 64)).astype(np.float32)
-    ids = np.zeros((3, 77), np.int64)
-    for b, n in enumerate((5, 12, 30)):  # SOT, tokens, EOT (the largest id), 0-padding
-        ids[b, 0] = 498
-        ids[b, 1:n - 1] = rng.integers(1, 497, n - 2)
-        ids[b, n - 1] = 499
-    return pixels, ids
+    return random_clip_inputs(3)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ h5py = pytest.importorskip("h5py")
 from jaxprvr import features as F  # noqa: E402
 from jaxprvr.data import video as V  # noqa: E402
 from parity import clip as pc  # noqa: E402
+from tests.openai_clip import random_clip_inputs  # noqa: E402
 from tests.test_clip_model import openai_model_module, perturb  # noqa: E402
 from tests.test_video import write_video  # noqa: E402
 from torch_ref import clip as tc  # noqa: E402
@@ -51,14 +52,7 @@ def weights(twin, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def arrays():
-    rng = np.random.default_rng(0)
-    pixels = rng.standard_normal((5, 3, 64, 64)).astype(np.float32)
-    ids = np.zeros((3, 77), np.int64)
-    for b, n in enumerate((5, 12, 30)):  # SOT, tokens, EOT (the largest id), 0-padding
-        ids[b, 0] = 498
-        ids[b, 1:n - 1] = rng.integers(1, 497, n - 2)
-        ids[b, n - 1] = 499
-    return pixels, ids
+    return random_clip_inputs(5)
 
 
 @pytest.fixture(scope="module")

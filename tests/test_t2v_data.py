@@ -495,12 +495,12 @@ def test_cli_dispatch(tmp_path, capsys):
 
 
 def test_demo_root_cached(tmp_path, monkeypatch):
-    root = synthetic_t2v.demo_root("lsmdc", cache_dir=tmp_path)
-    assert root == tmp_path / "t2v-lsmdc-v1"
-    n_train, n_val, n_test = synthetic_t2v.DEMO_SIZES["lsmdc"]
-    assert open_t2v("lsmdc", root, "train").n_videos == n_train
-    assert open_t2v("lsmdc", root, "test").n_videos == n_test
+    root = synthetic_t2v.demo_root("msrvtt", cache_dir=tmp_path)
+    assert root == tmp_path / f"t2v-msrvtt-v{synthetic_t2v.DEMO_VERSION}"
+    n_train, n_val, n_test = synthetic_t2v.DEMO_SIZES["msrvtt"]
+    assert open_t2v("msrvtt", root, "train").n_videos == n_train
+    assert open_t2v("msrvtt", root, "test").n_videos == n_test
     monkeypatch.setattr(synthetic_t2v, "write_synthetic_t2v", lambda *a, **k: pytest.fail("rewritten"))
-    assert synthetic_t2v.demo_root("lsmdc", cache_dir=tmp_path) == root
+    assert synthetic_t2v.demo_root("msrvtt", cache_dir=tmp_path) == root
     with pytest.raises(JaxprvrError):
         synthetic_t2v.demo_root("webvid", cache_dir=tmp_path)

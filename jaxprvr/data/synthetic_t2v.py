@@ -53,9 +53,9 @@ from jaxprvr.errors import JaxprvrError
 DATASETS = t2v.DATASETS
 DATASET_DIRS = {"msrvtt": "MSRVTT", "msvd": "MSVD", "lsmdc": "LSMDC"}
 MARKER = "jaxprvr_synthetic.json"  # in <out>/<DATASET_DIRS[dataset]>/, written last
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 # (train, val, test) videos with files; MSR-VTT has no separate val split (val = test = the JSFusion CSV).
-DEMO_SIZES = {"msrvtt": (60, 0, 20), "msvd": (40, 12, 20), "lsmdc": (40, 12, 20)}
+DEMO_SIZES = {"msrvtt": (60, 0, 20), "msvd": (80, 12, 20), "lsmdc": (240, 12, 20)}  # ~250 train pairs each
 _DATASET_CODES = {"msrvtt": 11, "msvd": 12, "lsmdc": 13}
 _SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
 
@@ -477,7 +477,7 @@ def _cache_base(cache_dir) -> Path:
 
 def demo_root(dataset: str = "msrvtt", cache_dir: str | os.PathLike | None = None) -> Path:
     """A demo dataset (:data:`DEMO_SIZES`, seed 0), created on first use; returns its ``--data-root``:
-    ``<cache_dir>/t2v-<dataset>-v1`` (``cache_dir`` defaulting to ``$JAXPRVR_CACHE/demo`` or
+    ``<cache_dir>/t2v-<dataset>-v<DEMO_VERSION>`` (``cache_dir`` defaulting to ``$JAXPRVR_CACHE/demo`` or
     ``~/.cache/jaxprvr/demo``). Written to a temporary folder beside it and renamed into place, so an interrupted
     or concurrent creation never leaves a half-written dataset under that name."""
     if dataset not in DATASETS:

@@ -117,6 +117,23 @@ def _prefix_of(archive: zipfile.ZipFile, path: Path) -> str:
     raise JaxprvrError(path, "a torch zip archive with <prefix>/data.pkl", f"members {archive.namelist()[:5]}")
 
 
+def _unpickle(path: Path, unpickler, expected: str, errors: tuple):
+    """``<prefix>/data.pkl`` of the torch-zip archive ``path`` through ``unpickler`` (storages resolved from the
+    archive in its byte order); a damaged archive or pickle is one error naming the file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            prefix = _prefix_of(archive, path)
+            byteorder = "little"
+            if f"{prefix}byteorder" in set(archive.namelist()):
+                byteorder = archive.read(f"{prefix}byteorder").decode("ascii").strip()
+                if byteorder not in ("little", "big"):
+                    raise JaxprvrError(path, "byteorder 'little' or 'big'", repr(byteorder))
+            pkl = archive.read(f"{prefix}data.pkl")
+            return unpickler(io.BytesIO(pkl), path, archive, prefix, byteorder).load()
+    except errors as e:
+        raise JaxprvrError(path, expected, f"{type(e).__name__}: {e}") from None
+
+
 def read_pt_tensor(path: str | os.PathLike) -> np.ndarray:
     """The one tensor of a torch-zip ``.pt`` file as a numpy array of its dtype (float16/32/64), any shape.
 
@@ -130,19 +147,8 @@ def read_pt_tensor(path: str | os.PathLike) -> np.ndarray:
         raise JaxprvrError(path, "a torch-zip .pt file (torch.save of torch >= 1.6)",
                            "the legacy non-zip format",
                            hint="re-save it with torch >= 1.6: torch.save(torch.load(f), f)")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            prefix = _prefix_of(archive, path)
-            names = set(archive.namelist())
-            byteorder = "little"
-            if f"{prefix}byteorder" in names:
-                byteorder = archive.read(f"{prefix}byteorder").decode("ascii").strip()
-                if byteorder not in ("little", "big"):
-                    raise JaxprvrError(path, "byteorder 'little' or 'big'", repr(byteorder))
-            pkl = archive.read(f"{prefix}data.pkl")
-            spec = _RestrictedUnpickler(io.BytesIO(pkl), path, archive, prefix, byteorder).load()
-    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError) as e:
-        raise JaxprvrError(path, "a readable torch-zip .pt file", f"{type(e).__name__}: {e}") from None
+    spec = _unpickle(path, _RestrictedUnpickler, "a readable torch-zip .pt file",
+                     (zipfile.BadZipFile, pickle.UnpicklingError, EOFError))
     if not isinstance(spec, _TensorSpec) or not isinstance(spec.storage, _Storage):
         raise JaxprvrError(path, "a .pt file holding one tensor", f"a pickled {type(spec).__name__}")
     return _view(spec, path)
@@ -322,20 +328,8 @@ def read_state_dict(path: str | os.PathLike) -> "OrderedDict[str, np.ndarray]":
     if not zipfile.is_zipfile(path):
         raise JaxprvrError(path, "a torch-zip checkpoint (torch.save / torch.jit.save of torch >= 1.6)",
                            "not a zip archive (the legacy format, or not a torch file)")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            prefix = _prefix_of(archive, path)
-            names = set(archive.namelist())
-            byteorder = "little"
-            if f"{prefix}byteorder" in names:
-                byteorder = archive.read(f"{prefix}byteorder").decode("ascii").strip()
-                if byteorder not in ("little", "big"):
-                    raise JaxprvrError(path, "byteorder 'little' or 'big'", repr(byteorder))
-            unpickler = _StateUnpickler(io.BytesIO(archive.read(f"{prefix}data.pkl")), path, archive, prefix,
-                                        byteorder)
-            root = unpickler.load()
-    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, AttributeError, TypeError) as e:
-        raise JaxprvrError(path, "a readable torch-zip checkpoint", f"{type(e).__name__}: {e}") from None
+    root = _unpickle(path, _StateUnpickler, "a readable torch-zip checkpoint",
+                     (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, AttributeError, TypeError))
     if isinstance(root, _TensorSpec):
         raise JaxprvrError(path, "a checkpoint of named tensors", "a single tensor (use read_pt_tensor)")
     if not isinstance(root, (dict, _ModuleBag)):
