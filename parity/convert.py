@@ -18,6 +18,11 @@ Command line (``--help`` for all options)::
     python -m jaxprvr.evaluate --config tvr --ckpt runs/converted --data-root DATA
     python -m parity.convert jax2torch --model gmmformer_v2 --config tvr runs/mine out/best.ckpt
 
+CLIP weights, model-independent (BackBone_tvr / ``clip_wti``'s ``model.clip``)::
+
+    python -m parity.convert clip2jax ViT-B-32.pt clip-b32       # TorchScript or state dict -> params.npz + clip.json
+    python -m parity.convert jax2clip clip-b32 ViT-B-32.state.pt  # back: OpenAI's keys, the stored dtypes (fp16 kept)
+
 ``torch2jax`` writes ``OUT_DIR/ckpt/best`` (parameters + the config, for ``jaxprvr.evaluate`` and
 ``jaxprvr.train --init-from``) and, when the file carries BertAdam moments (GMMFormer/v2/MTM ``best.ckpt``),
 ``OUT_DIR/ckpt/latest`` with the optimizer state and the epoch, so ``jaxprvr.train --out OUT_DIR --resume``
@@ -497,6 +502,47 @@ def jax2torch(args) -> dict:
                 **({"note": ema_note} if ema_note else {}))
 
 
+def clip2jax(args) -> dict:
+    """An OpenAI-format CLIP (``ViT-B-32.pt`` TorchScript or a ``torch.save``-d state dict, read without running
+    its pickle) -> a folder of :func:`parity.clip.save_clip_dir` (``params.npz`` + ``clip.json`` with each key's
+    stored dtype), what ``--set model.clip=OUT_DIR`` reads."""
+    from parity.clip import CLIP_DIR_FILES, load_clip_weights, save_clip_dir
+
+    src, out = Path(args.input), Path(args.out_dir)
+    if not src.is_file():
+        raise JaxprvrError(src, "an OpenAI-format CLIP file (a TorchScript .pt or a state dict)", "no such file")
+    if any((out / f).exists() for f in CLIP_DIR_FILES) and not args.force:
+        raise JaxprvrError(out, "a folder without a converted CLIP", "clip.json / params.npz there",
+                           hint="pass --force to replace it")
+    dims, params, dtypes = load_clip_weights(src)
+    save_clip_dir(out, dims, params, dtypes, source=str(src.absolute()))
+    return dict(input=str(src), out=str(out), tensors=len(dtypes), dtypes=sorted(set(dtypes.values())),
+                dims=dataclasses.asdict(dims))
+
+
+def jax2clip(args) -> dict:
+    """A :func:`clip2jax` folder -> a ``torch.save``-d state dict with OpenAI's keys in ``state_dict`` order, each
+    tensor in its stored dtype (bit-exact round trip; a TorchScript source's scalar non-parameter entries are not
+    written)."""
+    import zipfile
+
+    import torch
+
+    from parity.clip import load_clip_dir, params_to_state_dict
+    from parity.prvr import _atomic
+
+    src = Path(args.input)
+    try:
+        dims, params, dtypes = load_clip_dir(src)
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        raise JaxprvrError(src, "a readable clip2jax folder", f"{type(e).__name__}: {e}") from None
+    sd = params_to_state_dict(dims, params, dtypes, where=str(src))
+    tensors = collections.OrderedDict((k, to_tensor(a)) for k, a in sd.items())
+    path = _atomic(args.output, lambda tmp: torch.save(tensors, tmp))
+    return dict(input=str(src), output=str(path), tensors=len(tensors),
+                dtypes=sorted({str(a.dtype) for a in sd.values()}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jaxprvr import registry
     from jaxprvr.config import all_datasets
@@ -521,11 +567,22 @@ def build_parser() -> argparse.ArgumentParser:
     common(j2t)
     j2t.add_argument("input", help="a run folder, ckpt/<slot> folder or step folder")
     j2t.add_argument("output", help="official file to write (its family's layout: model.ckpt for MS-SL, best.ckpt "
-                                    "for the GMMFormer family and MTM)")
+                                    "for the GMMFormer family and MTM, a state dict for clip_wti)")
     j2t.add_argument("--no-optimizer", action="store_true", help="do not export the BertAdam moments")
     j2t.add_argument("--steps-per-epoch", type=int, default=None,
                      help="len(train_loader), to record the official schedule's t_total (default: -1)")
     j2t.set_defaults(run=jax2torch)
+    c2j = sub.add_parser("clip2jax", help="OpenAI-format CLIP (.pt TorchScript or state dict) -> a folder that "
+                                          "model.clip reads (params.npz + clip.json)")
+    c2j.add_argument("input", help="ViT-B-32.pt / ViT-B-16.pt (TorchScript) or a torch.save-d CLIP state dict")
+    c2j.add_argument("out_dir", help="output folder")
+    c2j.add_argument("--force", action="store_true", help="replace a converted CLIP in out_dir")
+    c2j.set_defaults(run=clip2jax)
+    j2c = sub.add_parser("jax2clip", help="a clip2jax folder -> a torch.save-d state dict with OpenAI's keys and "
+                                          "the stored dtypes")
+    j2c.add_argument("input", help="a clip2jax folder")
+    j2c.add_argument("output", help="state dict file to write")
+    j2c.set_defaults(run=jax2clip)
     return p
 
 
