@@ -75,7 +75,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     # BackBone_tvr's CLIP ViT-B/32 + seqTransf + WTI: the demo trains a small CLIP from scratch (no weights can be
     # downloaded) on 32 x 32 frames, 2 + 2 layers, 64 wide.
     Family("clip_wti", "CLIP + seqTransf + WTI (BackBone_tvr)", "t2v", "jaxprvr.models.clip_wti:ClipWTI",
-           C.ClipWTIConfig, C.LossConfig, "torch_ref.clip_wti:BackBoneTVR", "parity.clip_wti",
+           C.ClipWTIConfig, C.LossConfig, "torch_ref.clip_wti:ClipWTI", "parity.clip_wti",
            "shallowdream66/BackBone_tvr",
            demo=(("model.image_resolution", "32"), ("model.vision_patch_size", "8"), ("model.vision_width", "64"),
                  ("model.vision_layers", "2"), ("model.text_width", "64"), ("model.text_layers", "2"),

@@ -267,3 +267,7 @@ def official_after_backward(model, optimizer):
     optimizer.step()
     optimizer.zero_grad()
     torch.clamp_(model.clip.logit_scale.data, max=np.log(100))
+
+
+# The registry names the twin by the Flax class name (one family, one name on both sides).
+ClipWTI = BackBoneTVR
