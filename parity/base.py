@@ -44,3 +44,119 @@ class FamilySpec:
         m = cfg.model
         fields = [f for f in ("hidden_size", "n_heads") if hasattr(m, f)]
         return ", ".join(f"{f} {getattr(m, f)}" for f in fields)
+
+
+class FamilyCheck:
+    """The shared frame of a family's own ``parity.check`` rows (``FamilySpec.check_rows``): the float32 and float64
+    twins, the bounded float64 arbiter for a failing float32 row, and the groups in their order. A subclass builds
+    its twin in ``__init__`` (then calls :meth:`set_twin`) and writes the group methods it has:
+    ``conversion_rows()``, ``block_rows(suffix)``, ``model_rows(suffix)``, ``loss_rows()``, ``grad_rows()``,
+    ``train_rows()``, ``dropout_rows()``, ``metric_rows()``; ``train_label`` names the training stage."""
+
+    train_label = "training steps"
+
+    def _setup(self, spec, *, seed, steps, say, data_root, tol, perturb, compiler_options, n_videos, device=None):
+        from parity.rows import TOLERANCES
+
+        self.spec, self.seed, self.steps, self.say, self.data_root = spec, seed, steps, say, data_root
+        self.tol = tol or TOLERANCES["float32"]
+        self.f64 = self.tol.dtype == "float64"
+        self.perturb, self.compiler_options, self.n_videos = perturb, compiler_options, n_videos
+        self.device = device or "cpu"
+
+    def set_twin(self, twin32) -> None:
+        """``twin32`` (eval mode, on the check's device) and its float64 copy; ``self.twin`` is the compared one."""
+        import copy
+
+        self.twin32 = twin32.eval().to(self.device)
+        self.twin64 = copy.deepcopy(self.twin32).double().eval()
+        self.twin = self.twin64 if self.f64 else self.twin32
+
+    def mode(self, twin):
+        return self.spec.twin_mode(twin)
+
+    def cast(self, batch):
+        from parity.check import cast_batch
+
+        return cast_batch(batch, self.tol.dtype)
+
+    def arbiter_row(self, stage, j_out, torch_fn, rtol_atol, group="block"):
+        """``close_row``; in float32 mode a failing row is judged by the bounded float64 arbiter with
+        ``torch_fn(twin64)`` (:func:`parity.check._arbitrate`)."""
+        from parity.check import _arbitrable, _arbitrate
+        from parity.rows import as_numpy, close_row
+
+        with self.mode(self.twin):
+            t_out = as_numpy(torch_fn(self.twin))
+        row = close_row(group, stage, j_out, t_out, *rtol_atol)
+        if not self.f64 and _arbitrable(row, j_out):
+            with self.mode(self.twin64):
+                t64 = as_numpy(torch_fn(self.twin64))
+            row = _arbitrate(row, j_out, t_out, t64, *rtol_atol)
+        return row
+
+    def run(self, groups) -> list:
+        """The groups asked for, in order; block and model rows again on a perturbed twin with ``perturb=forward``
+        (random biases and LayerNorm parameters, which the official init leaves at 0 / 1)."""
+        rows: list = []
+        if "convert" in groups:
+            self.say("conversion")
+            rows += self.conversion_rows()
+        base = self.twin32
+        forward = [(base, "")]
+        if self.perturb == "forward" and ("block" in groups or "model" in groups):
+            from parity.check import perturb_twin
+
+            forward.append((perturb_twin(base, self.seed), " [perturbed]"))
+        for tw32, suffix in forward:
+            if "block" in groups or "model" in groups:
+                self.set_twin(tw32)
+            if "block" in groups:
+                self.say("blocks" + suffix)
+                rows += self.block_rows(suffix)
+            if "model" in groups:
+                self.say("whole model" + suffix)
+                rows += self.model_rows(suffix)
+        if len(forward) > 1:
+            self.set_twin(base)  # back to the given weights
+        for group, label, method in (("loss", "losses", "loss_rows"), ("grad", "gradients", "grad_rows"),
+                                     ("train", f"{self.steps} {self.train_label}", "train_rows"),
+                                     ("dropout", "dropout on", "dropout_rows"), ("metrics", "evaluation",
+                                                                                 "metric_rows")):
+            if group in groups and hasattr(self, method):
+                self.say(label)
+                rows += getattr(self, method)()
+        return rows
+
+
+def prepare_out_dir(out, force: bool):
+    """``OUT`` of ``parity.convert torch2jax`` and its ``OUT/ckpt`` (refused when it holds checkpoints, unless
+    ``--force``)."""
+    from pathlib import Path
+
+    from jaxprvr.errors import JaxprvrError
+
+    out = Path(out)
+    ckpt_dir = out / "ckpt"
+    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not force:
+        raise JaxprvrError(out, "an output folder without checkpoints", "an existing ckpt/ folder",
+                           hint="pass --force to replace it")
+    return out, ckpt_dir
+
+
+def checkpoint_config(step_dir, cfg, overrides):
+    """``cfg`` with the model config saved in the checkpoint at ``step_dir`` (the architecture it was trained
+    with), then ``overrides``; a checkpoint of another model is an error."""
+    import dataclasses
+
+    from jaxprvr.checkpoint import read_meta
+    from jaxprvr.config import apply_overrides, model_config_from_dict
+    from jaxprvr.errors import JaxprvrError
+
+    saved = read_meta(step_dir).get("config", {}).get("model")
+    if saved is None:
+        return cfg
+    if saved.get("name") != cfg.model.name:
+        raise JaxprvrError(step_dir, f"a checkpoint of --model {cfg.model.name}", f"one of {saved.get('name')}")
+    return apply_overrides(dataclasses.replace(cfg, model=model_config_from_dict(saved, where=str(step_dir))),
+                           list(overrides))

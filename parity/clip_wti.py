@@ -38,7 +38,7 @@ import numpy as np
 
 from jaxprvr.errors import JaxprvrError
 from jaxprvr.models.clip_wti import clip_dims, with_clip_dims
-from parity.base import FamilySpec
+from parity.base import FamilyCheck, FamilySpec, checkpoint_config, prepare_out_dir
 from parity.clip import _flatten, _unflatten, clip_rows, transformer_rows
 from parity.keys import Entry, check_table, linear, to_flax, to_torch
 from parity.rows import EPS32, Row, as_numpy, close_row, join_notes, nonfinite
@@ -335,11 +335,7 @@ def torch2jax(args, cfg) -> dict:
     sd = read_backbone(src)
     model_cfg, params, dtypes = torch_to_params(cfg.model, sd, where=str(src))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(model_cfg, clip=""))  # the CLIP is in the params
-    out = Path(args.out_dir)
-    ckpt_dir = out / "ckpt"
-    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not args.force:
-        raise JaxprvrError(out, "an output folder without checkpoints", "an existing ckpt/ folder",
-                           hint="pass --force to replace it")
+    out, ckpt_dir = prepare_out_dir(args.out_dir, args.force)
     epoch = _epoch_of(src)
     meta = dict(config=cfg.to_dict(), source=str(src.absolute()), source_layout=SPEC.official_layout,
                 source_dtypes=dict(dtypes), epoch=-1 if epoch is None else epoch)
@@ -360,19 +356,13 @@ def jax2torch(args, cfg) -> dict:
     import torch
 
     from jaxprvr.checkpoint import load_params, read_meta, resolve_params_dir
-    from jaxprvr.config import apply_overrides, model_config_from_dict
     from parity.convert import _abstract_params, to_tensor
     from parity.prvr import _atomic
     from torch_ref.clip_wti import backbone_keys
 
     step_dir = resolve_params_dir(args.input)
     meta = read_meta(step_dir)
-    saved = meta.get("config", {}).get("model")
-    if saved is not None:
-        if saved.get("name") != cfg.model.name:
-            raise JaxprvrError(step_dir, f"a checkpoint of --model {cfg.model.name}", f"one of {saved.get('name')}")
-        cfg = apply_overrides(dataclasses.replace(cfg, model=model_config_from_dict(saved, where=str(step_dir))),
-                              list(args.overrides))
+    cfg = checkpoint_config(step_dir, cfg, args.overrides)
     if cfg.model.clip:  # a jaxprvr run started from CLIP weights: the sizes are the weights'
         from jaxprvr.tasks.t2v import weights_dims
 
@@ -552,21 +542,19 @@ def _near_tie_rows(sim: np.ndarray, tie: float) -> np.ndarray:
     return close.any(axis=1)
 
 
-class ClipWTICheck:
+class ClipWTICheck(FamilyCheck):
     """The rows of ``parity.check --model clip_wti`` (docs/parity.md, "CLIP + seqTransf + WTI")."""
+
+    train_label = "BertAdam steps"
 
     def __init__(self, spec, cfg, *, ckpt, data_root, seed, n_videos, steps, device, say, compiler_options, tol,
                  perturb):
         import jax
 
         from jaxprvr.models import build_model
-        from parity.rows import TOLERANCES
 
-        self.spec, self.seed, self.steps, self.say, self.data_root = spec, seed, steps, say, data_root
-        self.tol = tol or TOLERANCES["float32"]
-        self.f64 = self.tol.dtype == "float64"
-        self.perturb, self.compiler_options, self.n_videos = perturb, compiler_options, n_videos
-        self.device = device or "cpu"
+        self._setup(spec, seed=seed, steps=steps, say=say, data_root=data_root, tol=tol, perturb=perturb,
+                    compiler_options=compiler_options, n_videos=n_videos, device=device)
         if ckpt is not None:
             model_cfg, twin32 = twin_from_state_dict(cfg.model, read_backbone(ckpt), str(ckpt))
             self.source = f"checkpoint {ckpt}"
@@ -588,16 +576,6 @@ class ClipWTICheck:
         self._fwd = self._vg = None
 
     # -- helpers
-    def set_twin(self, twin32):
-        self.twin32 = twin32.eval().to(self.device)
-        self.twin64 = copy.deepcopy(self.twin32).double().eval()
-        self.twin = self.twin64 if self.f64 else self.twin32
-
-    def cast(self, batch):
-        from parity.check import cast_batch
-
-        return cast_batch(batch, self.tol.dtype)
-
     def params(self, twin) -> dict:
         return twin_params(self.cfg.model, twin)
 
@@ -629,56 +607,6 @@ class ClipWTICheck:
                 yield
         finally:
             torch.set_default_dtype(old)
-
-    def arbiter_row(self, stage, j_out, torch_fn, rtol_atol, group="block") -> Row:
-        """``close_row``; in float32 mode a failing row is judged by the bounded float64 arbiter with
-        ``torch_fn(twin64)`` (:func:`parity.check._arbitrate`)."""
-        from parity.check import _arbitrable, _arbitrate
-
-        with self.mode(self.twin):
-            t_out = as_numpy(torch_fn(self.twin))
-        row = close_row(group, stage, j_out, t_out, *rtol_atol)
-        if not self.f64 and _arbitrable(row, j_out):
-            with self.mode(self.twin64):
-                t64 = as_numpy(torch_fn(self.twin64))
-            row = _arbitrate(row, j_out, t_out, t64, *rtol_atol)
-        return row
-
-    def run(self, groups) -> list[Row]:
-        rows: list[Row] = []
-        if "convert" in groups:
-            self.say("conversion")
-            rows += self.conversion_rows()
-        base = self.twin32
-        forward = [(base, "")]
-        if self.perturb == "forward" and ("block" in groups or "model" in groups):
-            from parity.check import perturb_twin
-
-            forward.append((perturb_twin(base, self.seed), " [perturbed]"))
-        for tw32, suffix in forward:
-            self.set_twin(tw32)
-            if "block" in groups:
-                self.say("blocks" + suffix)
-                rows += self.block_rows(suffix)
-            if "model" in groups:
-                self.say("whole model" + suffix)
-                rows += self.model_rows(suffix)
-        self.set_twin(base)
-        if "loss" in groups:
-            self.say("loss")
-            rows += self.loss_rows()
-        if "grad" in groups:
-            self.say("gradients")
-            rows += self.grad_rows()
-        if "train" in groups:
-            self.say(f"{self.steps} training steps")
-            rows += self.train_rows()
-        if "dropout" in groups:
-            rows += self.dropout_rows()
-        if "metrics" in groups:
-            self.say("metrics, evaluation, video inputs")
-            rows += self.metric_rows()
-        return rows
 
     # -- convert
     def conversion_rows(self) -> list[Row]:

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxprvr.errors import JaxprvrError
-from parity.base import FamilySpec
+from parity.base import FamilyCheck, FamilySpec, checkpoint_config, prepare_out_dir
 from parity.keys import Entry, check_table, to_flax, to_torch
 from parity.prvr import ZeroGrad
 from parity.rows import EPS32, Row, as_numpy, close_row, join_notes, nonfinite
@@ -467,11 +467,7 @@ def torch2jax(args, cfg) -> dict:
     opt = None
     if isinstance(obj.get("optimizer"), dict):
         opt = adamw_to_optax(cfg, variables["params"], obj["optimizer"], where=f"{src} (optimizer)")
-    out = Path(args.out_dir)
-    ckpt_dir = out / "ckpt"
-    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not args.force:
-        raise JaxprvrError(out, "an output folder without checkpoints", "an existing ckpt/ folder",
-                           hint="pass --force to replace it")
+    out, ckpt_dir = prepare_out_dir(args.out_dir, args.force)
     meta = dict(config=cfg.to_dict(), source=str(src.absolute()), source_layout=SPEC.official_layout, epoch=epoch)
     slots = ("best", "latest") if opt is not None else ("best",)
     ckpts = Checkpoints(ckpt_dir, slots=slots)
@@ -496,7 +492,6 @@ def jax2torch(args, cfg) -> dict:
     import torch
 
     from jaxprvr.checkpoint import load_model_state, load_params, read_meta, resolve_params_dir
-    from jaxprvr.config import apply_overrides, model_config_from_dict
     from jaxprvr.models import build_model
     from jaxprvr.tasks.vmr import TASK
     from jaxprvr.train import init_variables
@@ -505,11 +500,7 @@ def jax2torch(args, cfg) -> dict:
 
     step_dir = resolve_params_dir(args.input)
     meta = read_meta(step_dir)
-    saved = meta.get("config", {}).get("model")
-    if saved is not None:
-        if saved.get("name") != cfg.model.name:
-            raise JaxprvrError(step_dir, f"a checkpoint of --model {cfg.model.name}", f"one of {saved.get('name')}")
-        cfg = apply_overrides(dataclasses.replace(cfg, model=model_config_from_dict(saved)), list(args.overrides))
+    cfg = checkpoint_config(step_dir, cfg, args.overrides)
     model = build_model(cfg.model)
     a_params, a_state = jax.eval_shape(lambda: init_variables(model, cfg, jax.random.PRNGKey(0)))
     params, _ = load_params(step_dir, a_params)
@@ -541,8 +532,10 @@ def _np(x):
     return as_numpy(x)
 
 
-class MRNetCheck:
-    """The rows of ``parity.check --model mrnet`` (docs/parity.md, MRNet)."""
+class MRNetCheck(FamilyCheck):
+    """The rows of ``parity.check --model mrnet`` (docs/parity.md, MRNet). The twin runs on the CPU."""
+
+    train_label = "AdamW steps"
 
     def __init__(self, spec, cfg, *, ckpt, data_root, seed, n_videos, steps, device, say, compiler_options, tol,
                  perturb):
@@ -552,41 +545,27 @@ class MRNetCheck:
         from jaxprvr.models import build_model
         from parity.check import with_compute_dtype
         from torch_ref.mrnet import MRNet as Twin
-        from parity.rows import TOLERANCES
         from torch_ref.mrnet import load_official_checkpoint
 
-        self.spec, self.seed, self.steps, self.say, self.data_root = spec, seed, steps, say, data_root
-        self.tol = tol or TOLERANCES["float32"]
-        self.f64 = self.tol.dtype == "float64"
-        self.perturb, self.compiler_options = perturb, compiler_options
+        self._setup(spec, seed=seed, steps=steps, say=say, data_root=data_root, tol=tol, perturb=perturb,
+                    compiler_options=compiler_options, n_videos=n_videos)
         torch.manual_seed(seed)
         twin32 = Twin(cfg)
         if ckpt is not None:
             load_official_checkpoint(ckpt, twin32)
         if perturb == "all":
             twin32 = perturb_twin(twin32, seed)
-        self.twin32 = twin32.eval()
-        self.twin64 = copy.deepcopy(twin32).double().eval()
+        self.set_twin(twin32)
         if self.f64:
             cfg = with_compute_dtype(cfg, "float64")
         self.cfg = cfg
-        self.twin = self.twin64 if self.f64 else self.twin32
         self.model = build_model(cfg.model)
-        self.n_videos = n_videos
         self.batch = self.cast(spec.make_batch(cfg.model, n_videos, seed))
         self.key = jax.random.key(seed)
 
     # -- helpers
-    def cast(self, batch):
-        from parity.check import cast_batch
-
-        return cast_batch(batch, self.tol.dtype)
-
     def variables(self, twin):
         return twin_variables(self.cfg.model, twin)
-
-    def mode(self, twin):
-        return self.spec.twin_mode(twin)
 
     @staticmethod
     def device_batch(batch):
@@ -612,56 +591,6 @@ class MRNetCheck:
     def valid(self, batch=None):
         b = self.batch if batch is None else batch
         return np.flatnonzero(np.asarray(b["video_valid"]) > 0), np.asarray(b["n_queries"]).astype(int)
-
-    def arbiter_row(self, stage, j_out, torch_fn, rtol_atol, group="block"):
-        """``close_row``; in float32 mode a failing row is judged by the bounded float64 arbiter with
-        ``torch_fn(twin64)`` (:func:`parity.check._arbitrate`)."""
-        from parity.check import _arbitrable, _arbitrate
-
-        t_out = torch_fn(self.twin)
-        row = close_row(group, stage, j_out, t_out, *rtol_atol)
-        if not self.f64 and _arbitrable(row, j_out):
-            with self.mode(self.twin64):
-                t64 = torch_fn(self.twin64)
-            row = _arbitrate(row, j_out, t_out, t64, *rtol_atol)
-        return row
-
-    def run(self, groups) -> list[Row]:
-        rows: list[Row] = []
-        if "convert" in groups:
-            rows += self.conversion_rows()
-        forward = [(self.twin32, "")]
-        if self.perturb == "forward" and ("block" in groups or "model" in groups):
-            forward.append((perturb_twin(self.twin32, self.seed), " [perturbed]"))
-        for tw32, suffix in forward:
-            if "block" in groups or "model" in groups:
-                self.twin32, self.twin64 = tw32.eval(), copy.deepcopy(tw32).double().eval()
-                self.twin = self.twin64 if self.f64 else self.twin32
-            if "block" in groups:
-                self.say("blocks" + suffix)
-                rows += self.block_rows(suffix)
-            if "model" in groups:
-                self.say("whole model" + suffix)
-                rows += self.model_rows(suffix)
-        if len(forward) > 1:  # back to the given weights
-            self.twin32, self.twin64 = forward[0][0].eval(), copy.deepcopy(forward[0][0]).double().eval()
-            self.twin = self.twin64 if self.f64 else self.twin32
-        if "loss" in groups:
-            self.say("losses")
-            rows += self.loss_rows()
-        if "grad" in groups:
-            self.say("gradients")
-            rows += self.grad_rows()
-        if "train" in groups:
-            self.say(f"{self.steps} AdamW steps")
-            rows += self.train_rows()
-        if "dropout" in groups:
-            self.say("dropout on")
-            rows += self.dropout_rows()
-        if "metrics" in groups:
-            self.say("evaluation")
-            rows += self.metric_rows()
-        return rows
 
     # -- convert
     def conversion_rows(self) -> list[Row]:
