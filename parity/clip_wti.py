@@ -42,6 +42,7 @@ from parity.base import FamilyCheck, FamilySpec, checkpoint_config, prepare_out_
 from parity.clip import _flatten, _unflatten, clip_rows, transformer_rows
 from parity.keys import Entry, check_table, linear, to_flax, to_torch
 from parity.rows import EPS32, Row, as_numpy, close_row, join_notes, nonfinite
+from torch_ref.t2v_eval import official_compute_metrics
 
 
 def key_rows(model_cfg) -> list[Entry]:
@@ -388,26 +389,6 @@ TIE = 1e-6  # two scores of one query this close may order either way in the two
 EVAL_SIM_TOL = (1e-5, 1e-5)  # rtol, atol of a full evaluation's similarity matrix (float32 sim, both modes)
 TRAIN_T_TOTAL = 20  # warmup_cosine over 20 steps, warmup 0.1: steps 0 (lr 0) and 1 in the warmup, then cosine
 CLAMP_START = 0.05  # the train row starts logit_scale this far above ln 100: the clamp acts at step 1
-
-
-def official_compute_metrics(x) -> dict:
-    """BackBone_tvr ``tvr/utils/metrics.py`` ``compute_metrics`` (L10-26), transcribed."""
-    sx = np.sort(-x, axis=1)
-    d = np.diag(-x)
-    d = d[:, np.newaxis]
-    ind = sx - d
-    ind = np.where(ind == 0)
-    ind = ind[1]
-    metrics = {}
-    metrics['R1'] = float(np.sum(ind == 0)) * 100 / len(ind)
-    metrics['R5'] = float(np.sum(ind < 5)) * 100 / len(ind)
-    metrics['R10'] = float(np.sum(ind < 10)) * 100 / len(ind)
-    metrics['R50'] = float(np.sum(ind < 50)) * 100 / len(ind)
-    metrics['MR'] = np.median(ind) + 1
-    metrics["MedianR"] = metrics['MR']
-    metrics["MeanR"] = np.mean(ind) + 1
-    metrics["cols"] = [int(i) for i in list(ind)]
-    return metrics
 
 
 def official_transform(frame: np.ndarray, size: int):
