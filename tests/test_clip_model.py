@@ -250,3 +250,23 @@ def test_key_table_is_the_twin_state_dict_order():
     assert [e.torch for e in pc.clip_table(dims)] == list(twin.state_dict())
     b32 = pc.clip_table(CLIPDims())
     assert len(b32) == 302  # OpenAI ViT-B/32: 302 tensors
+
+
+def test_float64_matches_openai_code_to_1e9(openai, inputs, monkeypatch):
+    """openai/CLIP's own model.py in float64 -- with its LayerNorm's float32 cast removed (the only float32 step:
+    ``LayerNorm.forward`` casts to float32 and back) -- against the Flax CLIP at fp64: 1e-9."""
+    mod, m = openai
+    monkeypatch.setattr(mod.LayerNorm, "forward", torch.nn.LayerNorm.forward)
+    m64 = mod.CLIP(**DIMS).double().eval()
+    m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    pixels, ids = inputs
+    with torch.no_grad():
+        img = m64.encode_image(torch.from_numpy(pixels).double()).numpy()
+        txt = m64.encode_text(torch.from_numpy(ids)).numpy()
+    with jax.enable_x64(True):
+        dims, params, _ = pc.state_dict_to_params(m64.state_dict(), dtype=np.float64)
+        model = CLIP(dims, precision="fp64")
+        oi = model.apply({"params": params}, pixels.astype(np.float64), method=CLIP.encode_image)
+        ot = model.apply({"params": params}, ids, method=CLIP.encode_text)
+        np.testing.assert_allclose(np.asarray(oi["embeds"]), img, rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(np.asarray(ot["embeds"]), txt, rtol=1e-9, atol=1e-11)
