@@ -77,7 +77,7 @@ def test_overrides_are_typed_and_strict():
         with pytest.raises(JaxprvrError, match=where):
             load_config("tvr", overrides=[bad])
     with pytest.raises(JaxprvrError, match="--config"):
-        load_config("msrvtt")
+        load_config("webvid")
 
 
 def test_family_fields_stay_in_their_family():
@@ -95,9 +95,11 @@ def test_family_fields_stay_in_their_family():
 
 def test_config_table_and_mismatched_model():
     rows = {r["config"]: r for r in config_table()}
-    assert set(rows) == {"tvr", "act", "cha", "activitynet", "tacos", "charades"}
+    tasks = {"tvr": "prvr", "act": "prvr", "cha": "prvr", "activitynet": "vmr", "tacos": "vmr", "charades": "vmr",
+             "msrvtt": "t2v", "msvd": "t2v", "lsmdc": "t2v"}
+    assert set(rows) == set(tasks)
     for ds, r in rows.items():
-        assert r["task"] == ("prvr" if ds in ("tvr", "act", "cha") else "vmr") and r["default"] in r["models"]
+        assert r["task"] == tasks[ds] and r["default"] in r["models"]
         assert sorted(r["models"]) == sorted(m for m in registry.names() if ds in configs_of(m))
     with pytest.raises(JaxprvrError, match="--model"):
         load_config("tvr", model="clip4clip")
