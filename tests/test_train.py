@@ -23,7 +23,10 @@ def _losses(out):
     return [r["loss"] for r in recs if "loss" in r]
 
 
-@pytest.mark.parametrize("model,epochs", [("gmmformer_v2", 6), ("gmmformer", 6), ("ms_sl", 6)])
+# GMMFormer (v1) trains in the resume, max-steps and evaluate-CLI tests below; its learning is GMMFormer v2's
+# recipe on a subset of the branches (and its parity train rows match the official steps), so it is not repeated
+# here: CI time goes to the families whose losses differ.
+@pytest.mark.parametrize("model,epochs", [("gmmformer_v2", 6), ("ms_sl", 6)])
 def test_training_learns(tiny_root, tmp_path, model, epochs):
     cfg = tiny_config(model, extra=[f"train.n_epoch={epochs}", "train.lr=1e-3",
                                     "loss.hard_negative_start_epoch=4"])
@@ -48,7 +51,7 @@ def test_mtm_trains_with_ema(tiny_root, tmp_path):
     from jaxprvr.optim import EmaState
     from jaxprvr.train import config_with_data_dims, init_params, make_optimizer
 
-    epochs = 4
+    epochs = 3
     cfg = tiny_config("mtm", extra=[f"train.n_epoch={epochs}", "train.lr=1e-3", "loss.hard_negative_start_epoch=2",
                                     "train.use_ema=true", "train.ema_decay=0.9"])
     run = tmp_path / "run"
@@ -56,7 +59,7 @@ def test_mtm_trains_with_ema(tiny_root, tmp_path):
     losses = _losses(run)
     per_epoch = len(losses) // epochs
     assert np.all(np.isfinite(losses)) and np.mean(losses[-per_epoch:]) < 0.8 * np.mean(losses[:per_epoch])
-    # 4 epochs of a 32-wide MTM: R@1 far above chance (1/120); SumR, dominated by R@100 (chance 83 on 120
+    # 3 epochs of a 32-wide MTM: R@1 far above chance (1/120); SumR, dominated by R@100 (chance 83 on 120
     # videos), clearly above its chance level. (The 64-wide demo reaches 9.5x chance SumR.)
     test = summary["test"]
     assert test["r1"] > 5 * 100 / 120 and test["sumr"] > 1.5 * test["chance_sumr"], test
