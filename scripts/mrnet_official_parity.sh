@@ -7,9 +7,11 @@
 #   run(command="bash scripts/mrnet_official_parity.sh", timeout_s=600)   # the device tool (16 cores, GPU)
 #
 # JAX runs on its default backend (the GPU where there is one; true float32: --matmul-precision highest, the
-# default), the twin on the CPU (MRNet's check keeps it there); a 16-core host runs the twin's convolutions fast. Each (config, dtype) writes OUT_DIR/<config>-<dtype>.json
-# and .txt as it finishes, so a run that is cut short keeps the finished ones; MRNET_CONFIGS / MRNET_DTYPES select
-# a subset, MRNET_VIDEOS the videos per batch (default 2 + 1 padding video), MRNET_TIMEOUT caps each check.
+# default), the twin on the CPU (MRNet's check keeps it there); a 16-core host runs the twin's convolutions fast.
+# Each (config, dtype, group) writes OUT_DIR/<config>-<dtype>-<group>.json and .txt as it finishes (a rerun skips
+# the finished ones); MRNET_CONFIGS / MRNET_DTYPES / MRNET_GROUPS select a subset, MRNET_VIDEOS the videos per batch
+# (default 2 + 1 padding video), MRNET_TIMEOUT caps each check. On 2 CPU cores the ActivityNet float32 check ran
+# 87 min and reached the training group (14.9 GB peak): budget hours per config there.
 # Then: paste the summary lines into docs/parity.md ("MRNet", "Official size").
 set -uo pipefail
 cd "$(dirname "$0")/.."
