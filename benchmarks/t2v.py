@@ -80,7 +80,9 @@ import numpy as np
 from benchmarks.prvr import (FW_LABEL, JaxCompileClock, _cell, _device_desc, _fmt_b, _fmt_s, _jax_peak, _load,
                              _median_timed, _peak_rss, _save_partial, _say, _torch_compile_clock,
                              _torch_compile_setup, _torch_cpu_setup, run_worker, warm_up, worker_main)
-from benchmarks.vmr import _fail_row, _jax_memory_analysis, _mem, _ratio_val, _rss_now, _speed, _target, _torch_peak
+from benchmarks.vmr import (_fail_row, _jax_memory_analysis, _mem, _ratio_val, _rss_now, _speed, _target, _torch_peak,
+                            time_jax_train_step)
+from torch_ref.t2v_eval import official_compute_metrics
 
 MODULE = "benchmarks.t2v"
 SECTIONS = ("forward", "train", "eval", "input", "memory")
@@ -281,48 +283,19 @@ def w_train_jax(spec) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.flops import count_flops
     from jaxprvr import sharding as shd
     from jaxprvr.tasks.t2v import BATCH_KEYS, t2v_optimizer
-    from jaxprvr.train import make_train_step, train_keys
+    from jaxprvr.train import make_train_step
 
     cfg, model, mesh, params = _jax_setup(spec)
     steps_per_epoch = spec["steps_per_epoch"]
     tx = t2v_optimizer(cfg, steps_per_epoch)
-    n_params = sum(int(x.size) for x in jax.tree.leaves(params))
     state = shd.replicate({"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}, mesh)
-    step = make_train_step(model, cfg, tx, mesh, steps_per_epoch)
-    dev_batches = [shd.shard_batch({k: b[k] for k in BATCH_KEYS}, mesh) for b in train_batches(cfg)]
-    keys = train_keys(0)
-    fc = count_flops(step, state, dev_batches[0], keys)
-    _say(f"jax train: {n_params} params, {fc.flops / 1e9:.1f} GFLOP per step; first call (compiles)")
-    rss0 = _rss_now()
-    box = {"state": state}
-
-    def call(i):
-        box["state"], metrics = step(box["state"], dev_batches[i % 3], keys)
-        return metrics["loss"], box["state"]["step"]
-
-    clock = JaxCompileClock()
-    t0 = time.perf_counter()
-    jax.block_until_ready(call(0))
-    first = time.perf_counter() - t0
-    own, n_exec = clock.read()
-    _say(f"first call {first:.1f} s (compile events {own:.1f} s)")
-    jax.block_until_ready(call(1))
-    last = {}
-
-    def timed(i):
-        last["out"] = call(i + 2)
-        return last["out"]
-
-    med, times = _median_timed(timed, spec["repeats"], jax.block_until_ready)
+    out = time_jax_train_step(make_train_step(model, cfg, tx, mesh, steps_per_epoch), state, params,
+                              [shd.shard_batch({k: b[k] for k in BATCH_KEYS}, mesh) for b in train_batches(cfg)],
+                              spec["repeats"])
     b = cfg.train.batch_size
-    return {"seconds": med, "times": times, "compile_s": own, "compiled_executables": n_exec,
-            "first_calls_s": [first], "first_minus_steady_s": max(first - med, 0.0), "flops": fc.flops,
-            "jit_cache_entries": step._cache_size(), "params": n_params, "loss": float(last["out"][0]),
-            "pairs": b, "frames": b * cfg.model.max_frames,
-            "peak_device_bytes": _jax_peak(jax.devices()[0]), "peak_rss_bytes": _peak_rss(), "rss_before": rss0,
+    return {**out, "pairs": b, "frames": b * cfg.model.max_frames,
             "device_kind": jax.devices()[0].device_kind}
 
 
@@ -511,27 +484,6 @@ def w_train_torch(spec) -> dict:
             "first_minus_steady_s": max(sum(firsts) - warm * med, 0.0), "params": int(n_params),
             "loss": float(losses[-1]), "peak_device_bytes": _torch_peak(dev), "peak_rss_bytes": _peak_rss(),
             "rss_before": rss0, "torch": torch.__version__, "threads": torch.get_num_threads()}
-
-
-def official_compute_metrics(x) -> dict:
-    """BackBone_tvr ``tvr/utils/metrics.py`` ``compute_metrics`` (L10-26), transcribed (the official arithmetic:
-    every tied position of the diagonal counts as a rank)."""
-    sx = np.sort(-x, axis=1)
-    d = np.diag(-x)
-    d = d[:, np.newaxis]
-    ind = sx - d
-    ind = np.where(ind == 0)
-    ind = ind[1]
-    metrics = {}
-    metrics["R1"] = float(np.sum(ind == 0)) * 100 / len(ind)
-    metrics["R5"] = float(np.sum(ind < 5)) * 100 / len(ind)
-    metrics["R10"] = float(np.sum(ind < 10)) * 100 / len(ind)
-    metrics["R50"] = float(np.sum(ind < 50)) * 100 / len(ind)
-    metrics["MR"] = np.median(ind) + 1
-    metrics["MedianR"] = metrics["MR"]
-    metrics["MeanR"] = np.mean(ind) + 1
-    metrics["cols"] = [int(i) for i in list(ind)]
-    return metrics
 
 
 def w_eval_torch(spec) -> dict:

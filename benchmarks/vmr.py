@@ -252,24 +252,16 @@ def _jax_setup(spec):
     return cfg, model, mesh, shd.replicate(params, mesh), shd.replicate(stats, mesh)
 
 
-def w_train_jax(spec) -> dict:
+def time_jax_train_step(step, state, params, dev_batches, repeats: int) -> dict:
+    """The JAX half of a ``train`` section: FLOPs of one step, the first call (compiles; the compile clock's own
+    count), one more warm-up call, then the median of ``repeats`` synchronised calls rotating ``dev_batches``
+    (the state donated and carried, as in training); peak memory and the jit cache size."""
     import jax
-    import jax.numpy as jnp
 
     from benchmarks.flops import count_flops
-    from jaxprvr import sharding as shd
-    from jaxprvr.tasks.vmr import BATCH_KEYS
-    from jaxprvr.train import make_optimizer, make_train_step, train_keys
+    from jaxprvr.train import train_keys
 
-    cfg, model, mesh, params, stats = _jax_setup(spec)
-    batches = train_batches(cfg, spec["config"])
-    steps_per_epoch = 1000  # epoch 1 throughout: the full loss (before ONLY_IOU), as the torch rows
-    tx = make_optimizer(cfg, params, steps_per_epoch)
-    state = shd.replicate({"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-                           "model_state": {"batch_stats": stats}}, mesh)
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
-    step = make_train_step(model, cfg, tx, mesh, steps_per_epoch)
-    dev_batches = [shd.shard_batch({k: b[k] for k in BATCH_KEYS}, mesh) for b in batches]
     keys = train_keys(0)
     fc = count_flops(step, state, dev_batches[0], keys)
     _say(f"jax train: {n_params} params, {fc.flops / 1e9:.1f} GFLOP per step; first call (compiles)")
@@ -277,7 +269,7 @@ def w_train_jax(spec) -> dict:
     box = {"state": state}
 
     def call(i):
-        box["state"], metrics = step(box["state"], dev_batches[i % 3], keys)
+        box["state"], metrics = step(box["state"], dev_batches[i % len(dev_batches)], keys)
         return metrics["loss"], box["state"]["step"]
 
     clock = JaxCompileClock()
@@ -293,12 +285,31 @@ def w_train_jax(spec) -> dict:
         last["out"] = call(i + 2)
         return last["out"]
 
-    med, times = _median_timed(timed, spec["repeats"], jax.block_until_ready)
-    loss = float(last["out"][0])
+    med, times = _median_timed(timed, repeats, jax.block_until_ready)
     return {"seconds": med, "times": times, "compile_s": own, "compiled_executables": n_exec,
             "first_calls_s": [first], "first_minus_steady_s": max(first - med, 0.0), "flops": fc.flops,
-            "jit_cache_entries": step._cache_size(), "params": n_params, "loss": loss,
-            "peak_device_bytes": _jax_peak(jax.devices()[0]), "peak_rss_bytes": _peak_rss(), "rss_before": rss0,
+            "jit_cache_entries": step._cache_size(), "params": n_params, "loss": float(last["out"][0]),
+            "peak_device_bytes": _jax_peak(jax.devices()[0]), "peak_rss_bytes": _peak_rss(), "rss_before": rss0}
+
+
+def w_train_jax(spec) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxprvr import sharding as shd
+    from jaxprvr.tasks.vmr import BATCH_KEYS
+    from jaxprvr.train import make_optimizer, make_train_step
+
+    cfg, model, mesh, params, stats = _jax_setup(spec)
+    batches = train_batches(cfg, spec["config"])
+    steps_per_epoch = 1000  # epoch 1 throughout: the full loss (before ONLY_IOU), as the torch rows
+    tx = make_optimizer(cfg, params, steps_per_epoch)
+    state = shd.replicate({"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+                           "model_state": {"batch_stats": stats}}, mesh)
+    out = time_jax_train_step(make_train_step(model, cfg, tx, mesh, steps_per_epoch), state, params,
+                              [shd.shard_batch({k: b[k] for k in BATCH_KEYS}, mesh) for b in batches],
+                              spec["repeats"])
+    return {**out,
             "videos": cfg.train.batch_size,
             "queries": int(np.mean([b["n_queries"].sum() for b in batches])),
             "query_slots": int(batches[0]["queries"].shape[1]), "device_kind": jax.devices()[0].device_kind}
