@@ -160,3 +160,29 @@ def checkpoint_config(step_dir, cfg, overrides):
         raise JaxprvrError(step_dir, f"a checkpoint of --model {cfg.model.name}", f"one of {saved.get('name')}")
     return apply_overrides(dataclasses.replace(cfg, model=model_config_from_dict(saved, where=str(step_dir))),
                            list(overrides))
+
+
+class OwnStages:
+    """A :class:`FamilySpec` mixin for a family with its own ``parity.check`` stages and converters: set
+    ``check_class`` to the name of its :class:`FamilyCheck` subclass and write module-level ``torch2jax(args, cfg)``
+    / ``jax2torch(args, cfg)`` in the spec's module (looked up there when called, so they may follow the spec)."""
+
+    check_class = ""
+
+    def _module_attr(self, name):
+        import sys
+
+        return getattr(sys.modules[type(self).__module__], name)
+
+    def check_rows(self, cfg, *, ckpt=None, data_root=None, seed=0, n_videos=4, steps=5, groups=(), device=None,
+                   say=None, compiler_options=None, tol=None, perturb="forward"):
+        check = self._module_attr(self.check_class)
+        return check(self, cfg, ckpt=ckpt, data_root=data_root, seed=seed, n_videos=n_videos, steps=steps,
+                     device=device, say=say or (lambda s: None), compiler_options=compiler_options, tol=tol,
+                     perturb=perturb).run(groups)
+
+    def convert_torch2jax(self, args, cfg) -> dict:
+        return self._module_attr("torch2jax")(args, cfg)
+
+    def convert_jax2torch(self, args, cfg) -> dict:
+        return self._module_attr("jax2torch")(args, cfg)

@@ -38,7 +38,7 @@ import numpy as np
 
 from jaxprvr.errors import JaxprvrError
 from jaxprvr.models.clip_wti import clip_dims, with_clip_dims
-from parity.base import FamilyCheck, FamilySpec, checkpoint_config, prepare_out_dir
+from parity.base import FamilyCheck, FamilySpec, OwnStages, checkpoint_config, prepare_out_dir
 from parity.clip import _flatten, _unflatten, clip_rows, transformer_rows
 from parity.keys import Entry, check_table, linear, to_flax, to_torch
 from parity.rows import EPS32, Row, as_numpy, close_row, join_notes, nonfinite
@@ -237,8 +237,9 @@ def twin_params(model_cfg, twin) -> dict:
 # ---------------------------------------------------------------------------------------------- the spec
 
 
-class Spec(FamilySpec):
+class Spec(OwnStages, FamilySpec):
     name = "clip_wti"
+    check_class = "ClipWTICheck"
     official_layout = "BackBone_tvr state_dict (torch.save(model.state_dict()): pytorch_model.bin.N / best.pth)"
 
     @property
@@ -302,18 +303,6 @@ class Spec(FamilySpec):
             video[b, :f] = rng.standard_normal((f, 3, R, R))
             vm[b, :f] = 1
         return {"text_ids": ids, "text_mask": tm, "video": video, "video_mask": vm}
-
-    def check_rows(self, cfg, *, ckpt=None, data_root=None, seed=0, n_videos=4, steps=5, groups=(), device=None,
-                   say=None, compiler_options=None, tol=None, perturb="forward") -> list[Row]:
-        return ClipWTICheck(self, cfg, ckpt=ckpt, data_root=data_root, seed=seed, n_videos=n_videos, steps=steps,
-                            device=device, say=say or (lambda s: None), compiler_options=compiler_options, tol=tol,
-                            perturb=perturb).run(groups)
-
-    def convert_torch2jax(self, args, cfg) -> dict:
-        return torch2jax(args, cfg)
-
-    def convert_jax2torch(self, args, cfg) -> dict:
-        return jax2torch(args, cfg)
 
 
 SPEC = Spec()

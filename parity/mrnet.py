@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxprvr.errors import JaxprvrError
-from parity.base import FamilyCheck, FamilySpec, checkpoint_config, prepare_out_dir
+from parity.base import FamilyCheck, FamilySpec, OwnStages, checkpoint_config, prepare_out_dir
 from parity.keys import Entry, check_table, to_flax, to_torch
 from parity.prvr import ZeroGrad
 from parity.rows import EPS32, Row, as_numpy, close_row, join_notes, nonfinite
@@ -259,8 +259,9 @@ def optax_to_adamw(cfg, twin, opt_state, epoch: int):
 # ---------------------------------------------------------------------------------------------- the spec
 
 
-class Spec(FamilySpec):
+class Spec(OwnStages, FamilySpec):
     name = "mrnet"
+    check_class = "MRNetCheck"
     official_layout = "{model, optimizer, scheduler, epoch} (.pth)"
 
     @property
@@ -418,20 +419,6 @@ class Spec(FamilySpec):
             torch.set_default_dtype(old_dtype)
             tm.sine_pe, tm.RetLayer.masks, tm.get_padded_mask_and_weight = old_pe, old_masks, old_weights
             tm.XPOS._fixed_pos_embedding = staticmethod(old_fpe)
-
-    # -- parity.check
-    def check_rows(self, cfg, *, ckpt=None, data_root=None, seed=0, n_videos=4, steps=5, groups=(), device=None,
-                   say=None, compiler_options=None, tol=None, perturb="forward") -> list[Row]:
-        return MRNetCheck(self, cfg, ckpt=ckpt, data_root=data_root, seed=seed, n_videos=n_videos, steps=steps,
-                          device=device, say=say or (lambda s: None), compiler_options=compiler_options, tol=tol,
-                          perturb=perturb).run(groups)
-
-    # -- parity.convert
-    def convert_torch2jax(self, args, cfg) -> dict:
-        return torch2jax(args, cfg)
-
-    def convert_jax2torch(self, args, cfg) -> dict:
-        return jax2torch(args, cfg)
 
 
 SPEC = Spec()
