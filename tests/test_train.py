@@ -59,7 +59,7 @@ def test_mtm_trains_with_ema(tiny_root, tmp_path):
     losses = _losses(run)
     per_epoch = len(losses) // epochs
     # measured: 1.61 -> 1.26 (x0.79); R@1 7.3, SumR 172 (chance R@1 0.83, SumR ~43)
-    assert np.all(np.isfinite(losses)) and np.mean(losses[-per_epoch:]) < 0.85 * np.mean(losses[:per_epoch])
+    assert np.all(np.isfinite(losses)) and np.mean(losses[-per_epoch:]) < 0.8 * np.mean(losses[:per_epoch])
     # 2 epochs of a 32-wide MTM (hard negatives in the second): R@1 far above chance (1/120); SumR, dominated by
     # R@100 (chance 83 on 120 videos), clearly above its chance level. (The 64-wide demo reaches 9.5x chance SumR.)
     test = summary["test"]

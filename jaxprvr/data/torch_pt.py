@@ -354,8 +354,6 @@ def read_state_dict_any(path: str | os.PathLike) -> "OrderedDict[str, np.ndarray
             import torch
         except ImportError:
             raise first from None
-        from parity.convert import to_numpy
-
         try:
             sd = torch.jit.load(str(path), map_location="cpu").state_dict()
         except Exception:  # noqa: BLE001 - not TorchScript: the plain loader decides
@@ -364,7 +362,15 @@ def read_state_dict_any(path: str | os.PathLike) -> "OrderedDict[str, np.ndarray
             except Exception as e:  # noqa: BLE001
                 raise JaxprvrError(path, "a checkpoint torch can load (TorchScript or weights_only)",
                                    f"{type(e).__name__}: {str(e)[:200]}") from None
-        return OrderedDict((k, to_numpy(v)) for k, v in sd.items() if hasattr(v, "shape"))
+        def as_array(v):  # bfloat16 kept (ml_dtypes), everything else as torch holds it
+            v = v.detach().cpu()
+            if v.dtype == torch.bfloat16:
+                import ml_dtypes
+
+                return v.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+            return v.numpy().copy()
+
+        return OrderedDict((k, as_array(v)) for k, v in sd.items() if hasattr(v, "shape"))
 
 
 __all__ = ["read_pt_tensor", "write_pt_tensor", "read_state_dict", "read_state_dict_any", "STORAGE_DTYPES",

@@ -124,7 +124,8 @@ class T2VSet:
 
     def video(self, i: int, rng=None):
         vid = self.video_ids[i]
-        self.store.ensure(vid, self.data.video_path(vid), self.on_bad)
+        if vid not in self.store:  # decoded once; later reads go to the store (ensure() would read it twice)
+            self.store.put(vid, self.data.video_path(vid), self.on_bad)
         clip = self.store.load_clip(vid, augment=rng if self.augment else None, on_bad_video=self.on_bad,
                                     size=self.size)
         if clip.error is not None:
@@ -313,11 +314,10 @@ def t2v_optimizer(cfg, steps_per_epoch: int):
     ``logit_scale`` clamped at ln 100 after the update."""
     import optax
 
-    from jaxprvr.optim import NO_DECAY, bert_adam, clamp_max, clip_grad_norm_torch
+    from jaxprvr.optim import bert_adam, clamp_max, clip_grad_norm_torch
 
     t = cfg.train
     inner = bert_adam(t.lr, t.lr_warmup_proportion, steps_per_epoch * t.n_epoch, weight_decay=t.wd,
-                      weight_decay_mask=lambda p: _named(p, lambda n: not any(nd in n for nd in NO_DECAY)),
                       max_grad_norm=1.0, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, schedule="warmup_cosine",
                       lr_scale=lambda p: _named(p, lambda n: t.coef_lr if "clip." in n else 1.0))
     clamp = clamp_max(lambda p: _named(p, lambda n: n == "clip.logit_scale"), LN_100)
