@@ -351,6 +351,77 @@ class MRNetLossConfig(LossConfig):
     only_iou_epoch: int = 6  # ONLY_IOU: the last (1-based) epoch with the full loss; later ones scale it by 0.01
 
 
+@dataclass(frozen=True)
+class MESMConfig(ModelConfig):
+    """MESM (lntzm/MESM @ 8501bdea; model/model.py, model/transformer.py, builders runner.py L160-298): the
+    fields of the official ``config/<dataset>/<variant>.json`` that shape the model, under their official names.
+
+    ``v_feat_dim`` is the width of the concatenated feature files *before* the TEF columns (the json's value);
+    the model's video input is ``v_feat_dim + 2`` when ``use_tef`` (utils/config.py L242-243 adds the 2 at parse
+    time)."""
+
+    name: str = "mesm"
+    v_feat_dim: int = 2816  # clip_image 512 + slowfast 2304 (C+SF); vgg 4096; c3d 4096
+    t_feat_dim: int = 512  # CLIP last_hidden_state 512; GloVe 300
+    use_tef: bool = True
+    tokenizer_type: str = "CLIP"  # "CLIP" | "GloVeNLTK" (with data.load_vocab_pkl: CPL's glove.pkl vectors)
+    hidden_dim: int = 256
+    nheads: int = 8
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    input_dropout: float = 0.5
+    n_input_proj: int = 2
+    num_recfw_layers: int = 2  # the FW-MESM enhancer (enhance_encoder)
+    t2v_layers: int = 2  # the aligner (t2v_encoder)
+    enc_layers: int = 2
+    dec_layers: int = 2
+    num_recss_layers: int = 4  # SS-MESM's T2V layers
+    num_queries: int = 10
+    share_MLP: bool = True  # False: T2VEncoder_TwoMLP (TACoS), the MLM pass uses the second FFN and norms
+    rec_fw: bool = True
+    rec_ss: bool = True
+    aux_loss: bool = True
+    use_txt_pos: bool = False
+    max_words_l: int = 16  # follows data.max_words_l (_sync)
+    max_video_l: int = 194  # follows data.max_video_l (_sync)
+    vocab_size: int = 1111  # MLM classes: vocab_size + 3 (CLIP: <unknown>, <start>, <end>) or + 1 (GloVe)
+    # "head_major" (official): T2V's attn_mask built with repeat(nhead, 1, 1) but read batch-major, so row b, head
+    # h gets the mask of row (b * nhead + h) mod B (B = the real rows of the batch); "per_row": each row its own
+    # mask (docs/quirks.md).
+    t2v_mask: str = "head_major"
+    # The frozen CLIP text tower: OpenAI-format weights (ViT-B-32.pt, MESM's clip_text_encoder.pth, a
+    # parity.convert clip2jax directory); "" = a random tower at the sizes below (--demo, tests).
+    clip: str = ""
+    clip_dtype: str = "fp16"  # "fp16": convert_weights as officially (LayerNorm in fp32); "fp32"
+    clip_width: int = 512
+    clip_layers: int = 12
+    clip_heads: int = 0  # 0: width // 64
+    clip_vocab_size: int = 49408
+    clip_context_length: int = 77
+
+
+@dataclass(frozen=True)
+class MESMLossConfig(LossConfig):
+    """The criterion and matcher weights (runner.py L300-345; config/<dataset>/<variant>.json)."""
+
+    set_cost_span: float = 10.0
+    set_cost_giou: float = 1.0
+    set_cost_class: float = 4.0
+    loss_span_coef: float = 10.0
+    loss_giou_coef: float = 1.0
+    loss_label_coef: float = 4.0
+    loss_saliency_coef: float = 4.0
+    eos_coef: float = 0.1
+    loss_recfw_coef: float = 0.1
+    loss_recss_coef: float = 0.1
+    iou_gamma: float = 0.9  # SS-MESM positives: GIoU >= iou_gamma within a video
+    recss_tau: float = 0.5
+    rank_coef: float = 12.0
+    use_triplet: bool = False
+    saliency_margin: float = 0.2
+    label_smoothing: float = 0.1  # FW-MESM's MLM loss (criterion.py L276-306)
+
+
 # ---------------------------------------------------------------------------------------------- text-video retrieval
 
 @dataclass(frozen=True)
