@@ -364,7 +364,11 @@ class MESMConfig(ModelConfig):
     v_feat_dim: int = 2816  # clip_image 512 + slowfast 2304 (C+SF); vgg 4096; c3d 4096
     t_feat_dim: int = 512  # CLIP last_hidden_state 512; GloVe 300
     use_tef: bool = True
-    tokenizer_type: str = "CLIP"  # "CLIP" | "GloVeNLTK" (with data.load_vocab_pkl: CPL's glove.pkl vectors)
+    tokenizer_type: str = "CLIP"  # "CLIP" | "GloVeNLTK"
+    # GloVeNLTK with CPL's glove.pkl (Charades VGG): the 300-d word vectors are the input (no text encoder); the
+    # words are L2-normalised first, the mask is recomputed as sum != 0 and the sentence is the mean of the
+    # normalised words (model.py L145-152). Follows data.load_vocab_pkl (_sync).
+    load_vocab_pkl: bool = False
     hidden_dim: int = 256
     nheads: int = 8
     dim_feedforward: int = 1024
