@@ -555,9 +555,9 @@ def make_config(model: str, dataset: str, *, model_kw=None, data_kw=None, loss_k
                            f"{dataset!r}, a {task} dataset")
     facts = DATASETS[task][dataset]
     m = _fill(row.model_config, facts, {"name": model, **(model_kw or {})}, "model")
-    d = _fill(DATA_CONFIGS[task], facts, {"dataset": dataset, **(data_kw or {})}, "data")
+    d = _fill(row.data_config or DATA_CONFIGS[task], facts, {"dataset": dataset, **(data_kw or {})}, "data")
     cfg = Config(model=m, data=d, loss=_fill(row.loss_config, facts, loss_kw, "loss"),
-                 train=_fill(TRAIN_CONFIGS.get(task, TrainConfig), facts, train_kw, "train"))
+                 train=_fill(row.train_config or TRAIN_CONFIGS.get(task, TrainConfig), facts, train_kw, "train"))
     return _sync(cfg)
 
 
@@ -679,7 +679,11 @@ def load_config(name: str, model: str | None = None, overrides=()) -> Config:
     if name not in have:
         raise JaxprvrError("--config", f"one of the configs of {model}: {have}", repr(name))
     cfg = importlib.import_module(f"configs.{model}.{name}").get_config()
-    return apply_overrides(cfg, list(overrides))
+    cfg = apply_overrides(cfg, list(overrides))
+    row = registry.get(model)
+    if row.resolve:  # derived fields (e.g. a feature variant's), then the overrides again: an explicit --set wins
+        cfg = apply_overrides(row.resolve_config(cfg), list(overrides))
+    return cfg
 
 
 def config_table() -> list[dict]:

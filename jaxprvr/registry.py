@@ -28,10 +28,18 @@ class Family:
     parity: str  # module with the key table, block specs and official-file writer
     official: str  # the official repository (owner/name)
     demo: tuple[tuple[str, str], ...] = ()  # --set pairs --demo adds for this model on top of its task's
+    # Section types of a family whose data / train fields differ from its task's defaults (config.DATA_CONFIGS,
+    # config.TRAIN_CONFIGS): e.g. a moment-retrieval family with its own on-disk format and recipe.
+    data_config: type | None = None
+    train_config: type | None = None
+    task_object: str = "TASK"  # the Task instance in the task module (a task module may serve several families)
+    # "module:function" applied to a loaded config after its overrides (then the overrides again, so that an
+    # explicit --set wins): fields derived from another field, e.g. a feature variant's widths and lengths.
+    resolve: str = ""
 
     def demo_overrides(self) -> list[str]:
         """The ``--set`` list ``--demo`` applies: the task's, then the family's."""
-        merged = {**self.task_module().TASK.demo_overrides, **dict(self.demo)}
+        merged = {**self.task_instance().demo_overrides, **dict(self.demo)}
         return [f"{k}={v}" for k, v in merged.items()]
 
     def model_class(self):
@@ -45,6 +53,13 @@ class Family:
 
     def task_module(self):
         return importlib.import_module(f"jaxprvr.tasks.{self.task}")
+
+    def task_instance(self):
+        """The :class:`~jaxprvr.tasks.base.Task` object that trains and evaluates this family."""
+        return getattr(self.task_module(), self.task_object)
+
+    def resolve_config(self, cfg):
+        return _load(self.resolve)(cfg) if self.resolve else cfg
 
 
 def _load(ref: str):

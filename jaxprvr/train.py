@@ -448,7 +448,7 @@ def _report(summary: dict) -> None:
     if test is not None:
         from jaxprvr import registry
 
-        print(registry.get(summary["model"]).task_module().TASK.test_line(test), file=sys.stderr)
+        print(registry.get(summary["model"]).task_instance().test_line(test), file=sys.stderr)
 
 
 def main(argv=None) -> int:

@@ -50,7 +50,7 @@ def test_every_row_resolves(name):
     """Each row's classes, task and parity spec import and agree with each other."""
     row = registry.get(name)
     assert row.model_config().name == name  # the config type's default name is the row's
-    assert row.task_module().TASK.name == row.task
+    assert row.task_instance().name == row.task
     spec = row.parity_module().SPEC
     assert spec.name == name and len(spec.table) > 0
     assert row.model_class().__name__ == row.twin.split(":")[1]  # Flax model and twin share the class name

@@ -17,7 +17,7 @@ def task_for(cfg) -> Task:
     """The task of a Config (or of a model config): its family's registry row names it."""
     from jaxprvr import registry
 
-    return get(registry.family_of(cfg).task)
+    return registry.family_of(cfg).task_instance()
 
 
 __all__ = ["Task", "TrainPlan", "get", "task_for"]
