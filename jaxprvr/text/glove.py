@@ -311,9 +311,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return getattr(importlib.import_module(mod), attr)
 
 
-def restricted_load(data: bytes, where: str = "pickle"):
-    """Unpickle ``data`` allowing only numpy arrays/dtypes/scalars, collections containers and builtin types."""
-    up = _RestrictedUnpickler(io.BytesIO(data))
+def restricted_load(data: bytes, where: str = "pickle", encoding: str = "ASCII"):
+    """Unpickle ``data`` allowing only numpy arrays/dtypes/scalars, collections containers and builtin types
+    (``encoding``: how Python 2 ``str`` objects are decoded, as ``pickle.Unpickler``'s)."""
+    up = _RestrictedUnpickler(io.BytesIO(data), encoding=encoding)
     up.where = str(where)
     try:
         return up.load()

@@ -20,7 +20,8 @@ Taggers (``pos_tagger``):
 
 * ``"nltk"``: NLTK's averaged-perceptron model, called as the official code calls it (``nltk.pos_tag``); or an
   injected tagger object with NLTK's ``tag(tokens) -> [(token, tag)]`` method (what ``nltk.pos_tag`` itself calls,
-  ``nltk/tag/__init__.py _pos_tag``), e.g. a ``PerceptronTagger`` loaded from another copy of the model.
+  ``nltk/tag/__init__.py _pos_tag``), e.g. a ``PerceptronTagger`` loaded from another copy of the model
+  (:func:`perceptron_tagger_from_pickle` reads a ``(weights, tagdict, classes)`` pickle safely).
 * ``"rule"``: a deterministic closed-class rule tagger (:func:`rule_tags`), a **documented deviation** for
   training without NLTK data: function words get their Penn tag (DT, IN, CC, PRP, TO, MD, WDT/WP, EX, POS,
   CD, ...) and weight 1, when/where/how/why get WRB (weight 2 by the substring rule), "not"/"n't"/"'t" get RB,
@@ -214,6 +215,31 @@ class PosTagger:
         return [pos_weight(tag) for tag in self.tags(tokens)]
 
 
+def perceptron_tagger_from_pickle(path, encoding: str = "utf-8"):
+    """An NLTK ``PerceptronTagger`` holding the ``(weights, tagdict, classes)`` triple of an averaged-perceptron
+    pickle (the layout nltk 3.8's ``PerceptronTagger.load`` reads, e.g. Honnibal's ``trontagger-0.1.0.pickle``),
+    read with the restricted unpickler of :mod:`jaxprvr.text.glove`; inject it as ``nltk_tagger``.
+    ``encoding`` decodes Python 2 ``str`` objects. Whether such a model equals NLTK's own data is not verified."""
+    from pathlib import Path
+
+    from jaxprvr.text.glove import restricted_load
+
+    nltk = require_nltk()
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise JaxprvrError(path, "an averaged-perceptron tagger pickle", f"an unreadable file ({e.strerror})") from None
+    obj = restricted_load(data, str(path), encoding=encoding)
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 3 and isinstance(obj[0], dict)
+            and isinstance(obj[1], dict) and isinstance(obj[2], (set, frozenset, list, tuple))):
+        raise JaxprvrError(path, "a (weights dict, tagdict dict, classes set) triple", type(obj).__name__)
+    tagger = nltk.tag.PerceptronTagger(load=False)
+    tagger.model.weights, tagger.tagdict, tagger.classes = obj[0], obj[1], set(obj[2])
+    tagger.model.classes = tagger.classes
+    return tagger
+
+
 # --------------------------------------------------------------------------------------------- sentence split
 
 # A Punkt break candidate is a sentence-end character followed by non-word punctuation or by whitespace and a
@@ -307,4 +333,5 @@ def count_internal_sentence_ends(texts: Iterable[str]) -> tuple[int, list[int]]:
 
 
 __all__ = ["POS_TAGGERS", "SENTENCE_SPLITS", "pos_weight", "rule_tag", "rule_tags", "PosTagger", "WordTokenizer",
-           "has_internal_sentence_end", "count_internal_sentence_ends", "nltk_resource_error", "require_nltk"]
+           "has_internal_sentence_end", "count_internal_sentence_ends", "nltk_resource_error", "require_nltk",
+           "perceptron_tagger_from_pickle"]
