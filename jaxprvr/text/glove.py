@@ -188,7 +188,8 @@ def read_glove_txt(path: str | os.PathLike, words: Sequence[str], dim: int = GLO
     try:
         f = open(path, "r", encoding="utf-8")
     except OSError as e:
-        raise JaxprvrError(path, "a GloVe text file (e.g. glove.6B.300d.txt)", f"an unreadable file ({e.strerror})") from None
+        raise JaxprvrError(path, "a GloVe text file (e.g. glove.6B.300d.txt)",
+                           f"an unreadable file ({e.strerror})") from None
     with f:
         lineno = 0
         try:

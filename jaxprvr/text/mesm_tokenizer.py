@@ -194,6 +194,7 @@ class MESMTokenizer:
         self.mlm: MLMVocab | None = None
         self.count: _glove.CountFile | None = None
         self.id_mismatches = 0
+        self.word_dim: int | None = _glove.GLOVE_DIM if kind != "CLIP" else None  # glove.pkl: its vectors' width
         self._words: WordTokenizer | None = None
         self._clip = None
 
