@@ -38,8 +38,25 @@ datasets), evaluation batches ``eval_batch_size``. Each batch comes twice: the *
 the official keys and dynamic shapes of ``collate`` + ``prepare_batch_input``; what the PyTorch twin consumes)
 and the **static** padded dict (:func:`to_static`, fixed capacities per split, for the jitted Flax model).
 
+Official crashes, decided here (each a :class:`~jaxprvr.errors.JaxprvrError` naming the file and the query, or a
+documented repair):
+
+* a moment covering the whole video (``s == 0`` and ``e == L - 1``) leaves no negative frame:
+  ``np.random.choice`` on an empty pool raises (``base.py`` L199-204) on any split -> an error when the split is
+  opened (``whole_video="skip"`` skips and counts such queries instead);
+* a batch left with a single item (a plain loader's last batch) crashes ``sample_outclass_neg`` -> merged into the
+  previous batch (:func:`plain_batches`); ``SplitGatherBatchSampler`` itself drops such a leftover (kept, and
+  counted in :attr:`MESMSplit.last_stats`);
+* QVHighlights' saliency array grows to ``L + 1`` when a relevant clip id equals ``L`` (a window with fewer
+  feature rows than its clip ids; ``qvhighlights.py`` L276-283). Officially the batch then crashes in the
+  saliency loss when that row is the longest of its batch, and otherwise carries the extra label (and a ``True``
+  ``clip_mask`` entry) inside the padding. The static batch keeps it inside the padding whenever ``L + 1 <=
+  max_video_l`` (the official padded tensors, bit for bit); ``L == max_video_l`` (always a crash officially), an id
+  above ``L`` or two ids ``>= L`` (official ``IndexError`` / shape error) are refused when the split is opened.
+
 Every bad input raises one :class:`~jaxprvr.errors.JaxprvrError` naming the file; skipped queries are counted by
-reason in :attr:`MESMSplit.skipped`. docs/quirks.md lists the official quirks kept here and their flags.
+reason in :attr:`MESMSplit.skipped` (for the val split derived from train: the skips of the whole train file).
+docs/quirks.md lists the official quirks kept here and their flags.
 """
 
 from __future__ import annotations
@@ -47,11 +64,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 import threading
 import zlib
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -647,20 +663,19 @@ def text_row(enc: Mapping[str, Any], facts: VariantFacts, where: str) -> TextRow
                    n_words=int(enc.get("n_words", 0)))
 
 
-def make_tokenizer(facts: VariantFacts, root, *, pos_tagger=None):
-    """The official tokenizer of ``facts`` (:class:`jaxprvr.text.mesm_tokenizer.MESMTokenizer`) on the files
-    under ``root``: ``<ann_path>/{CLIP,GloVe}_tokenized_count.txt``, ``<ann_path>/glove.pkl`` (Charades VGG),
-    ``<text_model_path>`` (TACoS's glove.6B.300d.txt)."""
+def make_tokenizer(facts: VariantFacts, root, *, recfw: bool = True, pos_tagger: str = "nltk", **options):
+    """The official tokenizer of ``facts``: :meth:`jaxprvr.text.mesm_tokenizer.MESMTokenizer.from_ann_path` on
+    ``<root>/<ann_path>`` (``{CLIP,GloVe}_tokenized_count.txt``, Charades VGG's ``glove.pkl``), with
+    ``glove_txt`` = ``<root>/<text_model_path>`` for TACoS's GloVe table. ``options``: the tokenizer's
+    ``sentence_split``, ``nltk_tagger``, ``sent_tokenizer``, ``bpe_path``."""
     from jaxprvr.text.mesm_tokenizer import MESMTokenizer
 
-    ann = resolve(root, facts.ann_path)
-    kind = facts.tokenizer_type
-    count = ann / ("CLIP_tokenized_count.txt" if kind == "CLIP" else "GloVe_tokenized_count.txt")
-    pkl = ann / "glove.pkl" if facts.load_vocab_pkl else None
-    glove = resolve(root, facts.text_model_path) if kind == "GloVeNLTK" and not facts.load_vocab_pkl else None
-    return MESMTokenizer(kind=kind, load_vocab_pkl=pkl if pkl is not None else False,
-                         count_file=None if pkl is not None else count, glove_path=glove,
-                         max_words_l=facts.max_words_l, vocab_size=facts.vocab_size, pos_tagger=pos_tagger)
+    if facts.tokenizer_type == "GloVeNLTK" and not facts.load_vocab_pkl:
+        options.setdefault("glove_txt", resolve(root, facts.text_model_path))
+    return MESMTokenizer.from_ann_path(facts.tokenizer_type, resolve(root, facts.ann_path),
+                                       max_words_l=facts.max_words_l, vocab_size=facts.vocab_size,
+                                       load_vocab_pkl=facts.load_vocab_pkl, recfw=recfw, pos_tagger=pos_tagger,
+                                       **options)
 
 
 # ---------------------------------------------------------------------------------------------- items, batches
@@ -915,16 +930,24 @@ class MESMSplit:
             self._read_lengths()
             self._check_labels(whole_video)
         rng = np.random.default_rng([chunk_seed, zlib.crc32(split.encode())])
-        rows = gather_items(queries, facts.max_gather_size, rng, facts.qvh)
-        self.items = [Item(i, queries[r[0]].group, r) for i, r in enumerate(rows)]
-        # Text: each distinct sentence tokenized once.
+        rows = gather_items(self.queries, facts.max_gather_size, rng, facts.qvh)
+        self.items = [Item(i, self.queries[r[0]].group, r) for i, r in enumerate(rows)]
+        # Text: each distinct sentence tokenized once (tokenize_all when the tokenizer has it: corpus counts).
         self.text: list[TextRow] = []
-        cache: dict[str, TextRow] = {}
+        self.text_summary = ""
         if tokenizer is not None:
-            for q in queries:
-                if q.sentence not in cache:
-                    cache[q.sentence] = text_row(tokenizer.encode(q.sentence), facts, q.where)
-                self.text.append(cache[q.sentence])
+            first = {}
+            for q in self.queries:
+                first.setdefault(q.sentence, q.where)
+            uniq = list(first)
+            if hasattr(tokenizer, "tokenize_all"):
+                tq = tokenizer.tokenize_all(uniq)
+                self.text_summary = tq.summary()
+                encs = [{k: v[i] for k, v in tq.arrays.items()} for i in range(len(uniq))]
+            else:
+                encs = [tokenizer.encode(s) for s in uniq]
+            rows = {s: text_row(e, facts, first[s]) for s, e in zip(uniq, encs)}
+            self.text = [rows[q.sentence] for q in self.queries]
         self.replay = None
         if eval_batches is not None:
             raw = load_eval_batches(eval_batches) if isinstance(eval_batches, (str, Path)) else eval_batches
@@ -1089,8 +1112,9 @@ class MESMSplit:
                                    f"batch {b} has {len(items)}")
             out.append(items)
         if len(seen) != len(self.queries):
+            missing = next(q.qid for i, q in enumerate(self.queries) if i not in seen)
             raise JaxprvrError(where, f"all {len(self.queries)} queries of the {self.split} split",
-                               f"{len(seen)} (missing e.g. qid {next(q.qid for i, q in enumerate(self.queries) if i not in seen)})")
+                               f"{len(seen)} (missing e.g. qid {missing})")
         return out
 
     def batch_plan(self, rng=None, train: bool = False) -> tuple[list[list[tuple[int, ...]]], np.random.Generator]:
@@ -1275,15 +1299,17 @@ def val_videos(train_queries: Sequence[Query], fraction: float, seed: int) -> se
 
 
 def open_mesm(dataset: str, variant: str | None = None, root=None, split: str = "train", *, tokenizer=None,
-              pos_tagger=None, val_holdout: bool = False, val_seed: int = 0, rescale_labels: bool = False,
-              whole_video: str = "error", chunk_seed: int | None = None, capacities=None, eval_batches=None,
+              pos_tagger: str = "nltk", text_options: Mapping | None = None, val_holdout: bool = False,
+              val_seed: int = 0, rescale_labels: bool = False, whole_video: str = "error", chunk_seed: int | None = None, capacities=None, eval_batches=None,
               check_features: bool = True, text: bool = True, **overrides) -> MESMSplit:
     """Opens ``split`` of ``(dataset, variant)`` under ``root`` (the official working directory).
 
     * ``overrides``: any :class:`VariantFacts` field (``feat_dims`` for reduced-width files, ``max_video_l``,
       ``batch_size``, ...);
-    * ``tokenizer``: an object with ``encode(sentence) -> dict`` (default :func:`make_tokenizer`); ``text=False``
-      skips the text (``batches`` then refuses);
+    * ``tokenizer``: an object with ``encode(sentence) -> dict`` (and optionally ``tokenize_all``); default
+      :func:`make_tokenizer` with ``pos_tagger`` ("nltk" | "rule" | "none") and ``text_options``
+      (``sentence_split``, ...), MLM labels on the train split only (official ``recfw``); ``text=False`` skips the
+      text (``batches`` then refuses);
     * ``val_holdout``: the train split without the derived val videos (Charades, Charades-CG; honest selection);
     * ``rescale_labels``: the corrected label mapping after pooling (official: not rescaled);
     * ``whole_video``: ``"error"`` (official: a crash) or ``"skip"`` (counted) for moments covering the video;
@@ -1302,7 +1328,8 @@ def open_mesm(dataset: str, variant: str | None = None, root=None, split: str = 
         queries = [q for q in queries if q.group not in chosen]
         held = before - len(queries)
     if text and tokenizer is None:
-        tokenizer = make_tokenizer(facts, root, pos_tagger=pos_tagger)
+        tokenizer = make_tokenizer(facts, root, recfw=facts.rec_fw and split == "train", pos_tagger=pos_tagger,
+                                   **dict(text_options or {}))
     return MESMSplit(facts, root, split, queries, skipped, held, rescale_labels=rescale_labels,
                      tokenizer=tokenizer if text else None, check_features=check_features,
                      chunk_seed=facts.seed if chunk_seed is None else chunk_seed, capacities=capacities,

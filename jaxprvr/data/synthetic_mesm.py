@@ -279,13 +279,9 @@ def _charades_videos(rng, n: int, taken: set, max_len_long: float):
     return out
 
 
-def _all_sentences(per_split: dict, count_splits) -> list[str]:
-    return [c for s in count_splits if s in per_split for (_, _, _, qs) in per_split[s] for (c, *_r) in qs]
-
-
 def _write_charades(facts, out, ann, gen, sizes, seed, stores, dtype) -> dict:
     taken: set = set()
-    per_split, counted = {}, []
+    counted = []  # (sentence, kept by the reader) in file order, train then test (tokenized_count.py)
     n_q = {}
     for code, split in enumerate(("train", "test")):
         rng = np.random.default_rng([seed, 10 + code])
@@ -294,31 +290,26 @@ def _write_charades(facts, out, ann, gen, sizes, seed, stores, dtype) -> dict:
         for k, (vid, duration, moments, queries) in enumerate(videos):
             csv_rows.append(f'{vid},SUB{k:02d},Kitchen,6,7,Yes,"A person in a room, doing things.",'
                             f'door;floor,"Someone, somewhere.",c001 0.00 1.00,{duration}')
-            for cap, s, e in queries:
-                lines.append((vid, s, e, cap))
-                counted.append((split, cap, True))
+            lines += [(vid, s, e, cap) for cap, s, e in queries]
             _charades_features(facts, gen, np.random.default_rng([seed, 20 + code, k]), stores, vid, duration,
                                moments, dtype, scene_seed=seed * 1000003 + code * 10007 + k)
         # odd cases: a swapped line, a line ending past the video, a line starting past it (skipped)
         vid, duration, moments, queries = videos[0]
         a, s, e = moments[0]
         lines.append((vid, e, s, _caption(rng, a)))
-        counted.append((split, lines[-1][3], True))
         lines.append((vid, s, round(duration + 2.5, 1), _caption(rng, a)))
-        counted.append((split, lines[-1][3], True))
         lines.append((vid, round(duration + 5.0, 1), round(duration + 9.0, 1), _caption(rng, a)))
-        counted.append((split, lines[-1][3], False))
-        order = rng.permutation(len(lines))
-        lines = [lines[j] for j in order]
+        lines = [lines[j] for j in rng.permutation(len(lines))]
+        durations = {v[0]: v[1] for v in videos}
+        counted += [(c, s <= durations[v]) for v, s, _, c in lines]
         _write_lines(ann / facts.split_file(split), [f"{v} {s:.1f} {e:.1f}##{c}" for v, s, e, c in lines])
         _write_lines(ann / ("Charades_v1_train.csv" if split == "train" else "Charades_v1_test.csv"), csv_rows)
-        per_split[split] = videos
         n_q[split] = len(lines)
-    sentences = [c for _, c, keep in counted if keep]
+    sentences = [c for c, keep in counted if keep]
     _write_lines(ann / "CLIP_tokenized_count.txt", clip_count_lines(sentences, 16))
     _write_lines(ann / "GloVe_tokenized_count.txt", glove_count_lines(sentences))
     if facts.load_vocab_pkl:
-        _write_glove_pkl(ann / "glove.pkl", gen, [c for _, c, _ in counted])
+        _write_glove_pkl(ann / "glove.pkl", gen, [c for c, _ in counted])
     return dict(lines=n_q)
 
 
@@ -445,7 +436,7 @@ def _tacos_caption(rng, a: int) -> str:
 
 def _write_tacos(facts, out, ann, gen, sizes, seed, stores, dtype) -> dict:
     fps = 29.4
-    n_q, sentences, counted = {}, [], []
+    n_q, counted = {}, []
     for code, split in enumerate(("train", "val", "test")):
         rng = np.random.default_rng([seed, 10 + code])
         data = {}
