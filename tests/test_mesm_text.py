@@ -41,11 +41,12 @@ _LEX = {
     "NNS": ["cups", "doors", "dishes"], "VBZ": ["opens", "holds", "takes", "walks", "puts", "cuts"],
     "VBG": ["walking", "holding", "cutting"], "RB": ["quickly", "then", "slowly"], "JJ": ["red", "small", "big"],
     "IN": ["in", "on", "into", "with"], "WRB": ["when", "where", "how"], "PRP": ["he", "she", "it"],
-    "CC": ["and", "or"], ".": [".", "?"], ",": [","],
+    "CC": ["and", "or"], ".": [".", "?"], ",": [","], "NNP": ["May", "Will"], "MD": ["may", "will"],
+    "VB": ["open", "hold"],
 }
 _TEMPLATES = ["DT NN VBZ DT NN .", "DT JJ NN VBZ IN DT NN .", "PRP VBZ DT NNS RB .",
               "WRB DT NN VBZ , PRP VBZ DT NN .", "DT NN VBZ DT NN CC VBZ IN DT NN .", "PRP VBZ VBG IN DT JJ NN .",
-              "WRB PRP VBZ , DT NN VBZ RB ."]
+              "WRB PRP VBZ , DT NN VBZ RB .", "NNP VBZ DT NN .", "PRP MD VB DT NN ."]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def tiny_tagger():
     state = random.getstate()
     random.seed(1234)
     sents = []
-    for _ in range(120):
+    for _ in range(300):
         sent = [(random.choice(_LEX[t]), t) for t in random.choice(_TEMPLATES).split()]
         if random.random() < 0.5:
             sent[0] = (sent[0][0].capitalize(), sent[0][1])
@@ -65,6 +66,9 @@ def tiny_tagger():
     tagger.train(sents, nr_iter=4)
     random.setstate(state)
     assert [t for _, t in tagger.tag(["when", "the", "man", "walks"])] == ["WRB", "DT", "NN", "VBZ"]
+    # case matters to it (MESM tags GloVe tokens before lowercasing them): May/NNP (weight 2), may/MD (1)
+    assert [t for _, t in tagger.tag(["May", "opens", "the", "door"])][0] == "NNP"
+    assert [t for _, t in tagger.tag(["he", "may", "open", "the", "door"])][1] == "MD"
     return tagger
 
 
@@ -280,6 +284,7 @@ QUERIES = [
     "she holds a zebra and a giraffe with an umbrella",  # OOV words
     "a person opens the door then walks in then holds the cup then puts it on the table slowly and quickly",  # long
     "How does the woman cut the dishes?",
+    "May opens the door and she may hold the cup",  # case-dependent tags
 ]
 CLIP_QUERIES = QUERIES + ["A man &amp;amp; a dog &lt;b&gt; café naïve — 😀 Ünïcode", "   ", "!!!? ,,, person"]
 
@@ -456,6 +461,29 @@ def test_glove_nltk_encode_matches_official(nltk_env, files, L, vocab_size):
             assert_same(out, ref_nltk(q, L, wtoi, id2label))
 
 
+def test_tags_come_from_the_whole_query_before_the_cut(nltk_env, files, openai, clip_count):
+    # The official code tags every token and cuts afterwards; the tag of the last kept token can depend on the
+    # tokens after it. Find such queries for the tiny tagger, then compare with the references there.
+    words = ["a", "cut", "zebra", "when", "she", "the", "walks", "red"]
+    cases = []
+    for x in words:
+        for y in words:
+            q = ["a", "a", x, y]
+            full = [P.pos_weight(t) for _, t in nltk.pos_tag(q)][:3]
+            if full != [P.pos_weight(t) for _, t in nltk.pos_tag(q[:3])]:
+                cases.append(" ".join(q))
+    assert cases
+    count = files / "GloVe_tokenized_count.txt"
+    wtoi, id2label = ref_build_vocab(count), ref_glove_id2label(count, 8)
+    glove = MESMTokenizer("GloVeNLTK", max_words_l=3, vocab_size=8, count_file=count, pos_tagger="nltk")
+    clip = MESMTokenizer("CLIP", max_words_l=5, vocab_size=8, count_file=clip_count, pos_tagger="nltk")
+    st, stmod = openai
+    clip_labels = ref_clip_id2label(clip_count, 8)
+    for q in cases:
+        assert_same(glove.encode(q), ref_nltk(q, 3, wtoi, id2label))
+        assert_same(clip.encode(q), ref_clip(q, 5, clip_labels, st, stmod))
+
+
 def test_glove_identity_split_equals_punkt_on_single_sentences(nltk_env, files):
     count = files / "GloVe_tokenized_count.txt"
     wtoi, id2label = ref_build_vocab(count), ref_glove_id2label(count, 8)
@@ -475,7 +503,7 @@ def test_glove_auto_split_without_punkt(no_punkt, files):
     assert res.n_queries == len(QUERIES) and res.n_sentence_ends == 0
     with pytest.raises(JaxprvrError) as e:
         tok.tokenize_all(QUERIES + ["person opens door. then walks in.", "a man sits. he stands."])
-    assert "2 of 8 queries" in str(e.value) and "punkt_tab" in str(e.value)
+    assert f"2 of {len(QUERIES) + 2} queries" in str(e.value) and "punkt_tab" in str(e.value)
     with pytest.raises(JaxprvrError, match="punkt_tab"):
         MESMTokenizer("GloVeNLTK", max_words_l=16, vocab_size=8, count_file=count, pos_tagger="nltk",
                       sentence_split="punkt")
