@@ -932,6 +932,9 @@ class MESMSplit:
         rng = np.random.default_rng([chunk_seed, zlib.crc32(split.encode())])
         rows = gather_items(self.queries, facts.max_gather_size, rng, facts.qvh)
         self.items = [Item(i, self.queries[r[0]].group, r) for i, r in enumerate(rows)]
+        if not self.items:
+            raise JaxprvrError(self._ann_file(), f"at least one query left in the {split} split",
+                               f"none (skipped: {dict(self.skipped)})")
         # Text: each distinct sentence tokenized once (tokenize_all when the tokenizer has it: corpus counts).
         self.text: list[TextRow] = []
         self.text_summary = ""
