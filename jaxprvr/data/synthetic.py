@@ -254,9 +254,13 @@ def main(argv=None) -> int:
     # Moment-retrieval datasets (activitynet, tacos, charades) have their own writer and options.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--dataset")
+    pre.add_argument("--model")
     known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
-    from jaxprvr.data import synthetic_vmr
+    from jaxprvr.data import synthetic_mesm, synthetic_vmr
 
+    # MESM's layout (the official working directory of lntzm/MESM): --model mesm, or a dataset only MESM reads
+    if known.model == "mesm" or (known.dataset in synthetic_mesm.DATASETS and known.dataset not in synthetic_vmr.DATASETS):
+        return synthetic_mesm.main(argv)
     if known.dataset in synthetic_vmr.DATASETS:
         return synthetic_vmr.main(argv)
     if known.dataset in ("msrvtt", "msvd", "lsmdc"):  # text-video retrieval: real videos, jaxprvr.data.synthetic_t2v
@@ -267,6 +271,8 @@ def main(argv=None) -> int:
                                      description="Write a synthetic PRVR dataset in the MS-SL release layout "
                                                  "(--dataset activitynet|tacos|charades: a moment-retrieval "
                                                  "dataset in the MMN layout, jaxprvr.data.synthetic_vmr; "
+                                                 "--model mesm with charades|charades_cg|charades_cd|qvhighlights|"
+                                                 "tacos: MESM's layout, jaxprvr.data.synthetic_mesm; "
                                                  "--dataset msrvtt|msvd|lsmdc: text-video retrieval with real "
                                                  "videos, jaxprvr.data.synthetic_t2v).")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="tvr")
