@@ -10,6 +10,7 @@ NaN). Planted mutants of the reference show that each comparison sees the offici
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -29,10 +30,13 @@ D = 6  # feature width
 NCLS = 7  # MLM classes
 RTOL, ATOL = 1e-10, 1e-12
 
+# The twin keeps the official float32 ``empty_weight`` buffer (``torch.ones(2)``, criterion.py L45-47): its eos
+# weight is float32(0.1) even in float64. TACOS and QVH use that value so that the twin comparison runs on them.
+EOS32 = float(np.float32(0.1))
 CHARADES = MESMLossConfig()  # config/charades/C+SF_C.json: cost_class 4, saliency 4, rank 12, no triplet
 TACOS = MESMLossConfig(set_cost_class=6.0, loss_label_coef=6.0, loss_saliency_coef=1.0, rank_coef=1.0,
-                       use_triplet=True)
-QVH = MESMLossConfig(loss_saliency_coef=1.0, rank_coef=12.0, use_triplet=True, loss_recfw_coef=0.5)
+                       use_triplet=True, eos_coef=EOS32)
+QVH = MESMLossConfig(loss_saliency_coef=1.0, rank_coef=12.0, use_triplet=True, loss_recfw_coef=0.5, eos_coef=EOS32)
 
 
 def x64():
@@ -146,7 +150,8 @@ def ref_loss_labels(layer, idx, multi, eos, mutant=None):
             ws.append(weight[target[i, q]])
     loss = sum(ce) / sum(ws) if mutant == "weighted_ce" else float(np.mean(ce))
     correct = sum(int(np.argmax(logits[i, q]) == fg) for i, q in pairs)
-    return {"loss_label": loss, "class_error": 100 - correct * (100.0 / len(pairs))}
+    f32 = np.float32  # utils.accuracy: ``.float()`` counts, then ``mul_(100.0 / n)`` in float32
+    return {"loss_label": loss, "class_error": f32(100) - f32(correct) * f32(100.0 / len(pairs))}
 
 
 def ref_loss_saliency(out, tg, cfg, multi, mutant=None):
@@ -171,7 +176,8 @@ def ref_loss_saliency(out, tg, cfg, multi, mutant=None):
             cur = scores[i] * keep / 0.5 + ~keep * -1e3
             logits = cur - cur.max()
             lp = logits - math.log(np.exp(logits).sum() + 1e-6)
-            mlpp = (pos[i] * lp * mask2[i]).sum() / (pos[i].sum() + 1e-6)
+            # int64 count + 1e-6 is a float32 tensor in torch (the default dtype)
+            mlpp = (pos[i] * lp * mask2[i]).sum() / np.float64(np.float32(pos[i].sum()) + np.float32(1e-6))
             per_row.append(-mlpp * (pos[i].sum() > 0))
             has_pos.append(pos[i].sum() > 0)
         per_row = np.asarray(per_row)
@@ -201,7 +207,7 @@ def ref_loss_rec_fw(out, tg, eps, mutant=None):
             n_hit += int(np.argmax(logit[i, j]) == label[i, j])
             n_all += 1
         per_row.append(sum(vals) / len(vals))
-    return float(np.mean(per_row)), n_hit / n_all
+    return float(np.mean(per_row)), np.float32(n_hit) / np.float32(n_all)  # ``.float()`` (criterion.py L293-294)
 
 
 def ref_loss_rec_ss(out, tg, cfg, multi, mutant=None):
@@ -229,7 +235,7 @@ def ref_loss_rec_ss(out, tg, cfg, multi, mutant=None):
         cos = np.array([clip[i] @ words[k] for k in range(bs)]) / cfg.recss_tau
         logits = cos - cos.max()
         lp = logits - math.log(np.exp(logits).sum() + 1e-6)
-        losses.append(-(pos[i] * lp).sum() / (pos[i].sum() + 1e-6))
+        losses.append(-(pos[i] * lp).sum() / np.float64(np.float32(pos[i].sum()) + np.float32(1e-6)))  # as above
     return float(np.mean(losses))
 
 
@@ -405,9 +411,12 @@ _loss_jit = jax.jit(M.mesm_loss, static_argnames=("cfg_loss", "multi_clip", "sta
 _match_jit = jax.jit(M.match_all, static_argnames=("cfg_loss", "multi_clip"))
 
 
-def jax_loss(s_out, batch, cfg, multi, indices=None, **kw):
-    """The jitted loss in float64 (one compile per shape set; eager dispatch is slower on this suite)."""
+def jax_loss(s_out, batch, cfg, multi, indices=None, internal_match=False, **kw):
+    """The jitted loss in float64. The matchings are computed by the (small) jitted match_all and passed in, so
+    that one compiled loss serves a config and shape set; ``internal_match`` lets mesm_loss match by itself."""
     with x64():
+        if indices is None and not internal_match:
+            indices = _match_jit(s_out, batch, cfg, multi)
         total, terms = _loss_jit(s_out, batch, cfg, multi_clip=multi, indices=indices, **kw)
         return float(total), {k: float(v) for k, v in terms.items()}
 
@@ -418,25 +427,27 @@ CASES = [("charades", CHARADES, False), ("tacos", TACOS, False), ("qvh", QVH, Tr
 # ---------------------------------------------------------------------------------------------- span utils
 
 def test_span_utils_official_docstring_values():
-    """span_utils.py docstrings (L30-40, L48-58, L71-77, L122-126), and round trips."""
+    """span_utils.py docstrings (L30-40, L48-58, L71-77, L122-126), and the transcription on random spans."""
+    a = np.asarray([[0, 0.2], [0.5, 1.0]])
+    b = np.asarray([[0, 0.3], [0.0, 1.0]])
+    rng = np.random.default_rng(0)
+    s1 = np.sort(rng.uniform(size=(6, 2)), 1)
+    s2 = np.sort(rng.uniform(size=(4, 2)), 1)
+
+    @jax.jit
+    def f(a, b, s1, s2):
+        return (M.temporal_iou(a, b), M.generalized_temporal_iou(a, b), M.span_xx_to_cxw(a), M.span_cxw_to_xx(b),
+                M.generalized_temporal_iou(s1, s2), M.paired_generalized_temporal_iou(s1[:4], s2))
+
     with x64():
-        a = jnp.asarray([[0, 0.2], [0.5, 1.0]])
-        b = jnp.asarray([[0, 0.3], [0.0, 1.0]])
-        iou, union = M.temporal_iou(a, b)
-        np.testing.assert_allclose(iou, [[2 / 3, 0.2], [0.0, 0.5]], rtol=1e-12)
-        np.testing.assert_allclose(union, [[0.3, 1.0], [0.8, 1.0]], rtol=1e-12)
-        np.testing.assert_allclose(M.generalized_temporal_iou(a, b), [[2 / 3, 0.2], [-0.2, 0.5]], rtol=1e-12,
-                                   atol=1e-15)
-        np.testing.assert_allclose(M.span_xx_to_cxw(jnp.asarray([[0, 1], [0.2, 0.4]])), [[0.5, 1.0], [0.3, 0.2]],
-                                   rtol=1e-12)
-        np.testing.assert_allclose(M.span_cxw_to_xx(jnp.asarray([[0.5, 1.0], [0.3, 0.2]])), [[0, 1], [0.2, 0.4]],
-                                   rtol=1e-12, atol=1e-15)
-        rng = np.random.default_rng(0)
-        s1 = np.sort(rng.uniform(size=(6, 2)), 1)
-        s2 = np.sort(rng.uniform(size=(4, 2)), 1)
-        assert_close(M.generalized_temporal_iou(jnp.asarray(s1), jnp.asarray(s2)), np_giou(s1, s2))
-        assert_close(M.paired_generalized_temporal_iou(jnp.asarray(s1[:4]), jnp.asarray(s2)),
-                     np.diag(np_giou(s1[:4], s2)))
+        (iou, union), giou, cxw, xx, g, pg = f(a, b, s1, s2)
+    np.testing.assert_allclose(iou, [[2 / 3, 0.2], [0.0, 0.5]], rtol=1e-12)
+    np.testing.assert_allclose(union, [[0.3, 1.0], [0.8, 1.0]], rtol=1e-12)
+    np.testing.assert_allclose(giou, [[2 / 3, 0.2], [-0.2, 0.5]], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(cxw, [[0.1, 0.2], [0.75, 0.5]], rtol=1e-12)
+    np.testing.assert_allclose(xx, [[-0.15, 0.15], [-0.5, 0.5]], rtol=1e-12)
+    assert_close(g, np_giou(s1, s2))
+    assert_close(pg, np.diag(np_giou(s1[:4], s2)))
 
 
 # ---------------------------------------------------------------------------------------------- matcher
@@ -493,6 +504,9 @@ def test_criterion_against_reference(name, cfg, multi):
     for k in want:
         assert_close(terms[k], want[k]), k
     assert_close(total, want_total)
+    if multi:  # mesm_loss matching by itself (indices=None) is the same
+        total2, terms2 = jax_loss(s_out, batch, cfg, multi, internal_match=True)
+        assert total2 == total and terms2 == terms
 
 
 def test_padding_invariance_and_nan_padding():
@@ -568,19 +582,34 @@ def test_gradients_finite_and_zero_on_padding(multi):
 
 
 def test_gamma_tie_and_neg_pair_flag():
-    """A same-video pair at GIoU exactly == iou_gamma is a positive (>=); stable_neg_pair = softplus."""
+    """A same-video pair at GIoU exactly == iou_gamma is a positive (>=, not >); stable_neg_pair = softplus, equal
+    to the literal form in float64 and finite where the literal form overflows in float32."""
     out, tg = make_case(4, False)
     tg["norm_moment"][0] = [0.0, 0.5]
     tg["norm_moment"][1] = [0.125, 0.5]  # nested: GIoU = IoU = 0.375 / 0.5 = 0.75 exactly
-    tg["norm_span"] = np_xx_to_cxw(tg["norm_moment"])
     cfg = MESMLossConfig(iou_gamma=0.75)
     s_out, batch = to_static(out, tg, False)
-    _, terms = jax_loss(s_out, batch, cfg, False)
-    assert_close(terms["loss_rec_ss"], ref_loss_rec_ss(out, tg, cfg, False))
+    with x64():
+        got = jax.jit(lambda o, b: M.loss_rec_ss(
+            o["projed_video_feat"], b["clip_mask"] & b["video_mask"], o["expanded_words_feat"],
+            o["expanded_words_mask"], b["norm_moment"][:, 0], b["row_group"], iou_gamma=0.75))(s_out, batch)
+    assert_close(got, ref_loss_rec_ss(out, tg, cfg, False))
     with pytest.raises(AssertionError):
-        assert_close(terms["loss_rec_ss"], ref_loss_rec_ss(out, tg, cfg, False, mutant="giou_gt"))
-    _, stable = jax_loss(s_out, batch, cfg, False, stable_neg_pair=True)
-    assert_close(stable["loss_saliency"], terms["loss_saliency"], rtol=1e-12)
+        assert_close(got, ref_loss_rec_ss(out, tg, cfg, False, mutant="giou_gt"))
+
+    @functools.partial(jax.jit, static_argnums=(0, 3))
+    def sal(stable, scores, neg, dtype):
+        real = jnp.asarray([True, True, False])
+        vm = jnp.asarray([[True, True, False]] * 3)
+        return M.loss_saliency(jnp.asarray(scores, dtype), jnp.asarray(neg, dtype), vm, vm.astype(dtype), real,
+                               rank_coef=12.0, stable_neg_pair=stable)
+
+    sc = np.asarray([[0.5, -1.0, 7.0], [2.0, 0.0, 1.0], [9.0, 9.0, 9.0]])
+    with x64():
+        assert_close(sal(True, sc, -sc, jnp.float64), sal(False, sc, -sc, jnp.float64), rtol=1e-13)
+    big = np.asarray([[0.5, 30.0, 7.0], [2.0, 0.0, 1.0], [9.0, 9.0, 9.0]])  # sigmoid(30) == 1 in float32
+    assert np.isinf(float(sal(False, sc, big, jnp.float32)))
+    assert np.isfinite(float(sal(True, sc, big, jnp.float32)))
 
 
 # ---------------------------------------------------------------------------------------------- mutants, NaN
@@ -591,12 +620,9 @@ def test_gamma_tie_and_neg_pair_flag():
     ("fg1", "loss_label", True),
     ("rank_pos_rows", "loss_saliency", True),
     ("mlm_only", "loss_rec_fw", False),
-    ("giou_gt", "loss_rec_ss", False),
-])
+])  # giou_gt (">" for ">="): test_gamma_tie_and_neg_pair_flag
 def test_mutants_fail(mutant, key, multi):
     cfg = QVH if multi else CHARADES
-    if mutant == "giou_gt":
-        cfg = MESMLossConfig(iou_gamma=1.0)  # identical moments (rows 0, 1 and every row with itself): GIoU == 1
     out, tg = make_case(13, multi)
     if mutant == "rank_pos_rows":  # a row with no positive at any level changes the mean over rows
         tg["saliency_label"][2] = 0.0  # (clip_mask, used by SS-MESM, keeps the row's clips)
@@ -645,3 +671,69 @@ def test_weight_dict_is_build_criterions():
     assert (w["loss_span"], w["loss_giou"], w["loss_label"], w["loss_saliency"]) == (10.0, 1.0, 6.0, 1.0)
     assert (w["loss_label_0"], w["loss_rec_fw"], w["loss_rec_ss"]) == (6.0, 0.1, 0.1)
     assert "loss_rec_fw" not in M.mesm_weight_dict(TACOS, n_aux=0, rec_fw=False, rec_ss=True)
+
+
+# ---------------------------------------------------------------------------------------------- PyTorch twin
+
+def _twin_inputs(out, tg, multi):
+    """The official collate dict and the outputs as float64 torch tensors (what the twin's Criterion reads)."""
+    import torch
+
+    def t(x):
+        return torch.as_tensor(np.asarray(x))
+
+    outputs = {k: t(v) for k, v in out.items() if k != "aux_outputs"}
+    outputs["aux_outputs"] = [{k: t(v) for k, v in a.items()} for a in out["aux_outputs"]]
+    batch = {"video_mask": tg["video_mask"], "clip_mask": tg["clip_mask"], "pos_idx": tg["pos_idx"],
+             "neg_idx": tg["neg_idx"], "words_label": tg["words_label"], "num_clips": np.asarray(tg["num_clips"])}
+    if multi:
+        batch["norm_moment"] = [{"moments": m} for m in tg["norm_moment"]]
+        batch["norm_span"] = [{"spans": s} for s in tg["norm_span"]]
+        batch["saliency_label"] = tg["saliency_label"]
+    else:
+        batch["norm_moment"], batch["norm_span"] = tg["norm_moment"], tg["norm_span"]
+    return outputs, batch
+
+
+@pytest.mark.parametrize("name,cfg,multi,dup", [("tacos", TACOS, False, False), ("tacos", TACOS, False, True),
+                                                ("qvh", QVH, True, False), ("qvh", QVH, True, True)])
+def test_against_torch_twin(name, cfg, multi, dup):
+    """Every term and the total against torch_ref.mesm_loss.Criterion (float64, GIoU in float64 through
+    ``giou_float32=False``; the official float32 cast is the twin's default) on the same batch and outputs: the
+    twin on the official dynamic batch, JAX on the static one. The matchings agree index for index."""
+    import torch
+
+    from jaxprvr.config import MESMConfig
+
+    build_criterion = pytest.importorskip("torch_ref.mesm_loss").build_criterion  # TEMP: until the twin lands
+
+    assert cfg.eos_coef == EOS32  # the twin's float32 buffer value (see EOS32)
+    out, tg = make_case({"charades": 31, "tacos": 32, "qvh": 33}[name] + 10 * dup, multi, dup_queries=dup)
+    s_out, batch = to_static(out, tg, multi)
+    _, terms = jax_loss(s_out, batch, cfg, multi)
+    crit = build_criterion(MESMConfig(), cfg, dataset_name="qvhighlights" if multi else "charades",
+                           giou_float32=False)
+    t_out, t_batch = _twin_inputs(out, tg, multi)
+    with torch.no_grad():
+        t_terms, t_total = crit(t_out, t_batch, is_training=True)
+    assert set(t_terms) == set(terms), (sorted(t_terms), sorted(terms))
+    for k, v in t_terms.items():
+        assert_close(terms[k], float(v)), k
+    total, _ = jax_loss(s_out, batch, cfg, multi)
+    assert_close(total, float(t_total))
+    with x64():
+        got = [np.array(i) for i in _match_jit(s_out, batch, cfg, multi)]
+    for g, t_idx in zip(got, [crit.last_indices["main"]] + crit.last_indices["aux"]):
+        if multi:
+            t_idx = [(np.asarray(i), np.asarray(j)) for i, j in t_idx]
+        np.testing.assert_array_equal(g, ref_to_static(np.asarray(t_idx) if not multi else t_idx, multi, *g.shape))
+    # the twin with the JAX matchings injected gives the same terms (the injection paths agree)
+    bs = sum(tg["num_clips"])
+    if multi:  # (R, W) -> per row (queries, windows); their order is irrelevant to the losses
+        inj = [[(r[r >= 0].copy(), np.flatnonzero(r >= 0)) for r in g[:bs]] for g in got]
+    else:
+        inj = [g[:bs, 0].copy() for g in got]
+    with torch.no_grad():
+        t2, _ = crit(t_out, t_batch, is_training=True, indices=inj[0], aux_indices=inj[1:])
+    for k, v in t2.items():
+        assert_close(terms[k], float(v)), k

@@ -71,6 +71,13 @@ RANK_DROP_ABOVE = 100  # criterion.py L171: labels > 100 are dropped (never, wit
 LOG_EPS = 1e-6  # criterion.py L188, L190, L269, L270
 
 
+def _count_plus_eps(count, dtype):
+    """``pos_mask.sum(1) + 1e-6`` (``criterion.py`` L190, L270): an int64 count plus a Python float is a torch
+    default-dtype (float32) tensor, so the official denominator is rounded to float32 even in a float64 run
+    (3 + 1e-6 -> 3.00000095); it is then widened by the division. The same here."""
+    return (count.astype(jnp.float32) + jnp.float32(LOG_EPS)).astype(dtype)
+
+
 # ---------------------------------------------------------------------------------------------- span utilities
 
 def span_cxw_to_xx(cxw):
@@ -228,7 +235,8 @@ def loss_labels(pred_logits, indices, span_mask, real, *, eos_coef: float):
     Matched queries get class 0 (foreground), all others class 1; ``F.cross_entropy(weight=[1, eos_coef],
     reduction="none").mean()``: each entry ``-weight[t] * log_softmax[t]``, averaged as a PLAIN mean over all
     (real rows x Q) entries (not the weighted mean of DETR). ``class_error`` = 100 - the top-1 accuracy (in %,
-    argmax with the lower class on a tie, as ``topk``) of the matched queries (``utils.accuracy``)."""
+    argmax with the lower class on a tie, as ``topk``) of the matched queries (``utils.accuracy``), float32 as
+    officially."""
     st = pred_logits.dtype
     n_q = pred_logits.shape[1]
     logits = jnp.where(real[:, None, None], pred_logits, 0.0)
@@ -240,9 +248,10 @@ def loss_labels(pred_logits, indices, span_mask, real, *, eos_coef: float):
     loss = jnp.sum(jnp.where(real[:, None], ce, 0.0)) / (jnp.sum(real).astype(st) * n_q)
     top1 = jnp.argmax(logits, axis=-1) == FOREGROUND_LABEL  # (R, Q)
     matched_top1 = jnp.take_along_axis(top1, q, axis=1)  # (R, W)
-    n_match = jnp.sum(ok).astype(st)
-    acc = jnp.sum(jnp.where(ok, matched_top1, False)).astype(st) * (100.0 / n_match)
-    return {"loss_label": loss, "class_error": 100.0 - acc}
+    # utils.accuracy (data_utils.py L147-163) counts in float32 (``.float()``) whatever the logits' dtype.
+    f32 = jnp.float32
+    acc = jnp.sum(jnp.where(ok, matched_top1, False)).astype(f32) * (f32(100.0) / jnp.sum(ok).astype(f32))
+    return {"loss_label": loss, "class_error": f32(100.0) - acc}
 
 
 def loss_saliency(saliency_scores, neg_saliency_scores, video_mask, contrast_label, real, *, rank_coef: float,
@@ -258,7 +267,8 @@ def loss_saliency(saliency_scores, neg_saliency_scores, video_mask, contrast_lab
       literally (inf in float32 once sigmoid rounds to 1); ``stable_neg_pair`` uses softplus(s_neg) instead.
     * rank: scores [s ; s_neg] with padded frames at -1e3, labels [label ; 0]; for r = 1..11, skipped when no
       label >= r in the batch: log-softmax over the 2 Lv positions of scores / 0.5 (with ``+1e-6`` in the log),
-      mean log-prob of the positions with label >= r (``/(count + 1e-6)``), negated, zeroed for rows without a
+      mean log-prob of the positions with label >= r (``/(count + 1e-6)``, that sum in float32 as officially,
+      :func:`_count_plus_eps`), negated, zeroed for rows without a
       positive and averaged over ALL real rows (L170-194). Summed over r and divided by ``rank_coef``.
     * triplet (``use_triplet``): sum clamp(margin + s[neg_idx] - s[pos_idx], 0) / (rows x pairs) * 2 (L202-213).
     """
@@ -289,8 +299,8 @@ def loss_saliency(saliency_scores, neg_saliency_scores, video_mask, contrast_lab
 
     levels = jnp.asarray(RANK_LEVELS, st)[:, None, None]
     pos = (labels[None] >= levels) & in_dyn[None, None] & real[None, :, None]  # (11, R, 2 Lv)
-    n_pos = jnp.sum(pos, axis=2).astype(st)  # (11, R)
-    mlpp = jnp.sum(jnp.where(pos & vm2[None], log_prob[None], 0.0), axis=2) / (n_pos + LOG_EPS)
+    n_pos = jnp.sum(pos, axis=2)  # (11, R)
+    mlpp = jnp.sum(jnp.where(pos & vm2[None], log_prob[None], 0.0), axis=2) / _count_plus_eps(n_pos, st)
     per_row = jnp.where(n_pos > 0, -mlpp, 0.0)
     per_level = jnp.sum(jnp.where(real[None], per_row, 0.0), axis=1) / n  # (11,)
     active = jnp.sum(n_pos, axis=1) > 0
@@ -316,14 +326,14 @@ def loss_rec_fw(recfw_words_logit, words_label, words_mask, real, *, label_smoot
 
     Per word ``(1 - eps) * (-log p_y) + eps / C * (-sum_c log p_c)``, averaged over ALL valid words of the row
     (``words_mask``, not only the masked ones), then over the real rows. ``acc`` = the share of valid words whose
-    argmax is the label, pooled over the batch (unweighted by rows)."""
+    argmax is the label, pooled over the batch (unweighted by rows), float32 as officially."""
     st = recfw_words_logit.dtype
     n_cls = recfw_words_logit.shape[-1]
     m = jnp.asarray(words_mask).astype(bool) & real[:, None]
     logit = jnp.where(m[..., None], recfw_words_logit, 0.0)
     label = jnp.where(m, jnp.asarray(words_label).astype(jnp.int32), 0)
     hit = (jnp.argmax(logit, axis=-1) == label) & m
-    acc = jnp.sum(hit).astype(st) / jnp.sum(m).astype(st)
+    acc = jnp.sum(hit).astype(jnp.float32) / jnp.sum(m).astype(jnp.float32)  # ``.float()`` (L293-294): float32
     logp = jax.nn.log_softmax(logit, axis=-1)
     nll = -jnp.take_along_axis(logp, label[..., None], axis=-1)[..., 0]
     smooth = -jnp.sum(logp, axis=-1)
@@ -354,7 +364,7 @@ def loss_rec_ss(projed_video_feat, clip_mask, expanded_words_feat, expanded_word
     the official max shift and ``+1e-6`` in the log). Positives: rows of the same item (``row_group``, the
     official ``block_diag`` over ``num_clips``) whose moments (R, 2) have GIoU >= ``iou_gamma`` (rows of other
     items have GIoU 0 in the block-diagonal matrix, so they are positives only if ``iou_gamma <= 0``).
-    Loss = -mean over rows of the mean log-prob of the positives (``/(count + 1e-6)``)."""
+    Loss = -mean over rows of the mean log-prob of the positives (``/(count + 1e-6)``, in float32 as officially)."""
     group = jnp.asarray(row_group)
     real = group >= 0
     st = projed_video_feat.dtype
@@ -372,7 +382,7 @@ def loss_rec_ss(projed_video_feat, clip_mask, expanded_words_feat, expanded_word
     logits = jnp.where(real[:, None], cos - row_max, 0.0)
     denom = jnp.sum(jnp.where(both, jnp.exp(logits), 0.0), axis=1, keepdims=True)
     log_prob = logits - jnp.log(denom + LOG_EPS)
-    mlpp = jnp.sum(jnp.where(pos, log_prob, 0.0), axis=1) / (jnp.sum(pos, axis=1).astype(st) + LOG_EPS)
+    mlpp = jnp.sum(jnp.where(pos, log_prob, 0.0), axis=1) / _count_plus_eps(jnp.sum(pos, axis=1), st)
     return _mean_rows(-mlpp, real)
 
 
