@@ -737,3 +737,24 @@ def test_against_torch_twin(name, cfg, multi, dup):
         t2, _ = crit(t_out, t_batch, is_training=True, indices=inj[0], aux_indices=inj[1:])
     for k, v in t2.items():
         assert_close(terms[k], float(v)), k
+
+
+def test_one_host_callback_for_all_layers(monkeypatch):
+    """QVH: the Hungarian problems of both decoder layers go to the host in ONE callback, same result."""
+    from jaxprvr.ops import matching
+
+    calls = []
+    real_fn = matching.host_batched_assignment
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real_fn(*args)
+
+    monkeypatch.setattr(matching, "host_batched_assignment", counting)
+    out, tg = make_case(3, True)
+    s_out, batch = to_static(out, tg, True)
+    with x64():
+        got = jax.jit(M.match_all, static_argnames=("cfg_loss", "multi_clip"))(s_out, batch, QVH, True)
+    assert len(calls) == 1 and calls[0][:2] == (2, 9), calls  # (layers, R, W, Q)
+    for g, layer in zip(got, [out] + out["aux_outputs"]):
+        np.testing.assert_array_equal(g, ref_to_static(ref_matcher(layer, tg, True, QVH), True, *g.shape))

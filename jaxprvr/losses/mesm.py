@@ -173,11 +173,8 @@ def match_cost(pred_logits, pred_spans, tgt_spans, tgt_moments, cfg: MESMLossCon
     return cfg.set_cost_span * cost_span + cfg.set_cost_giou * cost_giou + cfg.set_cost_class * cost_class
 
 
-def match(outputs_layer: Mapping, batch: Mapping, cfg_loss: MESMLossConfig, multi_clip: bool):
-    """``HungarianMatcher.forward`` (``matcher.py`` L60-117) for one decoder layer: ``(R, W)`` int32, the query
-    matched to each window, ``-1`` for padded windows and rows. Single-moment: the first argmin query (scipy on a
-    (Q, 1) column, module docstring). ``multi_clip``: Hungarian per row over its valid windows (host callback).
-    No gradient flows through the indices."""
+def _layer_cost(outputs_layer, batch, cfg_loss, multi_clip):
+    """(cost (R, Q, W), valid windows (R, W)) of one decoder layer, padded rows neutralised, no gradient."""
     st = _dtype(outputs_layer)
     logits = jax.lax.stop_gradient(_get(outputs_layer, "pred_logits", "match outputs").astype(st))
     spans = jax.lax.stop_gradient(_get(outputs_layer, "pred_spans", "match outputs").astype(st))
@@ -185,18 +182,36 @@ def match(outputs_layer: Mapping, batch: Mapping, cfg_loss: MESMLossConfig, mult
     tgt_spans, tgt_moments, valid = _targets(batch, st, multi_clip)
     logits = jnp.where(real[:, None, None], logits, 0.0)
     spans = jnp.where(real[:, None, None], spans, 0.5)
-    cost = match_cost(logits, spans, tgt_spans, tgt_moments, cfg_loss)  # (R, Q, W)
+    return match_cost(logits, spans, tgt_spans, tgt_moments, cfg_loss), valid
+
+
+def _assign(costs, valid, multi_clip):
+    """costs (L, R, Q, W), valid (R, W) -> (L, R, W): the argmin (single-moment) or ONE host callback for the
+    Hungarian problems of every layer and row (``multi_clip``)."""
     if not multi_clip:
-        idx = jnp.argmin(cost[..., 0], axis=1).astype(jnp.int32)  # first minimum = scipy's tie rule
-        return jnp.where(valid[:, 0], idx, -1)[:, None]
-    return linear_sum_assignment(jnp.swapaxes(cost, 1, 2), row_valid=valid)  # (R, W): a query per window
+        idx = jnp.argmin(costs[..., 0], axis=-1).astype(jnp.int32)  # first minimum = scipy's tie rule
+        return jnp.where(valid[None, :, 0], idx, -1)[..., None]
+    rows = jnp.broadcast_to(valid, (costs.shape[0],) + valid.shape)
+    return linear_sum_assignment(jnp.swapaxes(costs, -1, -2), row_valid=rows)  # a query per window
+
+
+def match(outputs_layer: Mapping, batch: Mapping, cfg_loss: MESMLossConfig, multi_clip: bool):
+    """``HungarianMatcher.forward`` (``matcher.py`` L60-117) for one decoder layer: ``(R, W)`` int32, the query
+    matched to each window, ``-1`` for padded windows and rows. Single-moment: the first argmin query (scipy on a
+    (Q, 1) column, module docstring). ``multi_clip``: Hungarian per row over its valid windows (host callback).
+    No gradient flows through the indices."""
+    cost, valid = _layer_cost(outputs_layer, batch, cfg_loss, multi_clip)
+    return _assign(cost[None], valid, multi_clip)[0]
 
 
 def match_all(outputs: Mapping, batch: Mapping, cfg_loss: MESMLossConfig, multi_clip: bool) -> list:
     """The matching of every decoder layer the criterion uses: ``[final, aux_0, aux_1, ...]`` (``criterion.py``
-    L333 and L352: the last layer and each ``aux_outputs`` entry are matched separately)."""
+    L333 and L352: the last layer and each ``aux_outputs`` entry are matched separately), with one host
+    callback for all layers (``multi_clip``)."""
     layers = [outputs] + list(outputs.get("aux_outputs", ()))
-    return [match(layer, batch, cfg_loss, multi_clip) for layer in layers]
+    costs = [_layer_cost(layer, batch, cfg_loss, multi_clip) for layer in layers]
+    out = _assign(jnp.stack([c for c, _ in costs]), costs[0][1], multi_clip)
+    return [out[i] for i in range(len(layers))]
 
 
 # ---------------------------------------------------------------------------------------------- terms
