@@ -62,7 +62,7 @@ def np_xx_to_cxw(s):
 
 
 def np_giou(s1, s2):
-    """span_utils.py L62-89 and L109-138 (without the float32 cast) on (N, 2) x (M, 2)."""
+    """span_utils.py L45-72 and L92-121 (without the float32 cast) on (N, 2) x (M, 2)."""
     out = np.zeros((len(s1), len(s2)))
     for i in range(len(s1)):
         for j in range(len(s2)):
@@ -240,7 +240,7 @@ def ref_loss_rec_ss(out, tg, cfg, multi, mutant=None):
 
 
 def ref_criterion(out, tg, cfg, multi, mutant=None):
-    """Criterion.forward (criterion.py L319-367) and build_criterion's weights (runner.py L305-330)."""
+    """Criterion.forward (criterion.py L319-367) and build_criterion's weights (runner.py L309-330)."""
     fg = 1 if mutant == "fg1" else 0
     losses = {}
 
@@ -427,7 +427,7 @@ CASES = [("charades", CHARADES, False), ("tacos", TACOS, False), ("qvh", QVH, Tr
 # ---------------------------------------------------------------------------------------------- span utils
 
 def test_span_utils_official_docstring_values():
-    """span_utils.py docstrings (L30-40, L48-58, L71-77, L122-126), and the transcription on random spans."""
+    """span_utils.py docstrings (L54-60, L105-109), hand-computed conversions, and the transcription on random spans."""
     a = np.asarray([[0, 0.2], [0.5, 1.0]])
     b = np.asarray([[0, 0.3], [0.0, 1.0]])
     rng = np.random.default_rng(0)

@@ -1,9 +1,9 @@
 """MESM's training criterion and matcher as pure JAX functions over the static (padded) batch.
 
 Official code (lntzm/MESM @ 8501bdea): ``model/criterion.py`` (``Criterion``, all of it), ``model/matcher.py``
-(``HungarianMatcher.forward`` L60-117), ``utils/span_utils.py`` (``span_xx_to_cxw`` L22-40, ``span_cxw_to_xx``
-L43-59, ``temporal_iou`` L62-89, ``generalized_temporal_iou`` L109-138), the weights (``runner.py``
-``build_criterion`` L305-345) and the total (``criterion.py`` L365, used by ``train.py`` L60-75).
+(``HungarianMatcher.forward`` L60-117), ``utils/span_utils.py`` (``span_xx_to_cxw`` L5-23, ``span_cxw_to_xx``
+L26-42, ``temporal_iou`` L45-72, ``generalized_temporal_iou`` L92-121), the weights (``runner.py``
+``build_criterion`` L309-345) and the total (``criterion.py`` L365, used by ``train.py`` L60-75).
 
 Batch layout: the static batch of ``jaxprvr/data/mesm.py`` (R row slots, ``row_group`` -1 on padding rows, Lv
 frames with ``video_mask``, Lw words with ``words_mask``, W windows with ``span_mask``; W = 1 for the
@@ -26,7 +26,7 @@ as in the official call. Indices are ``(R, W)`` int32: the query matched to each
 windows and padded rows. :func:`mesm_loss` takes them as an optional input (one array per decoder layer).
 
 Dtype: everything runs in ``result_type(pred_logits, float32)``. The official ``generalized_temporal_iou``
-casts to float32 (``span_utils.py`` L128-129) even for float64 inputs; here GIoU runs in the working dtype.
+casts to float32 (``span_utils.py`` L111-112) even for float64 inputs; here GIoU runs in the working dtype.
 """
 
 from __future__ import annotations
@@ -81,17 +81,17 @@ def _count_plus_eps(count, dtype):
 # ---------------------------------------------------------------------------------------------- span utilities
 
 def span_cxw_to_xx(cxw):
-    """``span_utils.py`` L43-59: (..., 2) (center, width) -> (st, ed) = (c - w/2, c + w/2)."""
+    """``span_utils.py`` L26-42: (..., 2) (center, width) -> (st, ed) = (c - w/2, c + w/2)."""
     return jnp.stack([cxw[..., 0] - 0.5 * cxw[..., 1], cxw[..., 0] + 0.5 * cxw[..., 1]], axis=-1)
 
 
 def span_xx_to_cxw(xx):
-    """``span_utils.py`` L22-40: (..., 2) (st, ed) -> ((st + ed) / 2, ed - st)."""
+    """``span_utils.py`` L5-23: (..., 2) (st, ed) -> ((st + ed) / 2, ed - st)."""
     return jnp.stack([(xx[..., 0] + xx[..., 1]) * 0.5, xx[..., 1] - xx[..., 0]], axis=-1)
 
 
 def temporal_iou(a, b):
-    """``span_utils.py`` L62-89 batched: a (..., N, 2), b (..., M, 2) -> (iou, union), each (..., N, M)."""
+    """``span_utils.py`` L45-72 batched: a (..., N, 2), b (..., M, 2) -> (iou, union), each (..., N, M)."""
     a1, a2 = a[..., :, None, 0], a[..., :, None, 1]
     b1, b2 = b[..., None, :, 0], b[..., None, :, 1]
     inter = jnp.maximum(jnp.minimum(a2, b2) - jnp.maximum(a1, b1), 0.0)
@@ -100,7 +100,7 @@ def temporal_iou(a, b):
 
 
 def generalized_temporal_iou(a, b):
-    """``span_utils.py`` L109-138 batched: (..., N, 2) x (..., M, 2) -> (..., N, M), in the inputs' dtype.
+    """``span_utils.py`` L92-121 batched: (..., N, 2) x (..., M, 2) -> (..., N, M), in the inputs' dtype.
     ``iou - (enclosing - union) / enclosing``; 0/0 (a point against itself) is NaN as officially."""
     iou, union = temporal_iou(a, b)
     left = jnp.minimum(a[..., :, None, 0], b[..., None, :, 0])
@@ -415,7 +415,7 @@ def _merged_moments(batch, st, multi_clip: bool):
 # ---------------------------------------------------------------------------------------------- total
 
 def mesm_weight_dict(cfg_loss: MESMLossConfig, *, n_aux: int, rec_fw: bool, rec_ss: bool) -> dict:
-    """``runner.py`` ``build_criterion`` L305-330: the weight of each loss key, in the official order
+    """``runner.py`` ``build_criterion`` L309-330: the weight of each loss key, in the official order
     (``n_aux`` = dec_layers - 1 with ``aux_loss``, else 0)."""
     base = {"loss_span": cfg_loss.loss_span_coef, "loss_giou": cfg_loss.loss_giou_coef,
             "loss_label": cfg_loss.loss_label_coef, "loss_saliency": cfg_loss.loss_saliency_coef}
