@@ -18,6 +18,7 @@ Kinds (:mod:`parity.keys`, decided by the layer, never by the shape): ``linear``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import OrderedDict
 from typing import Mapping
@@ -137,7 +138,8 @@ def flax_shapes(cfg) -> dict:
              "words_feat": np.zeros((1, lw, cfg.t_feat_dim), np.float32), "words_mask": np.ones((1, lw), bool),
              "unknown_mask": np.zeros((1, lw), bool), "clip_mask": np.ones((1, lv), bool),
              "row_group": np.zeros((1,), np.int32), "num_rows": np.int32(1)}
-    shapes = jax.eval_shape(lambda: MESM(cfg).init(jax.random.key(0), batch))["params"]
+    model = MESM(dataclasses.replace(cfg, compute_dtype="float32"))  # the shapes do not depend on it
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))["params"]
     return {k: tuple(v.shape) for k, v in flatten(shapes).items()}
 
 

@@ -248,6 +248,7 @@ def t2v_attention_mask(q_pad, k_pad, nhead: int, num_rows, mode: str = "head_maj
     ``attn_mask`` (transformer.py L528-533): ``q_pad[r, i] AND k_pad[r, j]`` of row ``r = (b * nhead + h) mod
     num_rows`` (``"head_major"``: the ``repeat(nhead, 1, 1)`` mask read batch-major by ``nn.MultiheadAttention``;
     ``num_rows`` = B, the real rows) or ``r = b`` (``"per_row"``: then the extra mask adds nothing)."""
+    q_pad, k_pad = jnp.asarray(q_pad, bool), jnp.asarray(k_pad, bool)
     b = q_pad.shape[0]
     rows = jnp.arange(b)[:, None]
     if mode == "head_major":
@@ -374,7 +375,7 @@ class MLP(nn.Module):
     num_layers: int
     in_features: int
     dtype: Dtype = F32
-    init: str = "torch"
+    init_kind: str = "torch"
     zero_last_bias: bool = False  # bbox_embed (transformer.py L320-321; the weight is then xavier'ed)
 
     @nn.compact
@@ -383,7 +384,7 @@ class MLP(nn.Module):
         outs = [self.hidden] * (self.num_layers - 1) + [self.out]
         for j, (n, k) in enumerate(zip(dims, outs)):
             last = j == self.num_layers - 1
-            x = dense(k, n, f"layers_{j}", self.dtype, self.init,
+            x = dense(k, n, f"layers_{j}", self.dtype, self.init_kind,
                       "zeros" if (last and self.zero_last_bias) else "torch")(x)
             if not last:
                 x = jax.nn.relu(x)
@@ -459,13 +460,13 @@ class TorchMHA(nn.Module):
     nhead: int
     dropout: float
     dtype: Dtype = F32
-    init: str = "torch"
+    init_kind: str = "torch"
 
     @nn.compact
     def __call__(self, query, key, value, masked, *, train: bool = False):
         q, k, v = FusedInProj(self.d, self.dtype, name="in_proj")(query, key, value)
         out = attention(q, k, v, self.nhead, masked, Dropout(self.dropout, name="dropout"), train)
-        return dense(self.d, self.d, "out_proj", self.dtype, self.init, "zeros")(out)
+        return dense(self.d, self.d, "out_proj", self.dtype, self.init_kind, "zeros")(out)
 
 
 class T2VLayer(nn.Module):
@@ -474,7 +475,7 @@ class T2VLayer(nn.Module):
     None (zero). ``is_mlm`` with ``two_mlp``: ``linear{1,2}_1``, ``norm{1,2}_1`` (and their dropouts)."""
 
     cfg: MESMConfig
-    init: str = "xavier"
+    init_kind: str = "xavier"
     two_mlp: bool = False
     dtype: Dtype = F32
 
@@ -486,15 +487,16 @@ class T2VLayer(nn.Module):
         q = src_vid if pos_vid is None else src_vid + to_dtype(pos_vid, dt)
         k = src_txt if pos_txt is None else src_txt + to_dtype(pos_txt, dt)
         masked = t2v_attention_mask(vid_pad, txt_pad, c.nheads, num_rows, c.t2v_mask)
-        attn = TorchMHA(d, c.nheads, c.dropout, dt, self.init, name="self_attn")(q, k, src_txt, masked, train=train)
+        attn = TorchMHA(d, c.nheads, c.dropout, dt, self.init_kind, name="self_attn")(q, k, src_txt, masked,
+                                                                                       train=train)
         x = src_vid + Dropout(c.dropout, name="dropout1")(attn, deterministic=not train)
         act = PReLU(name="activation")
 
         def ffn(x, sfx):
             y = layer_norm(name=f"norm1{sfx}", dtype=dt)(x)
-            y = act(dense(ff, d, f"linear1{sfx}", dt, self.init)(y))
+            y = act(dense(ff, d, f"linear1{sfx}", dt, self.init_kind)(y))
             y = Dropout(c.dropout, name=f"dropout{sfx}")(y, deterministic=not train)
-            y = dense(d, ff, f"linear2{sfx}", dt, self.init)(y)
+            y = dense(d, ff, f"linear2{sfx}", dt, self.init_kind)(y)
             x = x + Dropout(c.dropout, name=f"dropout2{sfx}")(y, deterministic=not train)
             return layer_norm(name=f"norm2{sfx}", dtype=dt)(x)
 
@@ -510,7 +512,7 @@ class T2VStack(nn.Module):
 
     cfg: MESMConfig
     num_layers: int
-    init: str = "xavier"
+    init_kind: str = "xavier"
     two_mlp: bool = False
     dtype: Dtype = F32
 
@@ -518,7 +520,7 @@ class T2VStack(nn.Module):
     def __call__(self, src_txt, src_vid, txt_pad, vid_pad, pos_txt, pos_vid, num_rows, *, is_mlm=False, train=False):
         out, outs = src_vid, []
         for i in range(self.num_layers):
-            out = T2VLayer(self.cfg, self.init, self.two_mlp, self.dtype, name=f"layers_{i}")(
+            out = T2VLayer(self.cfg, self.init_kind, self.two_mlp, self.dtype, name=f"layers_{i}")(
                 src_txt, out, txt_pad, vid_pad, pos_txt, pos_vid, num_rows, is_mlm=is_mlm, train=train)
             outs.append(out)
         return out, outs
