@@ -737,6 +737,25 @@ def test_against_torch_twin(name, cfg, multi, dup):
         t2, _ = crit(t_out, t_batch, is_training=True, indices=inj[0], aux_indices=inj[1:])
     for k, v in t2.items():
         assert_close(terms[k], float(v)), k
+    if dup:
+        return
+    # Mutant: the twin's default, the official float32 cast inside generalized_temporal_iou, is seen at 1e-10.
+    crit32 = build_criterion(MESMConfig(), cfg, dataset_name="qvhighlights" if multi else "charades")
+    with torch.no_grad():
+        t32, _ = crit32(t_out, t_batch, is_training=True)
+    with pytest.raises(AssertionError):
+        assert_close(terms["loss_giou"], float(t32["loss_giou"]))
+    # The training dtype: JAX in float32 against the official float32 run (GIoU cast included), rtol 1e-5.
+    f32_out = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32) if x.dtype == np.float64 else x, s_out)
+    total32, terms32 = _loss_jit(f32_out, batch, cfg, multi_clip=multi,
+                                 indices=_match_jit(f32_out, batch, cfg, multi))  # x64 off: float32 throughout
+    t_out32 = jax.tree_util.tree_map(lambda x: x.float() if x.dtype == torch.float64 else x, t_out)
+    with torch.no_grad():
+        t_terms32, t_total32 = crit32(t_out32, t_batch, is_training=True)
+    assert terms32["loss_label"].dtype == jnp.float32
+    for k, v in t_terms32.items():
+        assert_close(terms32[k], float(v), rtol=1e-5, atol=1e-6), k
+    assert_close(total32, float(t_total32), rtol=1e-5)
 
 
 def test_one_host_callback_for_all_layers(monkeypatch):
