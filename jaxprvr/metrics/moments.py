@@ -32,10 +32,11 @@ the rare longer lists), so equal inputs give the official numbers digit for digi
   differ (the official assert is commented out, eval.py L192-201, but any mismatch then raises ``KeyError`` in
   ``compute_mr_r1`` L425/L434 or gives a NaN AP; ``match_number=False`` evaluates the intersection, as Moment-DETR's
   option does, and reports the dropped counts under ``"qid_mismatch"``).
-* ties among GT windows of equal IoU (multi-window GT, QVHighlights): the official ``argsort()`` is numpy's
-  introsort, an insertion sort (stable) below 17 elements on builds without AVX-512 sorting; reversed, the LAST of
-  tied windows comes first. Here that order is explicit (stable sort, reversed). ``mp.Pool.imap_unordered``
-  (L301) makes the official query order of the AP mean random; here it is the submission order.
+* ties among GT windows of equal IoU (multi-window GT, QVHighlights) are matched in the order of the official
+  ``tiou_arr.argsort()[::-1]``, whose default sort kind is not stable and whose tie order depends on the numpy build
+  and the CPU (SIMD sorts); the same call is made here on arrays of the same length and values, so the result is
+  the official one on the same machine. ``mp.Pool.imap_unordered`` (L301) makes the official query order of the
+  AP mean random (an ulp before rounding); here it is the submission order (the official ``num_workers=1`` path).
 * a zero-length prediction against a zero-length GT window has IoU 0/0 = NaN officially: it then counts as a
   match in the AP (``nan < t`` is False) and makes ``miou`` NaN. Kept by default; ``zero_degenerate_iou=True``
   makes such an IoU 0.
@@ -46,7 +47,9 @@ Highlight detection (Moment-DETR, QVHighlights; MESM's eval.py has none): per qu
 annotator's label is 1 there (the max over annotators, L166). ``HL-mAP``: ``get_ap`` per (query, annotator) on the
 predictions truncated or zero-padded to the clip count, averaged over all of them: 0 if no positive clip, 1 if all
 clips are positive, else the mean over the distinct score thresholds that add a positive (sklearn's tie groups) of
-the precision interpolated towards higher recall (see :func:`hl_average_precision`).
+the precision interpolated towards higher recall (see :func:`hl_average_precision`). An empty
+``relevant_clip_ids`` means no relevant clip (officially an IndexError: ``np.array([])`` is a float index); a clip
+id outside ``[0, int(duration / 2))`` raises (officially an IndexError, or a silent wrap for a negative id).
 """
 
 from __future__ import annotations
@@ -105,8 +108,8 @@ def foreground_scores(pred_logits) -> np.ndarray:
     """``softmax(pred_logits, -1)[..., 0]`` (eval.py L64-66: the foreground class is index 0) as float32.
 
     Computed in float64 and rounded once to float32 (the correctly rounded value); torch's float32 kernels give
-    it to within a few ulps (CPU: up to 3 ulps on random logits), which can only reorder scores tied to within an
-    ulp before the 4-decimal rounding."""
+    it to within a relative 2e-6 (CPU, logits of spread ~10; the error grows with ``|l0 - l1|``), which can only
+    reorder scores tied to that precision or move a 4-decimal rounding at its boundary."""
     x = np.asarray(pred_logits, np.float64)
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return (e[..., 0] / e.sum(axis=-1)).astype(F32)
@@ -129,7 +132,8 @@ def postprocess(pred_logits, pred_spans, saliency, duration, *, clip_len: float,
     keep the query order, ``sorted(reverse=True)``) when ``sort_results``; every field ``float(f"{x:.4f}")``;
     back to float32, windows clamped to ``[0, max_ts_val]`` (not to the duration) and, unless ``clip_len == -1``,
     ``round(w / clip_len) * clip_len`` in float32 (half to even; VGG's 0.17 gives 12.170000076293945); scores
-    ``float(f"{float32(score):.4f}")`` again. ``pred_saliency_scores`` = float32 -> float16 -> python floats.
+    ``float(f"{float32(score):.4f}")`` again (the rounding follows the clamp, so an end can pass ``max_ts_val`` by
+    up to clip_len / 2). ``pred_saliency_scores`` = float32 -> float16 -> python floats.
     Returns one dict per row ``{qid, query, vid, pred_relevant_windows: [[st, ed, score]] * Nq,
     pred_saliency_scores}``."""
     logits = np.asarray(pred_logits, F32)
