@@ -1055,7 +1055,8 @@ class MESMSplit:
 
     def _capacities(self, train: bool, given) -> Capacities:
         """Rows: the ``G`` largest items together (``G`` = the batch size, + 1 where a single-item last batch
-        merges); Lg: the largest item's frames (QVH); with a replay, what its batches need."""
+        merges); Lv: the split's longest video; Lg: the largest item's frames (QVH); with a replay, what its batches
+        need."""
         f = self.facts
         replay = not train and self.replay is not None
         if replay:
@@ -1070,8 +1071,11 @@ class MESMSplit:
             pool = batches if replay else [[it.rows] for it in self.items]
             lg = max(sum(self.length.get(self.queries[r].video_id, f.max_video_l) for r in rows)
                      for b in pool for rows in b)
+        # Lv: the split's longest video (after pooling), rounded up to 8, at most max_video_l (padding frames are
+        # masked everywhere, so the length only costs compute; the official loader pads to the batch's longest)
+        longest = max(self.length.values()) if self.length else f.max_video_l
         caps = Capacities(rows=max(sum(len(r) for r in b) for b in batches), items=max(len(b) for b in batches),
-                          video=f.max_video_l, words=f.max_words_l, windows=f.max_windows if f.qvh else 1,
+                          video=min(f.max_video_l, -(-longest // 8) * 8), words=f.max_words_l, windows=f.max_windows if f.qvh else 1,
                           group_video=lg, contra=2 if f.qvh else max(f.contra_samples, 0))
         if given:
             given = dataclasses.asdict(given) if isinstance(given, Capacities) else dict(given)
