@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from jaxprvr.errors import JaxprvrError
 from torch_ref.dropout import HashDropout
 
-__all__ = ["MESM", "MESMOptions", "build_mesm", "official_state_keys", "prepare_batch", "sample_outclass_neg",
+__all__ = ["MESM", "MESMOptions", "build_mesm", "official_state_keys", "STATE_DICT_KEYS", "STATE_DICT_COUNTS", "prepare_batch", "sample_outclass_neg",
            "official_mask_words", "t2v_head_masks", "inverse_sigmoid", "gen_sineembed_for_position",
            "sine_position", "CLIPTextEncoder", "GloveTextEncoder", "build_clip_text_encoder", "SINGLE_MOMENT",
            "MULTI_MOMENT", "T2V_MASKS"]
@@ -950,9 +950,11 @@ class MESM(nn.Module):
     :meth:`from_opt`. ``text_encoder`` (a :class:`CLIPTextEncoder` / :class:`GloveTextEncoder`, optional) is
     kept outside the module tree."""
 
-    def __init__(self, opts: MESMOptions, text_encoder: Optional[nn.Module] = None):
+    def __init__(self, cfg, text_encoder: Optional[nn.Module] = None):
+        """``cfg``: a :class:`jaxprvr.config.MESMConfig` (``torch_ref.build_model``), a full Config, an
+        ``opt.json`` dict or :class:`MESMOptions`."""
         super().__init__()
-        o = opts.check()
+        o = _opts(cfg)
         self.opts = o
         d = o.hidden_dim
         # build_model order (runner.py L253-298): enhancer, aligner, transformer, position encodings, MESM
@@ -1251,6 +1253,10 @@ def build_mesm(cfg_model, cfg_loss=None, *, text_encoder: Optional[nn.Module] = 
     return model
 
 
+STATE_DICT_COUNTS = {"charades C+SF_C": 273, "charades-cg C+SF_C": 273, "charades VGG_GloVe": 273,
+                     "tacos C3D_GloVe (T2VEncoder_TwoMLP)": 289, "qvhighlights C+SF_C": 273}
+
+
 def official_state_keys(cfg) -> list[str]:
     """The official checkpoint keys (``model_*.ckpt["model"]``, ``text_encoder.*`` removed) for a config, listed
     from the module rules of vmr.md B7 (not from a built model): 273 for C+SF / VGG+GloVe, 289 for TACoS."""
@@ -1308,3 +1314,6 @@ def official_state_keys(cfg) -> list[str]:
         keys += [*linear_layer("ss_reconstructor.output_sent_proj.0"),
                  *linear_layer("ss_reconstructor.output_sent_proj.1")]
     return keys
+
+
+STATE_DICT_KEYS = official_state_keys  # the brief's name for the key-listing helper

@@ -12,6 +12,10 @@
   video), the ``_0`` aux keys on decoder layer 0 (span + label, its own matching); the total is
   ``Σ weight_dict[k] · losses[k]`` in the official order. Each term is callable alone; ``indices`` /
   ``aux_indices`` inject the matchings; :attr:`Criterion.last_indices` holds those used.
+* the positive counts ``pos_mask.sum(1) + 1e-6`` (saliency, rec_ss) are taken in the losses' dtype; officially the
+  long count plus a Python float lands in torch's *default* dtype (float32 unless changed), so a float64 twin
+  equals an official run whose default dtype is float64 (the two agree in float32); likewise the CE class weights
+  ``[1, eos_coef]`` (the official ``empty_weight`` buffer, built in the default dtype) are taken in the logits'.
 * ``generalized_temporal_iou`` casts to float32 (``spans.float()``, ``span_utils.py`` L313-314) as officially, so
   GIoU terms are float32-precise even in a float64 run; ``giou_float32=False`` keeps the input dtype.
 * :func:`official_optimizer` (AdamW over the trainable parameters + StepLR) and :func:`official_step`
@@ -193,7 +197,7 @@ class Criterion(nn.Module):
         else:
             idx = (torch.arange(indices.shape[0], device=logits.device), indices[:, 0].to(logits.device))
         target_classes[idx] = self.foreground_label
-        weight = self.empty_weight.to(logits.dtype)
+        weight = torch.tensor([1.0, self.eos_coef], dtype=logits.dtype, device=logits.device)  # = empty_weight
         loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, weight, reduction="none")
         losses = {"loss_label": loss_ce.mean()}
         if log:
@@ -229,7 +233,8 @@ class Criterion(nn.Module):
             cur = scores * drop_mask / tau + ~drop_mask * -1e3
             logits = cur - torch.max(cur, dim=1, keepdim=True)[0]
             log_prob = logits - torch.log(torch.exp(logits).sum(1, keepdim=True) + 1e-6)
-            mean_log_prob_pos = (pos_mask * log_prob * vid_token_mask).sum(1) / (pos_mask.sum(1) + 1e-6)
+            count = pos_mask.sum(1).to(log_prob.dtype)  # long + 1e-6 is the default dtype's officially
+            mean_log_prob_pos = (pos_mask * log_prob * vid_token_mask).sum(1) / (count + 1e-6)
             loss_rank = loss_rank + (-mean_log_prob_pos * batch_drop_mask).mean()
         loss = loss_rank / self.rank_coef + loss_neg_pair
         if self.use_triplet:
@@ -263,7 +268,7 @@ class Criterion(nn.Module):
         cos = cos / self.recss_tau
         logits = cos - torch.max(cos, dim=1, keepdim=True)[0]
         log_prob = logits - torch.log(torch.exp(logits).sum(1, keepdim=True) + 1e-6)
-        mean_log_prob_pos = (pos_mask * log_prob).sum(1) / (pos_mask.sum(1) + 1e-6)
+        mean_log_prob_pos = (pos_mask * log_prob).sum(1) / (pos_mask.sum(1).to(log_prob.dtype) + 1e-6)
         return {"loss_rec_ss": (-mean_log_prob_pos).mean()}
 
     def cal_nll_loss(self, logit, idx, mask):
