@@ -25,8 +25,11 @@ for the one row, takes the first minimal column (its shortest-path step keeps th
 as in the official call. Indices are ``(R, W)`` int32: the query matched to each window, ``-1`` for padded
 windows and padded rows. :func:`mesm_loss` takes them as an optional input (one array per decoder layer).
 
-Dtype: everything runs in ``result_type(pred_logits, float32)``. The official ``generalized_temporal_iou``
-casts to float32 (``span_utils.py`` L111-112) even for float64 inputs; here GIoU runs in the working dtype.
+Dtype: everything runs in ``result_type(pred_logits, float32)``, which is the official computation in float32
+training. In float64 it equals an official run whose torch default dtype is float64 (the ``empty_weight`` buffer
+``[1, eos_coef]`` and the ``count + 1e-6`` denominators are built in the default dtype officially), except that the
+official ``generalized_temporal_iou`` casts to float32 (``span_utils.py`` L111-112) whatever the input dtype; here
+GIoU runs in the working dtype. ``class_error`` and ``rec_fw_acc`` are float32 as officially (``.float()``).
 """
 
 from __future__ import annotations
@@ -72,10 +75,11 @@ LOG_EPS = 1e-6  # criterion.py L188, L190, L269, L270
 
 
 def _count_plus_eps(count, dtype):
-    """``pos_mask.sum(1) + 1e-6`` (``criterion.py`` L190, L270): an int64 count plus a Python float is a torch
-    default-dtype (float32) tensor, so the official denominator is rounded to float32 even in a float64 run
-    (3 + 1e-6 -> 3.00000095); it is then widened by the division. The same here."""
-    return (count.astype(jnp.float32) + jnp.float32(LOG_EPS)).astype(dtype)
+    """``pos_mask.sum(1) + 1e-6`` (``criterion.py`` L190, L270). Officially an int64 count plus a Python float lands
+    in torch's DEFAULT dtype (float32 unless changed), then widens in the division; here it is taken in the working
+    dtype, i.e. as an official run whose default dtype is the working dtype (the same in float32; the twin,
+    torch_ref/mesm_loss.py, does likewise)."""
+    return count.astype(dtype) + LOG_EPS
 
 
 # ---------------------------------------------------------------------------------------------- span utilities
@@ -282,8 +286,7 @@ def loss_saliency(saliency_scores, neg_saliency_scores, video_mask, contrast_lab
       literally (inf in float32 once sigmoid rounds to 1); ``stable_neg_pair`` uses softplus(s_neg) instead.
     * rank: scores [s ; s_neg] with padded frames at -1e3, labels [label ; 0]; for r = 1..11, skipped when no
       label >= r in the batch: log-softmax over the 2 Lv positions of scores / 0.5 (with ``+1e-6`` in the log),
-      mean log-prob of the positions with label >= r (``/(count + 1e-6)``, that sum in float32 as officially,
-      :func:`_count_plus_eps`), negated, zeroed for rows without a
+      mean log-prob of the positions with label >= r (``/(count + 1e-6)``, :func:`_count_plus_eps`), negated, zeroed for rows without a
       positive and averaged over ALL real rows (L170-194). Summed over r and divided by ``rank_coef``.
     * triplet (``use_triplet``): sum clamp(margin + s[neg_idx] - s[pos_idx], 0) / (rows x pairs) * 2 (L202-213).
     """
@@ -379,7 +382,7 @@ def loss_rec_ss(projed_video_feat, clip_mask, expanded_words_feat, expanded_word
     the official max shift and ``+1e-6`` in the log). Positives: rows of the same item (``row_group``, the
     official ``block_diag`` over ``num_clips``) whose moments (R, 2) have GIoU >= ``iou_gamma`` (rows of other
     items have GIoU 0 in the block-diagonal matrix, so they are positives only if ``iou_gamma <= 0``).
-    Loss = -mean over rows of the mean log-prob of the positives (``/(count + 1e-6)``, in float32 as officially)."""
+    Loss = -mean over rows of the mean log-prob of the positives (``/(count + 1e-6)``, :func:`_count_plus_eps`)."""
     group = jnp.asarray(row_group)
     real = group >= 0
     st = projed_video_feat.dtype
