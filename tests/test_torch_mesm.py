@@ -325,7 +325,8 @@ def test_sine_embeddings_numpy():
     assert not close(got, np_sine(x, 8).repeat(2, -1), tol=1e-6)  # mutant: half the frequencies
     ref = torch.rand(4, 3, 2, dtype=torch.float64)
     g = TM.gen_sineembed_for_position(ref, 16)
-    want = np.concatenate([np_sine(ref[..., 0].numpy() * 2 * np.pi, 8), np_sine(ref[..., 1].numpy() * 2 * np.pi, 8)], -1)
+    c, w = ref[..., 0].numpy(), ref[..., 1].numpy()
+    want = np.concatenate([np_sine(c * 2 * np.pi, 8), np_sine(w * 2 * np.pi, 8)], -1)
     assert g.dtype == torch.float64 and close(g, want, tol=1e-6)
     assert not close(g, np.concatenate([want[..., 8:], want[..., :8]], -1), tol=1e-6)  # mutant: (w, c) order
 

@@ -25,7 +25,9 @@ Semantics kept (vmr.md B2, B7, B9):
   on every intermediate output; ``inverse_sigmoid`` eps 1e-3;
 * ``PositionEmbeddingSine`` in float32 (``cumsum(dtype=float32)``) and the decoder's float32 ``dim_t``, promoted
   on use, as in a float64 official run; the decoder's zero ``tgt`` in the model's dtype (officially the default
-  dtype: a float64 official run needs ``torch.set_default_dtype(torch.float64)``);
+  dtype: a float64 official run needs ``torch.set_default_dtype(torch.float64)``); ``masked_token``,
+  ``unknown_token`` and ``masked_sent_token`` are created ``.float()`` as officially, so run ``model.double()``
+  for float64 (officially too: the MLM path's LayerNorm rejects the mixed dtypes);
 * init: xavier over every >1-D parameter of ``T2VEncoder``/``Transformer`` (overwriting ``bbox_embed``'s zero last
   weight; its bias stays 0), torch defaults elsewhere (SS-MESM's layers are deep copies of one layer: identical at
   init), ``query_embed`` N(0, 1), ``global_rep_{token,pos}`` randn, learned tokens zero, PReLU 0.25;
@@ -57,7 +59,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections import OrderedDict
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -68,7 +69,8 @@ import torch.nn.functional as F
 from jaxprvr.errors import JaxprvrError
 from torch_ref.dropout import HashDropout
 
-__all__ = ["MESM", "MESMOptions", "build_mesm", "official_state_keys", "STATE_DICT_KEYS", "STATE_DICT_COUNTS", "prepare_batch", "sample_outclass_neg",
+__all__ = ["MESM", "MESMOptions", "build_mesm", "official_state_keys", "STATE_DICT_KEYS", "STATE_DICT_COUNTS",
+           "prepare_batch", "sample_outclass_neg",
            "official_mask_words", "t2v_head_masks", "inverse_sigmoid", "gen_sineembed_for_position",
            "sine_position", "CLIPTextEncoder", "GloveTextEncoder", "build_clip_text_encoder", "SINGLE_MOMENT",
            "MULTI_MOMENT", "T2V_MASKS"]
