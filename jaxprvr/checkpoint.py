@@ -88,7 +88,8 @@ class Checkpoints:
 def resolve_params_dir(path: str | Path) -> Path:
     """Finds the step folder holding ``params`` from a run dir, a slot dir or a step dir.
 
-    Accepted: ``<run>`` (uses ``ckpt/best``, else ``ckpt/latest``), ``<run>/ckpt/<slot>``, a manager
+    Accepted: ``<run>`` (uses ``ckpt/best``, else its one ``ckpt/best_<split>``, else ``ckpt/latest``; a run with
+    several ``best_<split>`` slots must name one), ``<run>/ckpt/<slot>``, a manager
     folder (its newest step), or a step folder that contains ``params/``.
     """
     p = Path(path).absolute()
@@ -96,7 +97,11 @@ def resolve_params_dir(path: str | Path) -> Path:
         raise JaxprvrError(p, "a checkpoint folder", "nothing at that path")
     if (p / "params").is_dir():
         return p
-    for cand in (p / "ckpt" / "best", p / "ckpt" / "latest", p):
+    bests = sorted(c for c in (p / "ckpt").glob("best_*") if c.is_dir()) if (p / "ckpt").is_dir() else []
+    if not (p / "ckpt" / "best").is_dir() and len(bests) > 1:  # one best per selection split: say which
+        raise JaxprvrError(p, "one checkpoint slot (the run keeps a best per selection split)",
+                           f"{[c.name for c in bests]}", hint=f"pass {p}/ckpt/<slot>")
+    for cand in (p / "ckpt" / "best", *bests, p / "ckpt" / "latest", p):
         if cand.is_dir():
             steps = sorted((int(c.name), c) for c in cand.iterdir() if c.name.isdigit() and (c / "params").is_dir())
             if steps:

@@ -45,6 +45,11 @@ DATASETS: dict[str, dict[str, dict[str, Any]]] = {
         "tacos": dict(ann_dir="dataset/TACoS", video_feat="hujingjing2/data/TACoS/tall_c3d_features_pca.hdf5",
                       query_feat_dir="hujingjing2/data/TACoS/text_distbert_feat_new", video_mode="c3d_hdf5",
                       splits=("train", "val", "test"), input_size=500, num_pre_clips=512),
+        # MESM's own datasets (jaxprvr.data.mesm.VARIANTS holds their facts; Charades and TACoS there are the official
+        # MESM layout, not MMN's)
+        "charades_cg": dict(),
+        "charades_cd": dict(),
+        "qvhighlights": dict(),
         "charades": dict(ann_dir="dataset/Charades_STA", video_feat="hujingjing2/data/data/features/i3d_finetuned",
                          query_feat_dir="hujingjing2/data/Charades_STA/text_distbert_feat", video_mode="i3d_npy",
                          splits=("train", "test"), input_size=1024, num_pre_clips=128),
@@ -424,6 +429,67 @@ class MESMLossConfig(LossConfig):
     use_triplet: bool = False
     saliency_margin: float = 0.2
     label_smoothing: float = 0.1  # FW-MESM's MLM loss (criterion.py L276-306)
+    # The saliency neg_pair term -log(1 - sigmoid(s)): official literal (inf in float32 for s >~ 17, NaN gradients);
+    # True: softplus(s), the same value where both are finite (docs/quirks.md).
+    stable_neg_pair: bool = False
+
+
+@dataclass(frozen=True)
+class MESMDataConfig(DataConfig):
+    """MESM's data (jaxprvr.data.mesm; the official dataset/*.py): the feature variant and the official config's data
+    fields. ``--data-root`` is the official working directory (``./data/...``, ``./pretrained_models/...``);
+    ``data.variant`` names an official config file (``config/charades/VGG_GloVe.json`` is ``--config charades
+    --model mesm --set data.variant=VGG_GloVe``) and brings its facts (files, widths, lengths, tokenizer)."""
+
+    variant: str = ""  # "" = the dataset's default (C+SF_C; TACoS C3D_GloVe)
+    feat_dims: tuple[int, ...] = ()  # () = the official widths of the variant's files; else reduced-width files
+    clip_len: float = 1.0  # seconds per feature row (-1: TACoS, moments as fractions of the duration)
+    max_words_l: int = 16  # follows model.max_words_l (_sync)
+    max_video_l: int = 194  # follows model.max_video_l
+    tokenizer_type: str = "CLIP"  # follows model.tokenizer_type
+    load_vocab_pkl: bool = False  # follows model.load_vocab_pkl
+    vocab_size: int = 1111  # follows model.vocab_size (the MLM classes)
+    contra_samples: int = 2
+    max_gather_size: int = -1  # TACoS 10: a video's queries in chunks of at most this many (one item each)
+    max_windows: int = 5  # QVHighlights: moments kept per query
+    eval_batch_size: int = 30  # items per evaluation batch
+    # The POS tagger of the MLM weights: "nltk" (official; needs NLTK's tagger data), "rule" (a closed-class rule
+    # tagger, a documented deviation for training without NLTK data) or "none" (all weights 1: exact for evaluation).
+    pos_tagger: str = "nltk"
+    sentence_split: str = "auto"  # GloVe's word_tokenize: "punkt" | "identity" (refused on internal sentence ends) | "auto"
+    glove_seed: int = 0  # the <UNK> GloVe vector (official: torch.randn at every build, never saved: docs/quirks.md)
+    val_seed: int = 0  # the derived val split (Charades, Charades-CG: 10% of the train videos)
+    rescale_labels: bool = False  # True: clip labels rescaled after pooling (official: not; docs/quirks.md)
+    whole_video: str = "error"  # a training moment covering the whole video: "error" (official: a crash) | "skip"
+    chunk_seed: int = -1  # TACoS's random chunking (-1: train.seed)
+    eval_batches: str = ""  # a JSON replay of the evaluation batches (qid lists in row order; jaxprvr.data.mesm)
+    row_capacity: int = 0  # query rows per static batch (0: the split's largest batch)
+    max_ts_val: float = 150.0  # PostProcessorDETR's clamp (TACoS 1000)
+
+
+@dataclass(frozen=True)
+class MESMTrainConfig(TrainConfig):
+    """MESM's recipe (train.py, runner.py L348-352): AdamW over every trainable tensor (torch betas and eps, weight
+    decay on all), StepLR(lr_drop, gamma) per epoch, clip_grad_norm_ 0.1, evaluation every epoch, the best by
+    MR-full-{stop_score} (strictly greater)."""
+
+    lr: float = 2e-4
+    wd: float = 1e-4
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_drop: int = 400
+    lr_gamma: float = 0.5
+    max_grad_norm: float = 0.1
+    batch_size: int = 12  # items (videos; TACoS chunks; QVHighlights YouTube ids) per batch
+    n_epoch: int = 200
+    seed: int = 2019
+    max_es_cnt: int = 200
+    stop_score: str = "mAP"  # "mAP" | "miou": MR-full-mAP / MR-full-miou selects the best checkpoint
+    # "official": the splits of runner.py L70-80 select checkpoints (test for Charades and TACoS, test_ood for
+    # Charades-CD, novel_composition + novel_word for Charades-CG: a selection on test, docs/quirks.md); "val": the
+    # honest protocol (TACoS val.json, Charades-CD charades_val.json, a seeded 10% of the train videos otherwise).
+    selection: str = "official"
 
 
 # ---------------------------------------------------------------------------------------------- text-video retrieval

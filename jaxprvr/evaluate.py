@@ -59,6 +59,7 @@ def load_checkpoint_config(args):
     trained with, e.g. a demo's width), then ``--set``; and the checkpoint's saved config dict."""
     from jaxprvr.checkpoint import read_meta
     from jaxprvr.config import apply_overrides, load_config, model_config_from_dict
+    from jaxprvr.tasks import task_for
 
     saved_cfg = read_meta(args.ckpt).get("config", {})
     saved = saved_cfg.get("model")
@@ -68,10 +69,20 @@ def load_checkpoint_config(args):
         if args.model is not None and saved.get("name") != args.model:
             raise JaxprvrError(args.ckpt, f"a checkpoint of --model {args.model}", f"one of {saved.get('name')}")
         cfg = dataclasses.replace(cfg, model=model_config_from_dict(saved, where=str(args.ckpt)))
+        # data fields that fix the model's input (e.g. a feature variant and its widths) come from the checkpoint
+        keep = {k: saved_cfg.get("data", {})[k] for k in task_for(cfg).checkpoint_data_fields
+                if k in saved_cfg.get("data", {})}
+        if keep:
+            cfg = apply_overrides(cfg, [f"data.{k}={_literal(v)}" for k, v in keep.items()])
     overrides = list(args.overrides) + ([f"data.topk={args.topk}"] if getattr(args, "topk", None) else [])
     overrides += ["data.save_features=true"] if getattr(args, "save_features", False) else []
     overrides += ["data.save_inputs=true"] if getattr(args, "save_inputs", False) else []
     return apply_overrides(cfg, overrides), saved_cfg
+
+
+def _literal(v) -> str:
+    """A saved JSON value as ``--set`` text (lists as tuples)."""
+    return repr(tuple(v)) if isinstance(v, list) else str(v)
 
 
 def run(args) -> dict:

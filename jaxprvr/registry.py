@@ -32,7 +32,9 @@ class Family:
     # config.TRAIN_CONFIGS): e.g. a moment-retrieval family with its own on-disk format and recipe.
     data_config: type | None = None
     train_config: type | None = None
-    task_object: str = "TASK"  # the Task instance in the task module (a task module may serve several families)
+    # The Task instance: an attribute of the task module, or "module:attr" (a task's family-specific pieces in a
+    # module of their own, e.g. DETR-style moment retrieval beside the proposal-map one).
+    task_object: str = "TASK"
     # "module:function" applied to a loaded config after its overrides (then the overrides again, so that an
     # explicit --set wins): fields derived from another field, e.g. a feature variant's widths and lengths.
     resolve: str = ""
@@ -56,6 +58,8 @@ class Family:
 
     def task_instance(self):
         """The :class:`~jaxprvr.tasks.base.Task` object that trains and evaluates this family."""
+        if ":" in self.task_object:
+            return _load(self.task_object)
         return getattr(self.task_module(), self.task_object)
 
     def resolve_config(self, cfg):
@@ -87,6 +91,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                  ("model.joint_space", "64"), ("model.featpool_hidden", "64"), ("model.predictor_hidden", "64"),
                  ("model.predictor_kernel", "5"), ("model.predictor_layers", "2"), ("model.ffn_dim", "128"),
                  ("loss.only_iou_epoch", "4"))),
+    # MESM (DETR-style moment retrieval, the frozen CLIP text tower outside the trained model): the demo runs 64
+    # wide with a 2-layer random text tower on the official-width synthetic features.
+    Family("mesm", "MESM", "vmr", "jaxprvr.models.mesm:MESM", C.MESMConfig, C.MESMLossConfig, "torch_ref.mesm:MESM",
+           "parity.mesm", "lntzm/MESM", data_config=C.MESMDataConfig, train_config=C.MESMTrainConfig,
+           task_object="jaxprvr.tasks.vmr_detr:TASK", resolve="jaxprvr.tasks.vmr_detr:resolve_config",
+           demo=(("model.hidden_dim", "64"), ("model.nheads", "4"), ("model.dim_feedforward", "128"),
+                 ("model.clip_width", "64"), ("model.clip_layers", "2"), ("model.clip_heads", "2"),
+                 ("model.t_feat_dim", "64"))),
     # BackBone_tvr's CLIP ViT-B/32 + seqTransf + WTI: the demo trains a small CLIP from scratch (no weights can be
     # downloaded) on 32 x 32 frames, 2 + 2 layers, 64 wide.
     Family("clip_wti", "CLIP + seqTransf + WTI (BackBone_tvr)", "t2v", "jaxprvr.models.clip_wti:ClipWTI",
@@ -100,7 +112,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 
 # The model `--config <dataset>` trains when no --model is given: the strongest implemented on that dataset.
 DEFAULT_MODEL = {"tvr": "mtm", "act": "mtm", "cha": "mtm", "activitynet": "mrnet", "tacos": "mrnet", "charades": "mrnet",
-                 "msrvtt": "clip_wti", "msvd": "clip_wti", "lsmdc": "clip_wti"}
+                 "msrvtt": "clip_wti", "msvd": "clip_wti", "lsmdc": "clip_wti",
+                 "charades_cg": "mesm", "charades_cd": "mesm", "qvhighlights": "mesm"}
 
 
 def names(task: str | None = None) -> tuple[str, ...]:

@@ -139,12 +139,18 @@ class _Run:
         self.progress = progress and jax.process_index() == 0
         self.t_start = time.perf_counter()
         self.train_ds = self.task.open_split(cfg, data_root, "train")
-        self.val_ds = self.task.open_split(cfg, data_root, self.task.validation_split(cfg))
+        self.sel_splits = self.task.selection_splits(cfg)
+        self.val_ds = {s: self.task.open_split(cfg, data_root, s) for s in self.sel_splits}
         self.cfg = cfg = self.task.with_data_dims(cfg, self.train_ds)
         n_slices = jax.process_count() if batch_slices is None else batch_slices
         self.plan = self.task.train_plan(cfg, self.train_ds, mesh=self.mesh, n_slices=n_slices)
-        self.best_key = f"best_{self.task.selection_metric}"
-        self.ckpts = Checkpoints(self.out / "ckpt")
+        self.metric = self.task.selection_key(cfg)
+        self.slots = {s: self.task.best_slot(cfg, s) for s in self.sel_splits}
+        # meta keys of the best values: "best_<metric>" for the single "best" slot, else one per split
+        self.best_keys = {s: f"best_{self.metric}" if slot == "best" else f"best_{self.metric}@{s}"
+                          for s, slot in self.slots.items()}
+        slots = ["latest", *self.slots.values(), *(sl for _, sl in self.task.test_plan(cfg))]
+        self.ckpts = Checkpoints(self.out / "ckpt", slots=tuple(dict.fromkeys(slots)))
         self.resumed = resume and self.ckpts.latest_step("latest") is not None
         if self.ckpts.latest_step("latest") is not None and not resume:
             raise JaxprvrError(self.out, "an output folder without checkpoints (or --resume)", "an existing run",
@@ -178,8 +184,8 @@ class _Run:
         if model_state:
             state["model_state"] = model_state
         self.state = shd.replicate(state, mesh)
-        self.meta = {"next_epoch": 0, "step_in_epoch": 0, "es_cnt": 0, self.best_key: None, "best_epoch": -1,
-                     "stopped": False}
+        self.meta = {"next_epoch": 0, "step_in_epoch": 0, "es_cnt": 0, **{k: None for k in self.best_keys.values()},
+                     "best_epoch": -1, "stopped": False}
         if self.resumed:
             p, o, meta = self.ckpts.restore("latest", abstract_tree(self.state["params"]),
                                             abstract_tree(self.state["opt_state"]))
@@ -228,7 +234,8 @@ class _Run:
             for i, batch in enumerate(self.plan.batches(epoch, first), start=first):
                 if max_steps is not None and self.global_step >= max_steps:
                     return False
-                dev_batch = shd.shard_local_batch({k: batch[k] for k in self.task.batch_keys}, self.mesh)
+                dev_batch = shd.shard_local_batch({k: batch[k] for k in self.task.batch_keys if k in batch},
+                                                  self.mesh)
                 self.state, metrics = self.train_step(self.state, dev_batch, self.step_keys)
                 self.meta["step_in_epoch"] = i + 1
                 for k, n in self.plan.counts(batch).items():
@@ -269,37 +276,56 @@ class _Run:
         return self.evaluator.evaluate(params, ds, progress=self.progress, **kw)
 
     def validate(self, epoch: int) -> None:
-        """Validation, the ``best`` checkpoint and early stopping (official ``main.py``: ``es_cnt > max_es_cnt``)."""
-        m, tc, metric = self.meta, self.cfg.train, self.task.selection_metric
-        val = self._evaluate(self.eval_params(), self.val_ds, self.state.get("model_state"))
-        improved = self.task.better(val[metric], m[self.best_key])
-        if improved:
-            m.update({self.best_key: val[metric], "best_epoch": epoch, "es_cnt": 0})
-        else:
-            m["es_cnt"] += 1
-            if tc.max_es_cnt != -1 and m["es_cnt"] > tc.max_es_cnt:
-                m["stopped"] = True
+        """Validation, the best checkpoint(s) and early stopping (official ``main.py``: ``es_cnt > max_es_cnt``; with
+        several selection splits, one counter over all of them, reset by any improvement, as MESM's ``train.py``)."""
+        m, tc, metric = self.meta, self.cfg.train, self.metric
+        params = self.eval_params()
+        for split in self.sel_splits:
+            val = self._evaluate(params, self.val_ds[split], self.state.get("model_state"))
+            key, slot = self.best_keys[split], self.slots[split]
+            improved = self.task.better(val[metric], m[key])
+            if improved:
+                m.update({key: val[metric], "best_epoch": epoch, "es_cnt": 0})
+            else:
+                m["es_cnt"] += 1
+                if tc.max_es_cnt != -1 and m["es_cnt"] > tc.max_es_cnt:
+                    m["stopped"] = True
+            where = {} if slot == "best" else {"eval_split": split}
+            self.writer.write({"epoch": epoch, "split": "val", **where, "improved": improved, **_flat(val)})
+            name = "val" if slot == "best" else split
+            _log(self.progress, f"epoch {epoch} {name} {self.task.format_metrics(val)}" + (" (best)" if improved else ""))
+            if improved:
+                self.save(slot, val=_flat(val))
         m.update(next_epoch=epoch + 1, step_in_epoch=0)
-        self.writer.write({"epoch": epoch, "split": "val", "improved": improved, **_flat(val)})
-        _log(self.progress, f"epoch {epoch} val {self.task.format_metrics(val)}" + (" (best)" if improved else ""))
-        if improved:
-            self.save("best", val=_flat(val))
         self.save("latest")
 
     def summary(self) -> dict:
         m = self.meta
         return {"out": str(self.out), "model": self.cfg.model.name, "dataset": self.cfg.data.dataset,
                 "steps": self.global_step, "epochs_done": m["next_epoch"], "best_epoch": m["best_epoch"],
-                f"best_val_{self.task.selection_metric}": m[self.best_key],
+                **{f"best_val_{self.metric}" + ("" if self.slots[s] == "best" else f"@{s}"): m[k]
+                   for s, k in self.best_keys.items()},
                 "train_seconds": round(time.perf_counter() - self.t_start, 1)}
 
     def test(self) -> dict:
-        """The test split on the ``best`` checkpoint (``latest`` if none), EMA weights with ``train.use_ema``."""
+        """The task's test plan (default: the test split on the ``best`` checkpoint; ``latest`` when a slot was never
+        written), EMA weights with ``train.use_ema``. Several test splits: ``{split: metrics}`` in
+        ``test_results.json``, the first one returned."""
+        results = {}
+        for split, slot in self.task.test_plan(self.cfg):
+            results[split] = self._test_split(split, slot)
+        if jax.process_index() == 0:
+            only = next(iter(results.values())) if len(results) == 1 else results
+            (self.out / "test_results.json").write_text(json.dumps(jsonable(only), indent=2))
+        self.tests = results
+        return next(iter(results.values()))
+
+    def _test_split(self, split: str, slot: str) -> dict:
         from jaxprvr.checkpoint import abstract_tree
         from jaxprvr.optim import eval_params
 
-        test_ds = self.task.open_split(self.cfg, self.root, "test")
-        slot = "best" if self.ckpts.latest_step("best") is not None else "latest"
+        test_ds = self.task.open_split(self.cfg, self.root, split)
+        slot = slot if self.ckpts.latest_step(slot) is not None else "latest"
         abstract = abstract_tree(self.state["params"])
         if self.cfg.train.use_ema:  # the EMA weights live in the optimizer state
             p, o, _ = self.ckpts.restore(slot, abstract, abstract_tree(self.state["opt_state"]))
@@ -310,10 +336,8 @@ class _Run:
         if model_state:
             model_state = shd.replicate(self.ckpts.restore_model_state(slot, abstract_tree(model_state)), self.mesh)
         test = self._evaluate(shd.replicate(params, self.mesh), test_ds, model_state)
-        test.update(split="test", checkpoint=slot, **self.task.test_fields(test_ds))
-        if jax.process_index() == 0:
-            (self.out / "test_results.json").write_text(json.dumps(jsonable(test), indent=2))
-        self.writer.write({"split": "test", **_flat(test)})
+        test.update(split=split, checkpoint=slot, **self.task.test_fields(test_ds))
+        self.writer.write({"split": "test", **({} if split == "test" else {"eval_split": split}), **_flat(test)})
         return test
 
 
@@ -332,6 +356,8 @@ def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = Tru
         summary = run.summary()
         if not (stopped_by_max_steps or not run_test):
             summary["test"] = run.test()
+            if len(run.tests) > 1:
+                summary["tests"] = run.tests
     finally:
         run.ckpts.close()
     return summary

@@ -55,6 +55,28 @@ class Task:
         """The split evaluated after each epoch to select ``best`` (and to stop early)."""
         return "val"
 
+    # Data fields a checkpoint's config fixes for evaluation (they shape the model's input): jaxprvr.evaluate takes
+    # them from the checkpoint, as it takes its model section.
+    checkpoint_data_fields: tuple[str, ...] = ()
+    # Checkpoint slots "best_<split>" (one per selection split) instead of the single "best".
+    best_per_split: bool = False
+
+    def selection_splits(self, cfg) -> tuple[str, ...]:
+        """The splits evaluated after each epoch, in order; with several (or :attr:`best_per_split`) each keeps its
+        own best checkpoint (:meth:`best_slot`) and one early-stopping counter runs over all of them."""
+        return (self.validation_split(cfg),)
+
+    def selection_key(self, cfg) -> str:
+        """The metric of the evaluator's dict that selects the best checkpoint (default :attr:`selection_metric`)."""
+        return self.selection_metric
+
+    def best_slot(self, cfg, split: str) -> str:
+        return f"best_{split}" if self.best_per_split or len(self.selection_splits(cfg)) > 1 else "best"
+
+    def test_plan(self, cfg) -> list[tuple[str, str]]:
+        """``(split, checkpoint slot)`` pairs evaluated after training (default: test on the best checkpoint)."""
+        return [("test", self.best_slot(cfg, self.selection_splits(cfg)[0]))]
+
     def validates_after(self, cfg, epoch: int) -> bool:
         """Whether the trainer evaluates the validation split after (0-based) ``epoch`` (default: every epoch)."""
         return True
