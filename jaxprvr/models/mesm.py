@@ -59,7 +59,8 @@ final LayerNorm on every intermediate output.
 Call: ``model.apply(variables, batch, train=..., neg_index=..., mlm_mask=..., with_neg=..., rngs={"dropout": k})``
 -> ``(outputs, aux)``. ``outputs`` (official names, ``MESM.forward`` L334-357): ``pred_logits (R, nq, 2)``,
 ``pred_spans (R, nq, 2)``, ``saliency_scores (R, Lv)``, ``neg_saliency_scores (R, Lv)`` (only when the negative
-branch runs: ``train`` or ``with_neg=True``), ``aux_outputs`` (a list over the decoder layers but the last) when
+branch runs: ``with_neg``, default ``train``; the official eval runs it too and discards it; ``with_neg=True`` for a
+comparison with the twin), ``aux_outputs`` (a list over the decoder layers but the last) when
 ``aux_loss``; with ``rec_ss``: ``projed_video_feat, recon_feat, projed_recon_feat, expanded_words_feat,
 expanded_words_mask, enhanced_video_feat, projed_words_feat``; with ``rec_fw`` and ``train``: ``words_mask``,
 ``recfw_words_logit``. ``aux``: the named intermediates (:data:`AUX_NAMES`). ``neg_index`` (R,) int32
@@ -67,8 +68,15 @@ expanded_words_mask, enhanced_video_feat, projed_words_feat``; with ``rec_fw`` a
 keys of the same names); a forward that needs one and lacks it is a JaxprvrError.
 
 Padding rows and positions beyond the real ones change nothing for the real rows (the head-major modulo uses
-``num_rows``); masked logits are filled with the dtype's lowest finite value instead of ``-inf``, so a fully masked
-row (a padding row; officially a crash or NaN) is finite and meaningless.
+``num_rows``; rows interact only through it, the SS-MESM groups and ``neg_index``); masked logits are filled with the
+dtype's lowest finite value instead of ``-inf``, so a fully masked row (a padding row; officially a crash or NaN)
+is finite and meaningless, and so are its gradients. The SS-MESM slot capacity ``S`` is ``max_group_rows`` (0 = R;
+any S at least the largest item's row count gives the same numbers: the slots past it are padding for every row).
+
+Deviations from the official code (all outside what the official code computes without crashing): the sine
+positions (video and the decoder's) are computed in the statistics dtype (the official ``cumsum(dtype=float32)`` and
+float32 ``dim_t`` make them float32 even in a float64 run; a float32 run is the official computation); a row
+without a valid key (padding) gets a uniform attention instead of NaN; a row without words gets a zero sentence.
 
 Dtypes: ``cfg.compute_dtype`` float32 (official), bfloat16 (Dense matmuls in bf16; LayerNorm statistics, softmax,
 positions, masks in float32) or float64 (with jax_enable_x64: everything float64). Outputs float32 (float64 for a
@@ -90,18 +98,18 @@ torch key                                                             Flax ``par
 ``global_rep_{token,pos}``, ``masked_token``, ``unknown_token``       same name (param)
 ``{enhance,t2v}_encoder.t2v_encoder.layers.{i}.self_attn.in_proj_     ``{enhance,t2v}_encoder/t2v_encoder/layers_{i}/
 weight`` (3d, d) / ``in_proj_bias``                                   self_attn/in_proj/kernel`` (d, 3d) / ``bias``
-``... .self_attn.out_proj``, ``linear1``, ``linear2``                 ``.../self_attn/out_proj``, ``linear1``, ... (linear)
-``... .norm1``, ``norm2`` (TwoMLP also ``linear{1,2}_1, norm{1,2}_1``)  ``.../norm1`` ... (layernorm)
+``... .self_attn.out_proj``, ``linear1``, ``linear2``                 ``.../self_attn/out_proj``, ... (linear)
+``... .norm1``, ``norm2`` (TwoMLP: ``linear{1,2}_1, norm{1,2}_1``)    ``.../norm1`` ... (layernorm)
 ``... .activation.weight`` (1,)                                       ``.../activation/weight`` (param)
 ``transformer.encoder.layers.{i}.*``                                  ``transformer/encoder/layers_{i}/*`` (as above)
 ``transformer.decoder.layers.{i}.{sa,ca}_*_proj``, ``linear{1,2}``     ``transformer/decoder/layers_{i}/...`` (linear)
 ``transformer.decoder.layers.{i}.{self,cross}_attn.out_proj``         ``.../{self,cross}_attn/out_proj`` (linear)
-``transformer.decoder.layers.{i}.norm{1,2,3}``, ``activation.weight``  ``.../norm{1,2,3}``, ``activation/weight``
-``transformer.decoder.{norm, query_scale, ref_point_head, bbox_embed,  ``transformer/decoder/{norm, query_scale/layers_j,
-ref_anchor_head}.layers.{j}``                                         ...}``
+``transformer.decoder.layers.{i}.norm{1,2,3}``, ``activation``       ``.../norm{1,2,3}``, ``activation/weight``
+``transformer.decoder.{norm, query_scale, ref_point_head,             ``transformer/decoder/{norm, query_scale/
+bbox_embed, ref_anchor_head}.layers.{j}``                              layers_j, ...}``
 ``txt_position_embed.position_embeddings.weight``, ``.LayerNorm``     ``txt_position_embed/position_embeddings/
                                                                       embedding``, ``.../LayerNorm``
-``span_embed.layers.{j}``, ``class_embed``, ``saliency_proj{1,2}``     ``span_embed/layers_{j}``, ... (linear)
+``span_embed.layers.{j}``, ``class_embed``, ``saliency_proj{1,2}``    ``span_embed/layers_{j}``, ... (linear)
 ``query_embed.weight`` (nq, 2)                                        ``query_embed/embedding`` (embedding)
 ``input_{txt,vid}_proj.{j}.{LayerNorm, net.1}``                       ``input_{txt,vid}_proj_{j}/{LayerNorm, net_1}``
 ``output_txt_proj.0.{LayerNorm, net.1}``, ``output_txt_proj.1``       ``output_txt_proj_0/...``, ``output_txt_proj_1``
@@ -641,8 +649,9 @@ class DecoderLayer(nn.Module):
         b, nq, _ = q.shape
         lm = k.shape[1]
         sine = lin("ca_qpos_sine_proj")(query_sine_embed)
-        q = jnp.concatenate([q.reshape(b, nq, nh, d // nh), sine.reshape(b, nq, nh, d // nh)], -1).reshape(b, nq, 2 * d)
-        k = jnp.concatenate([k.reshape(b, lm, nh, d // nh), k_pos.reshape(b, lm, nh, d // nh)], -1).reshape(b, lm, 2 * d)
+        hd = d // nh  # per head [content ; sine] queries and [content ; pos] keys (L778-784)
+        q = jnp.concatenate([q.reshape(b, nq, nh, hd), sine.reshape(b, nq, nh, hd)], -1).reshape(b, nq, 2 * d)
+        k = jnp.concatenate([k.reshape(b, lm, nh, hd), k_pos.reshape(b, lm, nh, hd)], -1).reshape(b, lm, 2 * d)
         t2 = DecoderAttention(d, nh, c.dropout, dt, name="cross_attn")(q, k, v, mem_masked, train=train)
         tgt = layer_norm(name="norm2", dtype=dt)(tgt + drop("dropout2", t2))
         y = PReLU(name="activation")(lin("linear1", d, ff)(tgt))
@@ -953,7 +962,8 @@ class MESM(nn.Module):
             if init and mlm_mask is None and "mlm_mask" not in batch:
                 masked_words = jnp.zeros(words_mask.shape, bool)
             else:
-                masked_words = jnp.asarray(self._input(batch, "mlm_mask", mlm_mask, "the MLM pass (train)")).astype(bool)
+                masked_words = jnp.asarray(self._input(batch, "mlm_mask", mlm_mask, "the MLM pass (train)"))
+                masked_words = masked_words.astype(bool)
             unknown = jnp.asarray(batch["unknown_mask"]).astype(bool)
             clip_mask = jnp.asarray(batch["clip_mask"]).astype(bool)
             unk = self._proj(self.input_txt_proj, self.unknown_token.astype(dt)[None, None], train)
