@@ -624,7 +624,7 @@ def test_transformer_derivatives_match_twin(float64_twin):
     b, l, d, nq = 4, 7, cfg.hidden_dim, cfg.num_queries
     pad = np.arange(l)[None] >= np.array([7, 3, 5, 1])[:, None]
     src = rng.normal(size=(b, l, d))
-    pos = np.asarray(POSITIONS(~pad, d, jnp.float64))
+    pos = np.array(POSITIONS(~pad, d, jnp.float64))  # a writable copy (torch.from_numpy)
     w = [rng.normal(size=s) for s in ((2, b, nq, d), (2, b, nq, 2), (b, l, d), (b, d))]
     model = M.Transformer(cfg, jnp.float64)
 
@@ -663,7 +663,7 @@ def test_transformer_derivatives_match_twin(float64_twin):
         value.backward()
         g = {n: (p.grad.numpy() if p.grad is not None else np.zeros(p.shape)) for n, p in tw.named_parameters()}
         g["input"] = x.grad.numpy()
-        return g, float(value), out[0].detach().numpy(), out[1].detach().numpy()
+        return g, float(value.detach()), out[0].detach().numpy(), out[1].detach().numpy()
 
     def check(tw):
         g, value, t_hs, t_refs = twin_run_grads(tw)
