@@ -398,6 +398,9 @@ class MESMConfig(ModelConfig):
     # h gets the mask of row (b * nhead + h) mod B (B = the real rows of the batch); "per_row": each row its own
     # mask (docs/quirks.md).
     t2v_mask: str = "head_major"
+    # SS-MESM's sentence slots per row (>= the most queries of one item in a batch); 0 = the batch's row count. The
+    # task sets it from the training split (jaxprvr.tasks.vmr_detr); no parameter depends on it.
+    ss_slots: int = 0
     # The frozen CLIP text tower: OpenAI-format weights (ViT-B-32.pt, MESM's clip_text_encoder.pth, a
     # parity.convert clip2jax directory); "" = a random tower at the sizes below (--demo, tests).
     clip: str = ""
@@ -464,6 +467,8 @@ class MESMDataConfig(DataConfig):
     chunk_seed: int = -1  # TACoS's random chunking (-1: train.seed)
     eval_batches: str = ""  # a JSON replay of the evaluation batches (qid lists in row order; jaxprvr.data.mesm)
     row_capacity: int = 0  # query rows per static batch (0: the split's largest batch)
+    video_capacity: int = 0  # frames per static batch (0: the split's longest video); equal capacities on every
+    #                          split let training and every evaluation share compiled programs
     max_ts_val: float = 150.0  # PostProcessorDETR's clamp (TACoS 1000)
 
 

@@ -492,16 +492,27 @@ def _cache_base(cache_dir) -> Path:
     return Path(os.environ.get("JAXPRVR_CACHE", "~/.cache/jaxprvr")).expanduser() / "demo"
 
 
-def demo_root(dataset: str = "charades", variant: str | None = None, cache_dir=None) -> Path:
-    """A demo dataset (:data:`DEMO_SIZES`, official widths, float16 features, seed 0), created on first use;
-    returns its ``--data-root``: ``<cache>/mesm-<dataset>-<variant>-v1`` (``$JAXPRVR_CACHE/demo`` or
-    ``~/.cache/jaxprvr/demo``), written beside it and renamed into place (never half-written)."""
+def demo_root(dataset: str = "charades", variant: str | None = None, cache_dir=None, feat_dims=None) -> Path:
+    """A demo dataset (:data:`DEMO_SIZES`, float16 features, seed 0; the official widths, or ``feat_dims`` = the
+    widths of the variant's files in order), created on first use; returns its ``--data-root``:
+    ``<cache>/mesm-<dataset>-<variant>[-<widths>]-v1`` (``$JAXPRVR_CACHE/demo`` or ``~/.cache/jaxprvr/demo``),
+    written beside it and renamed into place (never half-written)."""
     facts = variant_facts(dataset, variant)
     from jaxprvr.data.synthetic import create_once
 
-    final = _cache_base(cache_dir) / f"mesm-{dataset}-{facts.variant.replace('+', '')}-v{DEMO_VERSION}"
+    dims = None
+    tag = ""
+    if feat_dims:
+        dims = dict(zip((Path(f).stem for f in facts.feat_files), (int(d) for d in feat_dims)))
+        if len(dims) != len(facts.feat_files):
+            raise JaxprvrError("feat_dims", f"{len(facts.feat_files)} widths ({list(facts.feat_files)})",
+                               str(tuple(feat_dims)))
+        if tuple(dims.values()) != tuple(facts.feat_dims):
+            tag = "-" + "x".join(str(d) for d in dims.values())
+    final = _cache_base(cache_dir) / f"mesm-{dataset}-{facts.variant.replace('+', '')}{tag}-v{DEMO_VERSION}"
     marker = resolve(final, facts.ann_path) / MARKER
-    return create_once(final, marker, lambda tmp: write(dataset, facts.variant, tmp, seed=0, dtype="float16"))
+    return create_once(final, marker, lambda tmp: write(dataset, facts.variant, tmp, seed=0, dtype="float16",
+                                                        feat_dims=dims))
 
 
 def _pairs(text: str | None, what: str) -> dict:

@@ -70,8 +70,9 @@ keys of the same names); a forward that needs one and lacks it is a JaxprvrError
 Padding rows and positions beyond the real ones change nothing for the real rows (the head-major modulo uses
 ``num_rows``; rows interact only through it, the SS-MESM groups and ``neg_index``); masked logits are filled with the
 dtype's lowest finite value instead of ``-inf``, so a fully masked row (a padding row; officially a crash or NaN)
-is finite and meaningless, and so are its gradients. The SS-MESM slot capacity ``S`` is ``max_group_rows`` (0 = R;
-any S at least the largest item's row count gives the same numbers: the slots past it are padding for every row).
+is finite and meaningless, and so are its gradients. The SS-MESM slot capacity ``S`` is ``max_group_rows``, else
+``cfg.ss_slots``, else R; any S at least the largest item's row count gives the same numbers (the slots past it are
+padding for every row); a smaller one would drop sentences, which the task's batches rule out.
 
 Deviations from the official code (all outside what the official code computes without crashing): the sine
 positions (video and the decoder's) are computed in the statistics dtype (the official ``cumsum(dtype=float32)`` and
@@ -886,7 +887,7 @@ class MESM(nn.Module):
                 ss_vid_mask = jnp.asarray(batch["ss_video_mask"]).astype(bool)
             else:  # charades / tacos: the row's own video (L185-189)
                 ss_vid, ss_vid_mask = video_feat, video_mask
-            slot_rows, slot_valid, own = group_slots(row_group, self.max_group_rows or r)
+            slot_rows, slot_valid, own = group_slots(row_group, self.max_group_rows or c.ss_slots or r)
             sent = jnp.where(slot_valid[..., None], sentence_feat[slot_rows], 0).astype(dt)
             ss_vid_p = self._proj(self.input_vid_proj, ss_vid, train)  # the second application (L201-202)
             sent_p = self._proj(self.input_txt_proj, sent, train)

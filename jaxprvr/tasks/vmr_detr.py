@@ -64,10 +64,9 @@ SPLITS = ("train", "val", "test", "novel_composition", "novel_word", "test_trivi
           "test_with_gt")
 
 
-def facts_of(cfg):
-    """The :class:`jaxprvr.data.mesm.VariantFacts` of a config: its variant with the config's data fields."""
-    from jaxprvr.data.mesm import variant_facts
-
+def _fact_overrides(cfg) -> dict:
+    """The config's values of the :class:`jaxprvr.data.mesm.VariantFacts` fields (a ``--set`` wins over the
+    variant's facts)."""
     d = cfg.data
     kw = dict(clip_len=d.clip_len, max_words_l=d.max_words_l, max_video_l=d.max_video_l,
               tokenizer_type=d.tokenizer_type, load_vocab_pkl=d.load_vocab_pkl, vocab_size=d.vocab_size,
@@ -75,7 +74,14 @@ def facts_of(cfg):
               batch_size=cfg.train.batch_size, eval_batch_size=d.eval_batch_size, seed=cfg.train.seed)
     if d.feat_dims:
         kw["feat_dims"] = tuple(d.feat_dims)
-    return variant_facts(d.dataset, d.variant or None, **kw)
+    return kw
+
+
+def facts_of(cfg):
+    """The :class:`jaxprvr.data.mesm.VariantFacts` of a config: its variant with the config's data fields."""
+    from jaxprvr.data.mesm import variant_facts
+
+    return variant_facts(cfg.data.dataset, cfg.data.variant or None, **_fact_overrides(cfg))
 
 
 def resolve_config(cfg):
@@ -198,18 +204,23 @@ class MESMSet:
         text_options = {} if self.facts.tokenizer_type == "CLIP" else {"sentence_split": d.sentence_split}
         tok = make_tokenizer(self.facts, root, recfw=self.facts.rec_fw and train, pos_tagger=d.pos_tagger,
                              **text_options)
-        caps = {"rows": d.row_capacity} if d.row_capacity else None
+        caps = {k: v for k, v in (("rows", d.row_capacity), ("video", d.video_capacity)) if v} or None
         self.ds = open_mesm(d.dataset, self.facts.variant, root, split, tokenizer=tok,
                             val_holdout=train and t.selection == "val", val_seed=d.val_seed,
                             rescale_labels=d.rescale_labels, whole_video=d.whole_video,
                             chunk_seed=None if d.chunk_seed < 0 else d.chunk_seed, capacities=caps,
                             eval_batches=(_resolve(root, d.eval_batches) if d.eval_batches and not train else None),
-                            **_open_overrides(cfg))
+                            **_fact_overrides(cfg))
         self.text = TextFeatures(cfg, root, tok)
         self.n_queries = self.ds.n_queries
 
     def __len__(self):
         return len(self.ds.items)
+
+    @property
+    def max_item_rows(self) -> int:
+        """The most queries one item holds (SS-MESM needs that many sentence slots)."""
+        return max(len(it.rows) for it in self.ds.items)
 
     def static(self, b) -> dict:
         s = dict(b.static)
@@ -225,10 +236,6 @@ class MESMSet:
     def batches(self, rng, train: bool):
         for b in self.ds.batches(rng, train):
             yield b, self.static(b)
-
-
-def _open_overrides(cfg) -> dict:
-    return {"feat_dims": tuple(cfg.data.feat_dims)} if cfg.data.feat_dims else {}
 
 
 # ---------------------------------------------------------------------------------------------- the task
@@ -265,7 +272,7 @@ class MESMTask(Task):
     def demo_root(self, cfg) -> Path:
         from jaxprvr.data.synthetic_mesm import demo_root
 
-        return Path(demo_root(cfg.data.dataset, cfg.data.variant or None))
+        return Path(demo_root(cfg.data.dataset, cfg.data.variant or None, feat_dims=cfg.data.feat_dims or None))
 
     def selection_splits(self, cfg) -> tuple[str, ...]:
         f = facts_of(cfg)
@@ -289,6 +296,13 @@ class MESMTask(Task):
 
     def open_split(self, cfg, root, split):
         return MESMSet(cfg, root, split)
+
+    def with_data_dims(self, cfg, ds):
+        """``model.ss_slots`` from the training split's largest item (0 = R slots: the same numbers, R / S times
+        the work); an evaluation split with larger items widens it for its own forward (:class:`Evaluator`)."""
+        if cfg.model.ss_slots:
+            return cfg
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ss_slots=ds.max_item_rows))
 
     def dummy_batch(self, cfg, rows: int = 4) -> dict:
         m = cfg.model
@@ -314,6 +328,9 @@ class MESMTask(Task):
         if n_slices > 1:
             raise JaxprvrError("MESM training", "one process (its batches are not sliced across processes)",
                                f"{n_slices} slices")
+        if cfg.model.ss_slots and ds.max_item_rows > cfg.model.ss_slots:
+            raise JaxprvrError("model.ss_slots", f"at least the most queries of one training item ({ds.max_item_rows})",
+                               str(cfg.model.ss_slots))
         n_steps = len(ds.ds.batch_plan(np.random.default_rng([cfg.train.seed, 0]), True)[0])
 
         def batches(epoch, skip):
@@ -415,12 +432,23 @@ class Evaluator:
     def __init__(self, model, cfg, mesh=None):
         self.model, self.cfg = model, cfg
         self.mesh = mesh if mesh is not None else shd.make_mesh()
+        self._fwds = {}
 
-        def fwd(params, batch):
-            out, _ = model.apply({"params": params}, batch, train=False)
-            return out["pred_logits"], out["pred_spans"], out["saliency_scores"]
+    def _fwd(self, slots: int):
+        """The jitted eval forward with at least ``slots`` SS-MESM slots (the training model's when they suffice)."""
+        from jaxprvr.models import build_model
 
-        self._fwd = jax.jit(fwd)
+        have = self.cfg.model.ss_slots
+        key = 0 if not have or slots <= have else slots
+        if key not in self._fwds:
+            model = self.model if key == 0 else build_model(dataclasses.replace(self.cfg.model, ss_slots=key))
+
+            def fwd(params, batch):
+                out, _ = model.apply({"params": params}, batch, train=False)
+                return out["pred_logits"], out["pred_spans"], out["saliency_scores"]
+
+            self._fwds[key] = jax.jit(fwd)
+        return self._fwds[key]
 
     def evaluate(self, params, ds, progress: bool = False, keep_outputs: bool = False) -> dict:
         from jaxprvr.metrics.moments import eval_submission, official_dataset_name, postprocess
@@ -433,8 +461,9 @@ class Evaluator:
             from tqdm import tqdm
 
             it = tqdm(it, total=len(plan), desc=f"eval {ds.split}", unit="batch", leave=False)
+        fwd = self._fwd(ds.max_item_rows)
         for b, s in it:
-            logits, spans, sal = jax.device_get(self._fwd(params, {k: s[k] for k in BATCH_KEYS if k in s}))
+            logits, spans, sal = jax.device_get(fwd(params, {k: s[k] for k in BATCH_KEYS if k in s}))
             rows = [r for item in b.items for r in item]
             n = len(rows)
             qs = [ds.ds.queries[r] for r in rows]

@@ -1,0 +1,184 @@
+"""MESM through the generic trainer, evaluator and CLIs (tiny widths, synthetic data in the official layout).
+
+* a short Charades run (honest ``train.selection=val``) writes ``config.json``, ``metrics.jsonl``, ``ckpt/latest``
+  and ``ckpt/best_val``; its loss falls; its test numbers are the metrics that ``python -m jaxprvr.metrics.moments``
+  computes from the submission ``jaxprvr.evaluate`` writes (an independent path through files), and a brute-force
+  R1/mIoU over that submission (plain python, the official definitions) agrees;
+* ``--eval-batches`` replays a batch composition: the saved composition reproduces the submission exactly, and with
+  the official head-major T2V mask another composition changes the predictions (the quirk is live);
+* Charades-CG selects on two splits with one best checkpoint each (``ckpt/best_novel_composition``,
+  ``ckpt/best_novel_word``) and reports each test split on its own best (the official protocol);
+* tensors without an official gradient (``txt_position_embed``, SS-MESM's ``output_sent_proj``) never move.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+TINY = ["data.feat_dims=(16,16)", "model.hidden_dim=16", "model.nheads=2", "model.dim_feedforward=32",
+        "model.clip_width=16", "model.clip_layers=1", "model.clip_heads=2", "model.t_feat_dim=16",
+        "model.num_recfw_layers=1", "model.t2v_layers=1", "model.enc_layers=1", "model.num_recss_layers=1",
+        "data.pos_tagger=rule", "train.batch_size=4", "data.eval_batch_size=8", "data.prefetch=0",
+        "train.log_every=1", "train.lr=1e-3",
+        # one set of static shapes for every split and both datasets: one compiled train step, one evaluation
+        "data.row_capacity=48", "data.video_capacity=194", "model.ss_slots=8"]
+SIZES = {"charades": {"train": 16, "test": 8}, "charades_cg": {"train": 12, "novel_composition": 4, "novel_word": 4,
+                                                               "test_trivial": 4}}
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    from jaxprvr.data.synthetic_mesm import write
+
+    out = {}
+    for ds, sizes in SIZES.items():
+        out[ds] = tmp_path_factory.mktemp(f"mesm-{ds}")
+        write(ds, None, out[ds], sizes=sizes, feat_dims={"clip_image": 16, "slowfast": 16}, seed=1)
+    return out
+
+
+def _cfg(ds, extra=()):
+    from jaxprvr.config import load_config
+
+    return load_config(ds, "mesm", TINY + list(extra))
+
+
+@pytest.fixture(scope="module")
+def run(roots, tmp_path_factory):
+    from jaxprvr.train import train
+
+    out = tmp_path_factory.mktemp("run") / "charades"
+    summary = train(_cfg("charades", ["train.selection=val", "train.n_epoch=3"]), roots["charades"], out,
+                    progress=False)
+    return out, summary
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_the_official_outputs_and_learns(run):
+    out, summary = run
+    assert (out / "config.json").is_file()
+    assert {p.name for p in (out / "ckpt").iterdir()} == {"latest", "best_val"}
+    steps = [r for r in _records(out) if "loss" in r and "split" not in r]
+    assert all(np.isfinite(r["loss"]) for r in steps)
+    first, last = steps[0]["loss"], np.mean([r["loss"] for r in steps[-3:]])
+    assert last < first, (first, last)
+    test = summary["test"]
+    assert test["checkpoint"] == "best_val" and test["split"] == "test"
+    for k in ("MR-full-R1@0.5", "MR-full-mAP", "MR-full-miou", "chance_R1@0.5"):
+        assert np.isfinite(test[k])
+
+
+def _iou(a, b):
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    union = max(a[1], b[1]) - min(a[0], b[0])
+    return inter / union if union > 0 else 0.0
+
+
+def test_evaluate_cli_submission_and_metrics_cli_agree(run, roots, tmp_path):
+    from jaxprvr.evaluate import main as evaluate
+    from jaxprvr.metrics.moments import main as metrics_cli
+
+    out, summary = run
+    ev = tmp_path / "eval"
+    argv = ["--config", "charades", "--model", "mesm", "--ckpt", str(out), "--data-root", str(roots["charades"]),
+            "--split", "test", "--save-predictions", str(ev), "--no-progress"] + sum((["--set", s] for s in TINY), [])
+    assert evaluate(argv) == 0
+    sub = ev / "charades_test_submission.jsonl"
+    rows = [json.loads(line) for line in sub.read_text().splitlines()]
+    saved = json.loads((ev / "metrics.json").read_text())
+    # the run's own test evaluation and the CLI's agree (same checkpoint, same data)
+    for k, v in saved["brief"].items():
+        assert summary["test"][k] == v, k
+    # an independent path: the metrics CLI on the files (ground truth rebuilt from the annotation file)
+    from jaxprvr.data.mesm import open_mesm
+
+    gt = open_mesm("charades", None, roots["charades"], "test", text=False, feat_dims=(16, 16)).gt_rows()
+    gt_file = tmp_path / "gt.jsonl"
+    gt_file.write_text("\n".join(json.dumps(r) for r in gt))
+    assert metrics_cli(["--dataset", "charades", "--submission", str(sub), "--gt", str(gt_file),
+                        "--out", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["brief"] == saved["brief"]
+    # brute force: R1@t of the top-1 window and mIoU (single GT window per query)
+    by_qid = {r["qid"]: r for r in gt}
+    assert sorted(r["qid"] for r in rows) == sorted(by_qid)
+    ious = [_iou(r["pred_relevant_windows"][0][:2], by_qid[r["qid"]]["relevant_windows"][0]) for r in rows]
+    for t in (0.3, 0.5, 0.7):
+        assert saved["brief"][f"MR-full-R1@{t}"] == pytest.approx(100 * np.mean(np.asarray(ious) >= t), abs=0.006)
+    assert saved["brief"]["MR-full-miou"] == pytest.approx(100 * np.mean(ious), abs=0.006)
+    for r in rows:  # the official submission rows: 10 windows sorted by score, integer seconds (clip_len 1)
+        w = np.asarray(r["pred_relevant_windows"])
+        assert w.shape == (10, 3) and np.all(np.diff(w[:, 2]) <= 0) and np.all(w[:, :2] == np.round(w[:, :2]))
+
+
+def test_eval_batches_replay_and_the_head_major_quirk(run, roots, tmp_path):
+    from jaxprvr.evaluate import main as evaluate
+
+    out, _ = run
+    base = ["--config", "charades", "--model", "mesm", "--ckpt", str(out), "--data-root", str(roots["charades"]),
+            "--split", "test", "--no-progress"] + sum((["--set", s] for s in TINY), [])
+
+    def submission(tag, extra=()):
+        d = tmp_path / tag
+        assert evaluate(base + ["--save-predictions", str(d)] + list(extra)) == 0
+        return [json.loads(x) for x in (d / "charades_test_submission.jsonl").read_text().splitlines()], d
+
+    first, d = submission("a")
+    comp = json.loads((d / "eval_batches.json").read_text())
+    replay = tmp_path / "replay.json"
+    replay.write_text(json.dumps(comp))
+    again, _ = submission("b", ["--set", f"data.eval_batches={replay}"])
+    assert again == first
+    # reversed item order inside each batch: the official head-major mask mixes rows' masks, so outputs move
+    replay.write_text(json.dumps([list(reversed(b)) for b in comp]))
+    moved, _ = submission("c", ["--set", f"data.eval_batches={replay}"])
+    key = {r["qid"]: r["pred_relevant_windows"] for r in first}
+    assert any(r["pred_relevant_windows"] != key[r["qid"]] for r in moved)
+    same, _ = submission("d", ["--set", f"data.eval_batches={replay}", "--set", "model.t2v_mask=per_row"])
+    base_pr, _ = submission("e", ["--set", "model.t2v_mask=per_row"])
+    key = {r["qid"]: r["pred_relevant_windows"] for r in base_pr}
+    assert all(r["pred_relevant_windows"] == key[r["qid"]] for r in same)  # per_row: composition-independent
+
+
+def test_frozen_tensors_never_move(run):
+    import jax
+
+    from jaxprvr.checkpoint import Checkpoints, abstract_tree
+    from jaxprvr.models import build_model
+    from jaxprvr.train import init_variables
+
+    out, _ = run
+    cfg = _cfg("charades", ["train.selection=val", "train.n_epoch=3"])
+    model = build_model(cfg.model)
+    init, _ = init_variables(model, cfg, jax.random.PRNGKey(cfg.train.seed))
+    ck = Checkpoints(out / "ckpt", slots=("latest",))
+    trained, _, _ = ck.restore("latest", abstract_tree(init))
+    ck.close()
+    np.testing.assert_array_equal(np.asarray(trained["txt_position_embed"]["position_embeddings"]["embedding"]),
+                                  np.asarray(init["txt_position_embed"]["position_embeddings"]["embedding"]))
+    sent = jax.tree.leaves(trained["ss_reconstructor"]["output_sent_proj_0"])
+    sent0 = jax.tree.leaves(init["ss_reconstructor"]["output_sent_proj_0"])
+    assert all(np.array_equal(a, b) for a, b in zip(sent, sent0))
+    moved = jax.tree.leaves(trained["class_embed"])
+    assert any(not np.array_equal(a, b) for a, b in zip(moved, jax.tree.leaves(init["class_embed"])))
+
+
+def test_charades_cg_selects_on_two_splits(roots, tmp_path):
+    from jaxprvr.train import train
+
+    out = tmp_path / "cg"
+    summary = train(_cfg("charades_cg", ["train.n_epoch=1"]), roots["charades_cg"], out, progress=False)
+    assert {p.name for p in (out / "ckpt").iterdir()} == {"latest", "best_novel_composition", "best_novel_word"}
+    tests = summary["tests"]
+    assert tests["novel_composition"]["checkpoint"] == "best_novel_composition"
+    assert tests["novel_word"]["checkpoint"] == "best_novel_word"
+    assert tests["test_trivial"]["checkpoint"] == "best_novel_composition"
+    vals = [r for r in _records(out) if r.get("split") == "val"]
+    assert [r["eval_split"] for r in vals] == ["novel_composition", "novel_word"]
+    saved = json.loads((out / "test_results.json").read_text())
+    assert set(saved) == {"novel_composition", "novel_word", "test_trivial"}
