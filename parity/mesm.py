@@ -645,9 +645,12 @@ def jax2torch(args, cfg) -> dict:
 _COMPILED: dict = {}  # (kind, config, ...) -> jitted function, shared by the checks of one process
 
 
-def clear_compiled() -> None:
-    """Forgets the compiled programs (a test that patches the model must trace it again)."""
-    _COMPILED.clear()
+def clear_compiled(*kinds: str) -> None:
+    """Forgets the compiled programs (of ``kinds``: ``"fwd"``, ``"block"``, ``"loss"``, ``"match"``, ``"grad"``,
+    ``"update"``, ``"draw"``; default all): a test that patches the model must trace it again."""
+    for k in list(_COMPILED):
+        if not kinds or k[0] in kinds:
+            del _COMPILED[k]
 
 
 def _compiled(key, make):
@@ -1159,6 +1162,8 @@ class MESMCheck(FamilyCheck):
             rows.append(self.arbiter_row(f"decoder layer {layer}: the heads' reference{suffix}", refs[layer, :B],
                                          torch_fn(lambda tw, i=layer: t_tr(tw, 1, i)), tol))
 
+        rows.append(self.transformer_grad_row(src, ~vm, qe, pos, g_tok, g_pos, B, lv, suffix))
+
         # the heads
         h_in, mem_in, memg_in = normal(R, nq, d), normal(R, Lv, d), normal(R, d)
         ref_in = rng.uniform(0.02, 0.98, (R, nq, 2)).astype(fdt)
@@ -1184,6 +1189,84 @@ class MESMCheck(FamilyCheck):
         if not suffix:
             rows += self.clip_rows()
         return rows
+
+    def transformer_grad_row(self, src, pad, qe, pos, g_tok, g_pos, B, lv, suffix="") -> Row:
+        """Gradients of ``sum(w * pred_spans)`` over every decoder layer (the transformer, then ``sigmoid(span_embed(hs)
+        + inverse_sigmoid(reference))``) w.r.t. the transformer's and ``span_embed``'s tensors: the heads read the
+        refined reference BEFORE ``.detach()`` (transformer.py L393-397), so the last layer's spans reach
+        ``bbox_embed`` and the earlier layers. Per tensor ``||d|| <= rel ||g||`` (float32: the bounded arbiter); the
+        gradients :meth:`Spec.zero_parts` lists are left out (noise)."""
+        import re
+
+        import jax
+        import torch
+
+        import torch_ref.mesm as tm
+        from jaxprvr.models import mesm as fm
+        from jaxprvr.models.layers import resolve_compute_dtype
+        from parity.check import _arbiter_ok, _norm
+
+        c = self.cfg.model
+        dt = resolve_compute_dtype(c)
+        rng = np.random.default_rng(self.seed + 13)
+        w = rng.standard_normal((c.dec_layers, src.shape[0], c.num_queries, 2)).astype(src.dtype)
+        w[:, B:] = 0.0
+        params = self.params(self.twin)
+
+        def make():
+            def loss(p_tr, p_sp, *a):
+                hs, refs, _, _, _ = fm.Transformer(c, dt).apply({"params": p_tr}, *a)
+                spans = jax.nn.sigmoid(fm.MLP(c.hidden_dim, 2, 3, c.hidden_dim, dt).apply({"params": p_sp}, hs)
+                                       + fm.inverse_sigmoid(refs))
+                return (spans * w).sum()
+
+            return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+        g_tr, g_sp = jax.device_get(_compiled(("block", "transformer_grad", c), make)(
+            params["transformer"], params["span_embed"], src, pad, qe, pos, g_tok, g_pos))
+        flat = {**{f"transformer/{k}": v for k, v in _flatten(g_tr).items()},
+                **{f"span_embed/{k}": v for k, v in _flatten(g_sp).items()}}
+        entries = [e for e in make_table(c) if e.flax in flat]
+        zero = [re.compile(p) for p, sl, _ in self.spec.zero_parts(self.spec.no_dropout(self.cfg)) if sl is None]
+
+        def twin_grads(tw):
+            tw.zero_grad(set_to_none=True)
+            with self.mode(tw):
+                hs, refs, _, _ = tw.transformer(self.T(src[:B, :lv], tw), torch.as_tensor(pad[:B, :lv]),
+                                                tw.query_embed.weight, self.T(pos[:B, :lv], tw), self.T(g_tok[:B], tw),
+                                                self.T(g_pos[:B], tw))
+                spans = (tw.span_embed(hs) + tm.inverse_sigmoid(refs)).sigmoid()
+                (spans * self.T(w[:, :B], tw)).sum().backward()
+            named = dict(tw.named_parameters())
+            out = {e.torch: np.zeros(tuple(named[e.torch].shape)) if named[e.torch].grad is None else
+                   _np(named[e.torch].grad) for e in entries}
+            tw.zero_grad(set_to_none=True)
+            return out
+
+        t32, t64 = twin_grads(self.twin32), twin_grads(self.twin64)
+        tg = t64 if self.f64 else t32
+        rel = self.tol.grad_rel
+        worst, worst_key, failing, n = 0.0, "", [], 0
+        for e in entries:
+            if any(z.fullmatch(e.torch) for z in zero):
+                continue
+            n += 1
+            a, t = to_torch(e.kind, np.asarray(flat[e.flax])).astype(np.float64), np.asarray(tg[e.torch], np.float64)
+            bad = nonfinite(e.torch, jax=a)
+            d, nt = _norm(a - t), _norm(t)
+            r = d / nt if nt > 0 else (0.0 if d == 0 else float("inf"))
+            if r >= worst:
+                worst, worst_key = r, e.torch
+            if bad:
+                failing.append(bad)
+            elif d > rel * nt:
+                t_64 = np.asarray(t64[e.torch], np.float64)
+                if self.f64 or not _arbiter_ok(_norm(a - t_64), _norm(t - t_64), rel * _norm(t_64)):
+                    failing.append(f"{e.torch} (rel {r:.1e})")
+        return Row("block", f"d sum(w * pred_spans of every decoder layer) / d (transformer, span_embed) ({n} tensors; "
+                            f"the heads' reference not detached){suffix}", worst, worst,
+                   f"||d|| <= {rel:g} ||g||" + ("" if self.f64 else " or f64 arbiter"), not failing,
+                   join_notes(f"worst: {worst_key}", "failing: " + ", ".join(failing[:4]) if failing else ""))
 
     def clip_rows(self) -> list[Row]:
         """The task's CLIP text tower (fp32; float64 in float64 mode) vs :class:`torch_ref.mesm.CLIPTextEncoder`
@@ -1576,6 +1659,7 @@ class MESMCheck(FamilyCheck):
         import optax
         import torch
 
+        from jaxprvr.tasks import vmr_detr
         from jaxprvr.tasks.vmr_detr import TASK
         from parity.check import AdamWReplay, ZeroList, _compare_trained
         from torch_ref.mesm_loss import official_optimizer, official_step
@@ -1601,7 +1685,8 @@ class MESMCheck(FamilyCheck):
 
             return jax.jit(update)
 
-        update = _compiled(("update", tcfg, spe), make_update)
+        mask = tuple(sorted(k for k, v in _flatten(vmr_detr.trainable_mask(params, tcfg.model)).items() if not v))
+        update = _compiled(("update", tcfg, spe, mask), make_update)
         tab = make_table(tcfg.model)
         replay = None if self.f64 else AdamWReplay({n: _np(p) for n, p in init.items()}, t.adam_b1, t.adam_b2,
                                                    t.adam_eps, t.wd, t.max_grad_norm, self.tol.grad_rel)
