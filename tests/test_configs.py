@@ -96,8 +96,11 @@ def test_family_fields_stay_in_their_family():
 def test_config_table_and_mismatched_model():
     rows = {r["config"]: r for r in config_table()}
     tasks = {"tvr": "prvr", "act": "prvr", "cha": "prvr", "activitynet": "vmr", "tacos": "vmr", "charades": "vmr",
-             "msrvtt": "t2v", "msvd": "t2v", "lsmdc": "t2v"}
+             "msrvtt": "t2v", "msvd": "t2v", "lsmdc": "t2v", "charades_cg": "vmr", "charades_cd": "vmr",
+             "qvhighlights": "vmr"}
     assert set(rows) == set(tasks)
+    assert {"mrnet", "mesm"} <= set(rows["charades"]["models"]) and rows["charades"]["default"] == "mrnet"
+    assert rows["qvhighlights"]["models"] == ["mesm"]
     for ds, r in rows.items():
         assert r["task"] == tasks[ds] and r["default"] in r["models"]
         assert sorted(r["models"]) == sorted(m for m in registry.names() if ds in configs_of(m))
