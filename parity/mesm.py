@@ -398,8 +398,9 @@ class Spec(OwnStages, FamilySpec):
     def describe(self, cfg) -> str:
         m = cfg.model
         enh = "TwoMLP" if not m.share_MLP else "shared MLP"
-        return (f"hidden {m.hidden_dim}, {m.nheads} heads, ffn {m.dim_feedforward}, layers enhancer {m.num_recfw_layers} "
-                f"({enh}) / aligner {m.t2v_layers} / enc {m.enc_layers} / dec {m.dec_layers} / SS {m.num_recss_layers}, "
+        return (f"hidden {m.hidden_dim}, {m.nheads} heads, ffn {m.dim_feedforward}, layers enhancer "
+                f"{m.num_recfw_layers} ({enh}) / aligner {m.t2v_layers} / enc {m.enc_layers} / dec {m.dec_layers} / "
+                f"SS {m.num_recss_layers}, "
                 f"{m.num_queries} queries, video {m.v_feat_dim}+{2 if m.use_tef else 0}, text {m.t_feat_dim} "
                 f"({m.tokenizer_type}{', glove.pkl' if m.load_vocab_pkl else ''}), t2v_mask {m.t2v_mask}, "
                 f"{len(make_table(m))} keys")
@@ -773,6 +774,7 @@ class MESMCheck(FamilyCheck):
     """
 
     train_label = "steps of TASK.optimizer"
+    dropout_grads = True  # the dropout group also compares the gradients (one more compiled program)
 
     def __init__(self, spec, cfg, *, ckpt, data_root, seed, n_videos, steps, device, say, compiler_options, tol,
                  perturb):
@@ -1006,7 +1008,7 @@ class MESMCheck(FamilyCheck):
         return jax.device_get(_compiled(("block", key, self.cfg.model), make)(params, *args))
 
     def block_rows(self, suffix="") -> list[Row]:
-        import jax.numpy as jnp
+        import jax
         import torch
 
         import torch_ref.mesm as tm
@@ -1041,12 +1043,14 @@ class MESMCheck(FamilyCheck):
             return rng.standard_normal(shape).astype(fdt)
 
         # positions
-        j = np.asarray(fm.sine_position_embedding(jnp.asarray(vm), d, st))[:B, :lv]
+        j = np.asarray(_compiled(("block", "positions", d, str(st)), lambda: jax.jit(
+            lambda m: fm.sine_position_embedding(m, d, st)))(vm))[:B, :lv]
         rows.append(self.arbiter_row(f"video positions (PositionEmbeddingSine over the mask, {d} channels){suffix}", j,
                                      torch_fn(lambda tw: tm.sine_position(torch.as_tensor(vm[:B, :lv]), d).to(
                                          next(tw.parameters()).dtype)), tol))
         anchors = rng.uniform(0.05, 0.95, (B, nq, 2)).astype(fdt)
-        j = np.asarray(fm.sine_embed_for_position(jnp.asarray(anchors), d))
+        j = np.asarray(_compiled(("block", "dab_sine", d), lambda: jax.jit(
+            lambda a: fm.sine_embed_for_position(a, d)))(anchors))
         rows.append(self.arbiter_row(f"DAB sine embedding of the (center, width) anchors{suffix}", j, torch_fn(
             lambda tw: tm.gen_sineembed_for_position(T(anchors, tw).permute(1, 0, 2), d).permute(1, 0, 2)), tol))
 
@@ -1105,7 +1109,7 @@ class MESMCheck(FamilyCheck):
 
         # SS-MESM: the item's sentences (own slot masked) attend the video; recon_feat
         rg = np.asarray(s["row_group"], np.int32)
-        slot_rows, slot_valid, own = (np.asarray(a) for a in fm.group_slots(jnp.asarray(rg), R))
+        slot_rows, slot_valid, own = _group_slots(rg, R)
         sent_rows = normal(R, d)
         sent = np.where(slot_valid[..., None], sent_rows[slot_rows], 0).astype(fdt)
         if self.multi:
@@ -1332,8 +1336,9 @@ class MESMCheck(FamilyCheck):
         return rows + self.reorder_rows(params, suffix)
 
     def reorder_rows(self, params, suffix="") -> list[Row]:
-        """Items 0 and another (of another row count or video length) swapped in the batch (eval mode): the Flax outputs still equal the twin's, and the
-        head-major mask changes each row's outputs in both frameworks (``per_row``: no change)."""
+        """Items 0 and another (of another row count or video length) swapped in the batch (eval mode): the Flax
+        outputs still equal the twin's, and the head-major mask changes each row's outputs in both frameworks alike
+        (``per_row``, or a batch where no row pads both its queries and its keys: no change)."""
         case = self.case
         n = len(case.items)
         vm = np.asarray(case.official["video_mask"], bool).sum(1)
@@ -1356,9 +1361,8 @@ class MESMCheck(FamilyCheck):
         b = case.n_rows
         for k in keys:
             t_sw = _np(outs["swap"][1][k])
-            rows.append(close_row("model", f"out[{k}] [eval, items 0 and {other} swapped]{suffix}", _cut(outs["swap"][0][k],
-                                                                                              t_sw), t_sw,
-                                  *self.tol.model))
+            rows.append(close_row("model", f"out[{k}] [eval, items 0 and {other} swapped]{suffix}",
+                                  _cut(outs["swap"][0][k], t_sw), t_sw, *self.tol.model))
         dj = dt = 0.0
         lv = np.shape(case.official["video_mask"])[1]
         for k in keys:
@@ -1380,9 +1384,7 @@ class MESMCheck(FamilyCheck):
         vpad, wpad = ~np.asarray(s["video_mask"], bool)[rg], ~np.asarray(s["words_mask"], bool)[rg]
         uses = [(vpad, wpad)]  # enhancer and aligner: video queries, word keys
         if self.cfg.model.rec_ss:
-            from jaxprvr.models.mesm import group_slots
-
-            slots = ~np.asarray(group_slots(np.asarray(s["row_group"]), len(rg))[1])[rg]
+            slots = ~_group_slots(np.asarray(s["row_group"]), len(rg))[1][rg]
             sv = ~np.asarray(s["ss_video_mask" if self.multi else "video_mask"], bool)[rg]
             uses.append((slots, sv))
         may_bite = any(bool(np.any(q.any(1) & k.any(1))) for q, k in uses)
@@ -1395,8 +1397,8 @@ class MESMCheck(FamilyCheck):
         else:
             ok = dj <= self.tol.model[1] * 10 and dt <= self.tol.model[1] * 10
             crit = "both ~0 (per_row: outputs independent of the batch order)"
-        rows.append(Row("model", f"batch-order dependence: items 0 and {other} swapped changes each row's outputs by jax "
-                                 f"{dj:.2e}, torch {dt:.2e}{suffix}", dj, dt, crit, ok,
+        rows.append(Row("model", f"batch-order dependence: items 0 and {other} swapped changes each row's outputs by "
+                                 f"jax {dj:.2e}, torch {dt:.2e}{suffix}", dj, dt, crit, ok,
                         f"t2v_mask {self.cfg.model.t2v_mask}"))
         return rows
 
@@ -1546,8 +1548,6 @@ class MESMCheck(FamilyCheck):
                 {k: np.asarray(v) for k, v in jax.device_get(terms).items()})
 
     def grad_rows(self) -> list[Row]:
-        from parity.check import _grad_rows
-
         skey = self._grad_key()
         neg, mlm = self.injected(self.case, skey)
         t32, t64 = self.twin_nd(self.twin32), self.twin_nd(self.twin64)
@@ -1676,7 +1676,8 @@ class MESMCheck(FamilyCheck):
         crits = [self.criterion(tw) for tw in twins]
         params = self.params(twins[0])
         tx = TASK.optimizer(tcfg, params, spe)
-        state = tx.init(params)
+        mask = tuple(sorted(k for k, v in _flatten(vmr_detr.trainable_mask(params, tcfg.model)).items() if not v))
+        state = _compiled(("update", "init", tcfg, spe, mask), lambda: jax.jit(tx.init))(params)
 
         def make_update():
             def update(g, s, p):
@@ -1685,12 +1686,12 @@ class MESMCheck(FamilyCheck):
 
             return jax.jit(update)
 
-        mask = tuple(sorted(k for k, v in _flatten(vmr_detr.trainable_mask(params, tcfg.model)).items() if not v))
         update = _compiled(("update", tcfg, spe, mask), make_update)
         tab = make_table(tcfg.model)
         replay = None if self.f64 else AdamWReplay({n: _np(p) for n, p in init.items()}, t.adam_b1, t.adam_b2,
                                                    t.adam_eps, t.wd, t.max_grad_norm, self.tol.grad_rel)
-        lrs = []
+        lrs, t_lrs, steps_seen = [], [], []
+        zero = ZeroList(self.spec.zero_gradients(tcfg))
         for i in range(self.steps):
             c = cases[i % 2]
             skey = jax.random.fold_in(self.key, 100 + i)
@@ -1699,6 +1700,7 @@ class MESMCheck(FamilyCheck):
             if replay is not None:  # JAX's gradient at the float64 twin's parameters of this step
                 p64 = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), self.params(twins[1]))
                 g_at64 = _flatten(jax.device_get(self.grad_tree(p64, c, skey, tcfg)[1]))
+            t_lrs.append(float(opts[0][0].param_groups[0]["lr"]))
             for tw, (opt, sched), crit in zip(twins, opts, crits):
                 with self.mode(tw):
                     official_step(tw, crit, c.official, opt, t.max_grad_norm, dataset_name=self.dataset,
@@ -1719,20 +1721,29 @@ class MESMCheck(FamilyCheck):
                 names = [e for e in tab if e.torch in gt[1]]
                 replay.step({e.torch: to_torch(e.kind, np.asarray(gflat[e.flax])) for e in names}, lrs[-1], gt[1],
                             gt[0], {e.torch: to_torch(e.kind, np.asarray(g_at64[e.flax])) for e in names})
-        t_lrs = [float(opts[0][0].param_groups[0]["lr"])]
-        zero = ZeroList(self.spec.zero_gradients(tcfg))
+            if i < self.steps - 1:  # the parameters after every step (the last one: the row below)
+                row = _compare_trained(f"params after step {i + 1}", tab, jax.device_get(params),
+                                       dict(twins[0].named_parameters()), None if self.f64 else dict(
+                                           twins[1].named_parameters()), self.tol, zero,
+                                       self.spec.adam_step_bound(tcfg, i + 1, lrs), replay)
+                steps_seen.append(row)
         bound = self.spec.adam_step_bound(tcfg, self.steps, lrs)
         named = dict(twins[0].named_parameters())
         named64 = None if self.f64 else dict(twins[1].named_parameters())
         params = jax.device_get(params)
         rows = [_compare_trained(f"params after {self.steps} steps of TASK.optimizer (clip_grad_norm_ "
-                                 f"{t.max_grad_norm:g}, AdamW wd {t.wd:g}, StepLR every epoch x {t.lr_gamma:g}, 2 steps "
-                                 f"per epoch; lr {', '.join(f'{x:.3g}' for x in lrs)}) vs official_optimizer + "
+                                 f"{t.max_grad_norm:g}, AdamW wd {t.wd:g}, StepLR every epoch x {t.lr_gamma:g}, "
+                                 f"2 steps per epoch; lr {', '.join(f'{x:.3g}' for x in lrs)}) vs official_optimizer + "
                                  "official_step", tab, params, named, named64, self.tol, zero, bound, replay)]
-        exp_final = t.lr * t.lr_gamma ** (self.steps // spe)
-        rows.append(close_row("train", f"the official StepLR's rate after {self.steps} steps ({self.steps // spe} "
-                                       "epochs) = TASK's schedule one epoch on", np.asarray(t_lrs),
-                              np.asarray([exp_final]), 1e-12, 0.0))
+        worst = max(steps_seen, key=lambda r: r.max_rel) if steps_seen else None
+        if worst is not None:
+            bad = [r.stage for r in steps_seen if not r.passed]
+            rows.insert(0, Row("train", f"params after each of steps 1-{self.steps - 1} (worst: {worst.stage})",
+                               max(r.max_abs for r in steps_seen), worst.max_rel, worst.tolerance, not bad,
+                               join_notes(f"failing: {', '.join(bad)}" if bad else "", worst.note[:200])))
+        rows.append(close_row("train", f"learning rate of each step: TASK.lr_at vs the official StepLR stepped every "
+                                       f"{spe} steps ({', '.join(f'{x:.3g}' for x in t_lrs)})", np.asarray(lrs),
+                              np.asarray(t_lrs), 1e-12, 0.0))
         listed = [n for n, p in twins[0].named_parameters() if p.grad is None]
         flat = _flatten(params)
         fl = {e.torch: e for e in tab}
@@ -1812,9 +1823,10 @@ class MESMCheck(FamilyCheck):
                 f64 = self.is64(tw)
                 with arm(tw, draws_for(tw)):
                     outs[f64] = self.twin_run(tw, case, True, neg, mlm)
-                with arm(tw, draws_for(tw)):
-                    tl_, g, none, terms = self.torch_grads(tw, case, neg, mlm)
-                grads[f64], losses[f64] = g, (tl_, terms)
+                if self.dropout_grads:
+                    with arm(tw, draws_for(tw)):
+                        tl_, g, none, terms = self.torch_grads(tw, case, neg, mlm)
+                    grads[f64], losses[f64] = g, (tl_, terms)
         except SharedDropoutError as e:
             return [Row("dropout", "the same dropout calls in both frameworks", float("inf"), float("inf"),
                         "every Flax draw consumed by the twin, and only those", False, str(e))]
@@ -1826,15 +1838,25 @@ class MESMCheck(FamilyCheck):
         dd = float(np.abs(np.asarray(j_out["pred_spans"]) - np.asarray(j_nd["pred_spans"]))[:case.n_rows].max())
         rows.append(Row("dropout", f"dropout is on: pred_spans differ from the dropout-off forward by {dd:.2e}", dd, dd,
                         f"> {QUIRK_BITES:g}", dd > QUIRK_BITES))
-        jl, jg, jterms = self.jax_grads(params, case, skey, cfg=self.cfg, model=self.model, dkey=dkey)
-        tl_, tterms = losses[self.f64]
-        rows += _loss_rows("dropout", jl, jterms, tl_, tterms, self.tol.loss, " [dropout on]")[:-1]
-        rows += self.grad_compare(jl, jg, tl_, grads[self.f64], grads[False], grads[True],
-                                  f"d loss / d param, dropout on ({len(jg)} tensors)", self.cfg, group="dropout",
-                                  loss_stage="training loss, dropout on")
+        if self.dropout_grads:
+            jl, jg, jterms = self.jax_grads(params, case, skey, cfg=self.cfg, model=self.model, dkey=dkey)
+            tl_, tterms = losses[self.f64]
+            rows += _loss_rows("dropout", jl, jterms, tl_, tterms, self.tol.loss, " [dropout on]")[:-1]
+            rows += self.grad_compare(jl, jg, tl_, grads[self.f64], grads[False], grads[True],
+                                      f"d loss / d param, dropout on ({len(jg)} tensors)", self.cfg,
+                                      group="dropout", loss_stage="training loss, dropout on")
+        else:  # the criterion on each framework's own dropout-on outputs (no second compiled gradient program)
+            import torch
+
+            crit = self.criterion(t64 if self.f64 else t32)
+            with self.mode(t64 if self.f64 else t32), torch.no_grad():
+                tterms, tl_ = crit(t_out, case.official, is_training=True)
+            jl, jterms = self.jax_loss({k: v for k, v in j_out.items()}, case)
+            rows += _loss_rows("dropout", jl, jterms, float(_np(tl_)), {k: float(_np(v)) for k, v in tterms.items()},
+                               self.tol.loss, " [dropout on, each framework's outputs]")
         n_calls = sum(len(v) for v in keys.values())
-        rows.append(Row("dropout", f"dropout calls mapped (Flax draw -> the twin's module, padded counters): {len(keys)} "
-                                   f"modules, {n_calls} calls", 0.0, 0.0, "all consumed", True,
+        rows.append(Row("dropout", f"dropout calls mapped (Flax draw -> the twin's module, padded counters): "
+                                   f"{len(keys)} modules, {n_calls} calls", 0.0, 0.0, "all consumed", True,
                         ", ".join(sorted(keys))[:160]))
         return rows
 
@@ -1883,6 +1905,18 @@ class MESMCheck(FamilyCheck):
                               "eval_submission)", {k: v for k, v in j_res.items() if not k.startswith("_")},
                               dict(t_res["brief"]), f"{n_q} queries", explained))
         return rows
+
+
+def _group_slots(row_group, slots: int):
+    """SS-MESM's slot layout in numpy (``split_expand_and_pad(num_clips, num_clips, ...)``, model.py L199): row b's
+    slot j holds row ``start_b + j`` of its item for ``j < n_b``; ``(slot_rows, slot_valid, own slot)``."""
+    g = np.asarray(row_group)
+    r = len(g)
+    start = np.array([int(np.flatnonzero(g == g[b])[0]) if g[b] >= 0 else b for b in range(r)])
+    n = np.array([int(np.sum(g == g[b])) if g[b] >= 0 else 0 for b in range(r)])
+    j = np.arange(slots)[None, :]
+    return (np.clip(start[:, None] + j, 0, r - 1).astype(np.int32), j < n[:, None],
+            (np.arange(r) - start).astype(np.int32))
 
 
 def _rounding_explained(j_sub, t_sub, clip_len) -> tuple[bool, str]:
