@@ -381,10 +381,11 @@ def test_clip_weights_are_checked_and_recorded(tmp_path):
 def test_torch2jax_refuses_bad_files(tmp_path):
     from parity import convert
 
+    from torch_ref.mesm import build_mesm
+
     cfg = tiny("charades")
     torch.manual_seed(0)
-    sd = OrderedDict(pm.K.params_to_torch(pm.twin_params(cfg.model, __import__("torch_ref.mesm", fromlist=["x"])
-                                                          .build_mesm(cfg.model)), cfg.model))
+    sd = OrderedDict(build_mesm(cfg.model).state_dict())
     sd.pop("class_embed.bias")
     bad = pm.save_official(tmp_path / "a" / "model_test_best.ckpt", cfg, sd)
     cli = [f"--set={s}" for s in TINY + EXTRA["charades"]]
