@@ -52,7 +52,7 @@ def tiny_root(tmp_path_factory):
 SLOW_FIRST = ("tests/test_train.py", "tests/test_sharding.py", "tests/test_multihost.py", "tests/test_parity_mtm.py",
               "tests/test_bf16.py", "tests/test_parity_check.py", "tests/test_parity_mutants.py",
               "tests/test_parity_train.py", "tests/test_mtm_model.py", "tests/test_parity_metrics.py",
-              "tests/test_mesm_task.py", "tests/test_mesm_model.py")
+              "tests/test_mesm_task.py", "tests/test_mesm_model.py", "tests/test_parity_mesm.py")
 
 
 def pytest_collection_modifyitems(config, items):
