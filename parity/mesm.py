@@ -431,19 +431,12 @@ class Spec(OwnStages, FamilySpec):
     def no_grad_names(self, cfg) -> dict:
         """The tensors the official loss never gives a gradient (``TASK``'s ``trainable_mask`` False): torch name ->
         reason."""
-        import jax
-
         from jaxprvr.tasks import vmr_detr
+        from parity.convert import unflatten
 
         tab = make_table(cfg.model)
-        zeros = {}
-        for e in tab:
-            node = zeros
-            *parents, leaf = e.flax.split("/")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = 0
-        mask = _flatten(vmr_detr.trainable_mask(jax.tree_util.tree_map(lambda x: x, zeros), cfg.model))
+        zeros = unflatten({e.flax: 0 for e in tab})  # the parameter tree's structure
+        mask = _flatten(vmr_detr.trainable_mask(zeros, cfg.model))
         return {e.torch: next((r for k, r in NO_GRAD_REASONS.items() if e.torch.startswith(k)), "no official gradient")
                 for e in tab if not mask[e.flax]}
 

@@ -284,19 +284,12 @@ class Spec(OwnStages, FamilySpec):
     def no_grad_names(self, cfg) -> dict:
         """The parameters the official model never gives a gradient (``trainable_mask`` False): torch name ->
         reason."""
-        import jax
-
         from jaxprvr.models import build_model
+        from parity.convert import unflatten
 
         tab = make_table(cfg.model)
-        zeros = {}
-        for e in tab:
-            node = zeros
-            *parents, leaf = e.flax.split("/")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = 0
-        mask = _flatten(build_model(cfg.model).trainable_mask(jax.tree_util.tree_map(lambda x: x, zeros)))
+        zeros = unflatten({e.flax: 0 for e in tab})  # the parameter tree's structure
+        mask = _flatten(build_model(cfg.model).trainable_mask(zeros))
         out = {}
         for e in tab:
             if not mask[e.flax]:
