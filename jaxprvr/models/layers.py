@@ -249,6 +249,43 @@ def sow_dropout_key(module: nn.Module, key) -> None:
         module.sow(DROPOUT_KEYS, "key", data)
 
 
+def torch_uniform(fan_in: int):
+    """torch's default Linear/Conv init: kaiming_uniform(a=sqrt(5)) for the weight and the bias bound, both
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=F32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def torch_dense(features: int, fan_in: int, name: Optional[str], dtype: Dtype, use_bias: bool = True) -> nn.Dense:
+    """``nn.Linear(fan_in, features)`` with torch's default init, computed in ``dtype`` (float32 parameters)."""
+    init = torch_uniform(fan_in)
+    return nn.Dense(features, use_bias=use_bias, kernel_init=init, bias_init=init, name=name, dtype=dtype,
+                    param_dtype=F32)
+
+
+class TorchLinearLayer(nn.Module):
+    """The moment-retrieval codes' ``LinearLayer`` (MRNet ret_model.py L110-132, MESM model.py L412-434):
+    ``LayerNorm(in) -> Dropout -> Linear [-> ReLU]``, torch keys ``LayerNorm.*``, ``net.1.*``, torch's default init
+    (unlike :class:`LinearLayer`, whose PRVR models re-initialise N(0, 0.02))."""
+
+    out_features: int
+    in_features: int
+    dropout: float
+    relu: bool
+    dtype: Dtype = F32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        x = layer_norm(name="LayerNorm", dtype=self.dtype)(x)
+        x = Dropout(self.dropout, name="net_0")(x, deterministic=not train)
+        x = torch_dense(self.out_features, self.in_features, "net_1", self.dtype)(x)
+        return jax.nn.relu(x) if self.relu else x
+
+
 class LinearLayer(nn.Module):
     """``LayerNorm(in) -> Dropout -> Linear -> ReLU`` (torch keys ``LayerNorm.*``, ``net.1.*``)."""
 

@@ -138,7 +138,8 @@ import numpy as np
 from jaxprvr.config import MESMConfig
 from jaxprvr.errors import JaxprvrError
 from jaxprvr.models.layers import (F32, Dropout, l2_normalize, layer_norm, resolve_compute_dtype, stat_dtype,
-                                   to_dtype, to_float32, to_stat)
+                                   to_dtype, to_float32, to_stat, torch_uniform)
+from jaxprvr.models.layers import TorchLinearLayer as LinearLayer
 
 Dtype = Any
 
@@ -164,16 +165,6 @@ AUX_NAMES = (  # the names of torch_ref.mesm's ``aux`` (and the same meaning), l
 
 
 # ---------------------------------------------------------------------------------------------- init / helpers
-
-
-def torch_uniform(fan_in: int):
-    """torch's default Linear init (kaiming_uniform(a=sqrt(5)) weight, and the bias): U(-1/sqrt(fan_in), ...)."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=F32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 def dense(features: int, fan_in: int, name: Optional[str], dtype: Dtype, init: str = "torch",
@@ -356,24 +347,6 @@ def sample_mlm_mask(key, words_mask, words_weight):
 
 
 # ---------------------------------------------------------------------------------------------- blocks
-
-
-class LinearLayer(nn.Module):
-    """The official ``LinearLayer`` (model.py L412-434): ``LayerNorm(in) -> Dropout -> Linear [-> ReLU]`` (torch keys
-    ``LayerNorm.*``, ``net.1.*``; torch default init)."""
-
-    out_features: int
-    in_features: int
-    dropout: float
-    relu: bool
-    dtype: Dtype = F32
-
-    @nn.compact
-    def __call__(self, x, *, train: bool = False):
-        x = layer_norm(name="LayerNorm", dtype=self.dtype)(x)
-        x = Dropout(self.dropout, name="net_0")(x, deterministic=not train)
-        x = dense(self.out_features, self.in_features, "net_1", self.dtype)(x)
-        return jax.nn.relu(x) if self.relu else x
 
 
 class MLP(nn.Module):

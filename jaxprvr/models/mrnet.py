@@ -108,7 +108,7 @@ video; a shared-mask comparison must map the counters of the real rows.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -118,7 +118,8 @@ import numpy as np
 from jaxprvr.config import MRNetConfig
 from jaxprvr.errors import JaxprvrError
 from jaxprvr.models.layers import (F32, Dropout, layer_norm, l2_normalize, resolve_compute_dtype, stat_dtype,
-                                   to_dtype, to_float32, to_stat)
+                                   to_dtype, to_float32, to_stat, torch_dense, torch_uniform)
+from jaxprvr.models.layers import TorchLinearLayer as LinearLayer
 from jaxprvr.ops import proposals as P
 from jaxprvr.ops import retention as R
 
@@ -134,24 +135,6 @@ SCORE_SCALE = 10.0  # iou_score * 10 before the sigmoid (ret_model.py L573)
 
 
 # ---------------------------------------------------------------------------------------------- init / helpers
-
-
-def torch_uniform(fan_in: int):
-    """torch's default Linear/Conv init: kaiming_uniform(a=sqrt(5)) for the weight and the bias bound, both
-    U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=F32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def torch_dense(features: int, fan_in: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
-    """``nn.Linear(fan_in, features)`` with torch's default init, computed in ``dtype`` (float32 parameters)."""
-    init = torch_uniform(fan_in)
-    return nn.Dense(features, use_bias=use_bias, kernel_init=init, bias_init=init, name=name, dtype=dtype,
-                    param_dtype=F32)
 
 
 def torch_conv(features: int, in_features: int, kernel: tuple, padding, name: str, dtype: Dtype) -> nn.Conv:
@@ -208,25 +191,6 @@ class FeatAvgPool(nn.Module):
         x = jax.nn.relu(x)
         stride = c.num_pre_clips // c.num_clips
         return nn.avg_pool(x, (c.featpool_kernel,), strides=(stride,), padding="VALID")
-
-
-class LinearLayer(nn.Module):
-    """The official ``LinearLayer`` (ret_model.py L110-132): ``LayerNorm(in) -> Dropout -> Linear [-> ReLU]``,
-    torch keys ``LayerNorm.*``, ``net.1.*``; torch default init (unlike :class:`jaxprvr.models.layers.LinearLayer`,
-    whose PRVR models re-initialise N(0, 0.02))."""
-
-    out_features: int
-    in_features: int
-    dropout: float
-    relu: bool
-    dtype: Dtype = F32
-
-    @nn.compact
-    def __call__(self, x, *, train: bool = False):
-        x = layer_norm(name="LayerNorm", dtype=self.dtype)(x)
-        x = Dropout(self.dropout, name="net_0")(x, deterministic=not train)
-        x = torch_dense(self.out_features, self.in_features, "net_1", self.dtype)(x)
-        return jax.nn.relu(x) if self.relu else x
 
 
 class TextEncoder(nn.Module):
