@@ -68,6 +68,9 @@ import torch.nn.functional as F
 
 from jaxprvr.errors import JaxprvrError
 from torch_ref.dropout import HashDropout
+# LayerNorm -> Dropout -> Linear (-> ReLU) (model.py L412-434) and TrainablePositionalEncoding (position_encoding.py
+# L10-32; built for its checkpoint keys, used only with use_txt_pos): the same modules as the PRVR twins'
+from torch_ref.layers import LinearLayer, TrainablePositionalEncoding  # noqa: F401 (re-exported)
 
 __all__ = ["MESM", "MESMOptions", "build_mesm", "official_state_keys", "STATE_DICT_KEYS", "STATE_DICT_COUNTS",
            "prepare_batch", "sample_outclass_neg",
@@ -233,21 +236,6 @@ def gen_sineembed_for_position(pos_tensor: torch.Tensor, dim: int) -> torch.Tens
     return torch.cat(out, dim=2)
 
 
-class TrainablePositionalEncoding(nn.Module):
-    """``position_encoding.py`` L10-32; built (its keys are in every checkpoint) but used only with use_txt_pos."""
-
-    def __init__(self, max_position_embeddings, hidden_size, dropout=0.1):
-        super().__init__()
-        self.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size)
-        self.LayerNorm = nn.LayerNorm(hidden_size)
-        self.dropout = HashDropout(dropout)
-
-    def forward(self, input_feat):
-        bsz, n = input_feat.shape[:2]
-        ids = torch.arange(n, dtype=torch.long, device=input_feat.device).unsqueeze(0).repeat(bsz, 1)
-        return self.dropout(self.LayerNorm(input_feat + self.position_embeddings(ids)))
-
-
 class MLP(nn.Module):
     """``num_layers`` Linears with ReLU between (``model.py`` L397-409 = ``transformer.py`` L21-33)."""
 
@@ -261,23 +249,6 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = F.relu(layer(x)) if i < self.num_layers - 1 else layer(x)
         return x
-
-
-class LinearLayer(nn.Module):
-    """LayerNorm -> Dropout -> Linear (-> ReLU) (``model.py`` L412-434); keys ``LayerNorm.*``, ``net.1.*``."""
-
-    def __init__(self, in_hsz, out_hsz, layer_norm=True, dropout=0.1, relu=True):
-        super().__init__()
-        self.relu, self.layer_norm = relu, layer_norm
-        if layer_norm:
-            self.LayerNorm = nn.LayerNorm(in_hsz)
-        self.net = nn.Sequential(HashDropout(dropout), nn.Linear(in_hsz, out_hsz))
-
-    def forward(self, x):
-        if self.layer_norm:
-            x = self.LayerNorm(x)
-        x = self.net(x)
-        return F.relu(x) if self.relu else x
 
 
 class SeqDropout(HashDropout):
