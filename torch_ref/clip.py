@@ -65,6 +65,21 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def initialize_text_parameters(m) -> None:
+    """OpenAI's ``initialize_parameters`` for the text side of ``m`` (``token_embedding``, ``positional_embedding``,
+    ``transformer``, ``text_projection``): the text tower of :class:`CLIP` and MESM's frozen text encoder."""
+    nn.init.normal_(m.token_embedding.weight, std=0.02)
+    nn.init.normal_(m.positional_embedding, std=0.01)
+    w, n = m.transformer.width, m.transformer.layers
+    proj_std, attn_std, fc_std = (w ** -0.5) * ((2 * n) ** -0.5), w ** -0.5, (2 * w) ** -0.5
+    for block in m.transformer.resblocks:
+        nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+        nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+        nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+        nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+    nn.init.normal_(m.text_projection, std=w ** -0.5)
+
+
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, attn_mask=None):
         super().__init__()
@@ -121,16 +136,7 @@ class CLIP(nn.Module):
         self.initialize_parameters()
 
     def initialize_parameters(self):
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        w, n = self.transformer.width, self.transformer.layers
-        proj_std, attn_std, fc_std = (w ** -0.5) * ((2 * n) ** -0.5), w ** -0.5, (2 * w) ** -0.5
-        for block in self.transformer.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        nn.init.normal_(self.text_projection, std=w ** -0.5)
+        initialize_text_parameters(self)
 
     def build_attention_mask(self, context_length):
         mask = torch.zeros(context_length, context_length)

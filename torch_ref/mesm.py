@@ -709,16 +709,9 @@ class CLIPTextEncoder(nn.Module):
             p.requires_grad_(False)
 
     def initialize_parameters(self):
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        w, n = self.transformer.width, self.transformer.layers
-        proj_std, attn_std, fc_std = (w ** -0.5) * ((2 * n) ** -0.5), w ** -0.5, (2 * w) ** -0.5
-        for block in self.transformer.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        nn.init.normal_(self.text_projection, std=w ** -0.5)
+        from torch_ref.clip import initialize_text_parameters
+
+        initialize_text_parameters(self)
 
     @staticmethod
     def build_attention_mask(n):
