@@ -64,17 +64,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import threading
 import zlib
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-import h5py
 import numpy as np
 
-from jaxprvr.data.mmn_format import l2_normalize_rows, resolve
+from jaxprvr.data.mmn_format import _OpenFiles, l2_normalize_rows, resolve
 from jaxprvr.data.sampling import average_to_fixed_length
 from jaxprvr.errors import JaxprvrError
 
@@ -82,7 +80,6 @@ DATASETS = ("charades", "charades_cg", "charades_cd", "qvhighlights", "tacos")
 DEFAULT_VARIANT = {"charades": "C+SF_C", "charades_cg": "C+SF_C", "charades_cd": "C+SF_C",
                    "qvhighlights": "C+SF_C", "tacos": "C3D_GloVe"}
 CONTEXT_LENGTH = 77  # the CLIP tokenizer's words_id width (tokenizer.py L168, L200)
-OPEN_FILES = 16
 
 # ---------------------------------------------------------------------------------------------- variants
 
@@ -435,50 +432,26 @@ def read_qvhighlights(path: Path, labels: bool) -> tuple[list[Query], Counter]:
 # ---------------------------------------------------------------------------------------------- features
 
 
-class _H5Files:
-    """An LRU of open read-only hdf5 files, thread-safe (reads run under its lock)."""
+class _H5Files(_OpenFiles):
+    """:class:`jaxprvr.data.mmn_format`'s LRU of open hdf5 files, with the shapes of a split's videos and row reads."""
 
-    def __init__(self, maxsize: int = OPEN_FILES):
-        self.maxsize = maxsize
-        self._files: OrderedDict[str, h5py.File] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def _get(self, path: Path) -> h5py.File:
-        f = self._files.get(str(path))
-        if f is None:
-            if not path.is_file():
-                raise JaxprvrError(path, "a video feature hdf5 file (one (T, D) dataset per video id)", "no such file")
-            try:
-                f = h5py.File(path, "r")
-            except OSError as e:
-                raise JaxprvrError(path, "a readable hdf5 file", str(e)) from None
-            self._files[str(path)] = f
-            while len(self._files) > self.maxsize:
-                self._files.popitem(last=False)[1].close()
-        else:
-            self._files.move_to_end(str(path))
-        return f
+    WHAT = "a video feature hdf5 file (one (T, D) dataset per video id)"
 
     def shapes(self, path: Path, keys: Sequence[str]) -> dict[str, tuple]:
         with self._lock:
-            f = self._get(path)
+            f = self._get(path, self.WHAT)
             missing = [k for k in keys if k not in f]
             if missing:
                 raise JaxprvrError(path, f"a dataset for every video of the split ({len(keys)})",
                                    f"{len(missing)} missing, e.g. {missing[:3]}")
             return {k: (tuple(f[k].shape), f[k].dtype) for k in keys}
 
-    def read(self, path: Path, key: str, rows: int | None = None) -> np.ndarray:
+    def read_rows(self, path: Path, key: str, rows: int | None = None) -> np.ndarray:
         with self._lock:
-            f = self._get(path)
+            f = self._get(path, self.WHAT)
             if key not in f:
                 raise JaxprvrError(path, f"a dataset {key!r}", "no such key")
             return np.asarray(f[key][()] if rows is None else f[key][:rows])
-
-    def close(self) -> None:
-        with self._lock:
-            while self._files:
-                self._files.popitem()[1].close()
 
 
 def add_tef(feats: np.ndarray) -> np.ndarray:
@@ -1014,7 +987,7 @@ class MESMSplit:
         f = self.facts
         raw = []
         for path, dim in zip(self.files, f.feat_dims):
-            x = self._h5.read(path, vid, f.max_video_l if f.qvh else None)
+            x = self._h5.read_rows(path, vid, f.max_video_l if f.qvh else None)
             if x.ndim != 2 or x.shape[1] != dim or x.shape[0] < 1:
                 raise JaxprvrError(f"{path}[{vid!r}]", f"a (T >= 1, {dim}) feature array", f"shape {x.shape}")
             if not np.isfinite(x).all():

@@ -277,21 +277,26 @@ class _OpenFiles:
         self._files: OrderedDict[str, h5py.File] = OrderedDict()
         self._lock = threading.Lock()
 
+    def _get(self, path: Path, what: str) -> h5py.File:
+        """The open file ``path`` (opened on first use, the least recently used one closed); call under the lock."""
+        f = self._files.get(str(path))
+        if f is None:
+            if not path.is_file():
+                raise JaxprvrError(path, what, "no such file")
+            try:
+                f = h5py.File(path, "r")
+            except OSError as e:
+                raise JaxprvrError(path, "a readable hdf5 file", str(e)) from None
+            self._files[str(path)] = f
+            while len(self._files) > self.maxsize:
+                self._files.popitem(last=False)[1].close()
+        else:
+            self._files.move_to_end(str(path))
+        return f
+
     def read(self, path: Path, key: str, what: str) -> np.ndarray:
         with self._lock:
-            f = self._files.get(str(path))
-            if f is None:
-                if not path.is_file():
-                    raise JaxprvrError(path, what, "no such file")
-                try:
-                    f = h5py.File(path, "r")
-                except OSError as e:
-                    raise JaxprvrError(path, "a readable hdf5 file", str(e)) from None
-                self._files[str(path)] = f
-                while len(self._files) > self.maxsize:
-                    self._files.popitem(last=False)[1].close()
-            else:
-                self._files.move_to_end(str(path))
+            f = self._get(path, what)
             if key not in f:
                 raise JaxprvrError(path, f"a dataset {key!r}", "none" if len(f) > 20 else f"only {sorted(f)}")
             return np.asarray(f[key][()])
