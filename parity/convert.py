@@ -388,6 +388,10 @@ def torch2jax(args) -> dict:
     if not src.is_file():
         raise JaxprvrError(src, "an official checkpoint file (model.ckpt / best.ckpt)", "no such file")
     fam = spec(args.model)
+    clip_weights = getattr(args, "clip_weights", None)
+    if clip_weights and not hasattr(_load_config(args).model, "clip"):
+        raise JaxprvrError(f"--clip-weights {clip_weights}", f"a model with a frozen CLIP tower outside its official "
+                           f"checkpoint (a model.clip field)", f"--model {args.model}, which has none")
     if fam.convert_torch2jax is not None:  # a family with its own file layout (parity.base.FamilySpec)
         return fam.convert_torch2jax(args, _load_config(args))
     try:
@@ -562,6 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     t2j.add_argument("input", help="official checkpoint file")
     t2j.add_argument("out_dir", help="output folder (gets ckpt/best, and ckpt/latest when moments exist)")
     t2j.add_argument("--force", action="store_true", help="write into an output folder that has checkpoints")
+    t2j.add_argument("--clip-weights", metavar="FILE", default=None,
+                     help="the frozen CLIP text tower a model reads outside its official checkpoint "
+                          "(clip_text_encoder.pth, ViT-B-32.pt or a clip2jax folder); recorded as model.clip")
     t2j.set_defaults(run=torch2jax)
     j2t = sub.add_parser("jax2torch", help="jaxprvr checkpoint (run, slot or step folder) -> official file")
     common(j2t)

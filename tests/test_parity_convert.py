@@ -234,6 +234,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     rc, _, err = _cli(capsys, ["torch2jax", "--model", "ms_sl", "--config", "tvr", str(tmp_path / "junk.ckpt"),
                                str(tmp_path / "o")])
     assert rc == 2 and "junk.ckpt" in err
+    rc, _, err = _cli(capsys, ["torch2jax", "--model", "ms_sl", "--config", "tvr", *_sets(), str(src),
+                               str(tmp_path / "o"), "--clip-weights", str(src)])  # ms_sl has no frozen CLIP tower
+    assert rc == 2 and "--clip-weights" in err and "model.clip" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit):
         convert.main(["--help"])
 

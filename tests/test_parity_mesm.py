@@ -327,8 +327,8 @@ def test_official_files_round_trip_through_evaluate(tmp_path):
     from torch_ref.mesm import MESM as Twin, build_mesm
     from torch_ref.mesm_loss import official_optimizer
 
-    sets = TINY + EXTRA["qvhighlights"] + ["model.clip_width=8", "model.clip_layers=1", "model.clip_heads=2",
-                                           "data.pos_tagger=rule"]
+    sets = TINY + EXTRA["qvhighlights"] + ["model.t_feat_dim=64", "model.clip_width=64", "model.clip_layers=1",
+                                           "model.clip_heads=1", "data.pos_tagger=rule"]
     cfg = load_config("qvhighlights", "mesm", sets)
     root = pm.SPEC.synthetic_root(cfg, tmp_path / "data")
     torch.manual_seed(0)
@@ -339,9 +339,14 @@ def test_official_files_round_trip_through_evaluate(tmp_path):
     obj = pm.read_official(src)
     assert obj["opt"]["v_feat_dim"] == 12 and obj["opt"]["device"] == "cpu" and obj["opt_json"]["v_feat_dim"] == 10
     cli = [f"--set={s}" for s in sets]
+    from torch_ref.mesm import CLIPTextEncoder
+
+    clip = tmp_path / "pretrained_models" / "clip_text_encoder.pth"  # the official file's keys, width t_feat_dim
+    clip.parent.mkdir()  # (OpenAI's layout has width / 64 heads)
+    torch.save(CLIPTextEncoder(64, 77, 49408, 64, 1, 1, fp16=False).state_dict(), clip)
     assert convert.main(["torch2jax", "--model", "mesm", "--config", "qvhighlights", *cli, str(src),
-                         str(tmp_path / "run")]) == 0
-    assert (tmp_path / "run" / "config.json").is_file()
+                         str(tmp_path / "run"), "--clip-weights", str(clip)]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["clip"] == str(clip.absolute())
     assert evaluate.main(["--config", "qvhighlights", "--model", "mesm", "--ckpt", str(tmp_path / "run"),
                           "--data-root", str(root), "--split", "val", "--no-progress",
                           "--set=data.pos_tagger=rule"]) == 0

@@ -411,11 +411,16 @@ class FusedInProj(nn.Module):
         return proj(q, 0), proj(k, 1), proj(v, 2)
 
 
-def attention(q, k, v, nhead: int, masked, dropout: Optional[nn.Module], train: bool):
+def attention(q, k, v, nhead: int, masked, dropout: Optional[nn.Module], train: bool, subtract_max: bool = False):
     """Scaled dot-product attention of torch's ``multi_head_attention_forward`` (and attention.py L276-393): ``q``
     (B, Lq, E) scaled by ``(E / nhead)^-1/2`` first, heads = contiguous slices, logits in float32 (float64), masked
     entries (``masked`` broadcastable to (B, nhead, Lq, Lk), True = masked) set to the lowest finite value, softmax,
-    dropout on the probabilities, ``@ v`` with value heads ``v.shape[-1] / nhead`` -> (B, Lq, Ev)."""
+    dropout on the probabilities, ``@ v`` with value heads ``v.shape[-1] / nhead`` -> (B, Lq, Ev).
+
+    ``subtract_max``: attention.py L380-381 subtracts the row max from the logits *with* its gradient before the
+    softmax. Exact arithmetic gives the same values and gradients; in float32 the gradient that flows through the
+    max is rounding noise that the official code has and ``jax.nn.softmax`` (max under ``stop_gradient``) has not,
+    and it is what reaches tensors whose exact gradient is zero (the decoder's first self-attention keys)."""
     b, lq, e = q.shape
     lk = k.shape[1]
     hd, vd = e // nhead, v.shape[-1] // nhead
@@ -427,6 +432,8 @@ def attention(q, k, v, nhead: int, masked, dropout: Optional[nn.Module], train: 
     else:
         logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh, preferred_element_type=st)
     logits = jnp.where(masked, jnp.finfo(st).min, logits)
+    if subtract_max:
+        logits = logits - jnp.max(logits, axis=-1, keepdims=True)
     probs = jax.nn.softmax(logits, axis=-1)
     if dropout is not None:
         probs = dropout(probs, deterministic=not train)
@@ -581,7 +588,7 @@ class DecoderAttention(nn.Module):
 
     @nn.compact
     def __call__(self, q, k, v, masked, *, train=False):
-        out = attention(q, k, v, self.nhead, masked, Dropout(self.dropout, name="dropout"), train)
+        out = attention(q, k, v, self.nhead, masked, Dropout(self.dropout, name="dropout"), train, subtract_max=True)
         return dense(self.vdim, self.vdim, "out_proj", self.dtype, "xavier", "zeros")(out)
 
 
