@@ -408,7 +408,9 @@ class MESMTask(Task):
     def test_line(self, t: dict) -> str:
         chance = t.get("chance_R1@0.5")
         extra = f" (chance {chance:.2f})" if chance is not None else ""
-        return (f"test {t.get('split', '')} MR-full-R1@0.5 {t.get('MR-full-R1@0.5', float('nan')):.2f}{extra} "
+        split = t.get("split", "test")
+        where = "test" if split == "test" else f"test ({split})"
+        return (f"{where} MR-full-R1@0.5 {t.get('MR-full-R1@0.5', float('nan')):.2f}{extra} "
                 + self.format_metrics(t))
 
     def save_outputs(self, directory, metrics: dict, ds) -> None:
