@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 import jax
 
@@ -35,9 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data-root", default=None, help="the dataset folder (docs/data.md)")
     src.add_argument("--demo", action="store_true", help="use the built-in synthetic demo dataset")
     p.add_argument("--split", default="test", help="val | test | train (default: test)")
-    p.add_argument("--save-outputs", "--save-scores", "--save-predictions", dest="save_outputs", default=None,
-                   metavar="DIR", help="write what the task keeps of the evaluation (PRVR: scores.npy + query/video "
-                                       "id lists; moment retrieval: metrics.json, predictions.json, score_maps.npz)")
+    p.add_argument("--save-outputs", "--save-scores", "--save-predictions", "--out", dest="save_outputs",
+                   default=None, metavar="DIR",
+                   help="write what the task keeps of the evaluation (PRVR: scores.npy + query/video id lists; "
+                        "MRNet: metrics.json, predictions.json, score_maps.npz; MESM: the official "
+                        "<dataset>_<split>_submission.jsonl and metrics.json)")
+    p.add_argument("--eval-batches", default=None, metavar="FILE",
+                   help="replay an evaluation batch composition (JSON: a qid list per batch, in row order) where "
+                        "the task's batches depend on it (--set data.eval_batches=FILE)")
     p.add_argument("--save-features", action="store_true",
                    help="text-video retrieval: also write features.npz (text tokens, videos after seqTransf, the "
                         "CLIP frame embeddings, masks) into --save-scores OUT")
@@ -77,6 +83,11 @@ def load_checkpoint_config(args):
     overrides = list(args.overrides) + ([f"data.topk={args.topk}"] if getattr(args, "topk", None) else [])
     overrides += ["data.save_features=true"] if getattr(args, "save_features", False) else []
     overrides += ["data.save_inputs=true"] if getattr(args, "save_inputs", False) else []
+    if getattr(args, "eval_batches", None):
+        if not hasattr(cfg.data, "eval_batches"):
+            raise JaxprvrError(f"--eval-batches {args.eval_batches}", "a model whose evaluation batches are "
+                               "replayable (a data.eval_batches field)", f"{cfg.model.name}, which has none")
+        overrides.append(f"data.eval_batches={Path(args.eval_batches).expanduser().absolute()}")
     return apply_overrides(cfg, overrides), saved_cfg
 
 

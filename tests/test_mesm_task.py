@@ -149,6 +149,15 @@ def test_eval_batches_replay_and_the_head_major_quirk(run, roots, tmp_path):
     replay.write_text(json.dumps([list(reversed(b)) for b in comp]))
     moved = submission(replay)[0]
     assert any(moved[q] != first[q] for q in first)
+    # the same replay through the CLI (--eval-batches, --out): the official submission file holds those windows
+    from jaxprvr.evaluate import main as evaluate
+
+    ev = tmp_path / "cli"
+    assert evaluate(["--config", "charades", "--model", "mesm", "--ckpt", str(out / "ckpt" / "best_val"),
+                     "--data-root", str(roots["charades"]), "--split", "test", "--eval-batches", str(replay),
+                     "--out", str(ev), "--no-progress"] + sum((["--set", s] for s in TINY), [])) == 0
+    rows = [json.loads(line) for line in (ev / "charades_test_submission.jsonl").read_text().splitlines()]
+    assert {r["qid"]: r["pred_relevant_windows"] for r in rows} == moved
     # the corrected per-row mask: the composition changes nothing
     assert submission(replay, "per_row")[0] == submission(None, "per_row")[0]
 
