@@ -18,6 +18,8 @@ import json
 import numpy as np
 import pytest
 
+from jaxprvr.errors import JaxprvrError
+
 TINY = ["data.feat_dims=(16,16)", "model.hidden_dim=16", "model.nheads=2", "model.dim_feedforward=32",
         "model.clip_width=16", "model.clip_layers=1", "model.clip_heads=2", "model.t_feat_dim=16",
         "model.num_recfw_layers=1", "model.t2v_layers=1", "model.enc_layers=1", "model.num_recss_layers=1",
@@ -204,3 +206,19 @@ def test_charades_cg_selects_on_two_splits(roots, tmp_path):
     assert [r["eval_split"] for r in vals] == ["novel_composition", "novel_word"]
     saved = json.loads((out / "test_results.json").read_text())
     assert set(saved) == {"novel_composition", "novel_word", "test_trivial"}
+
+
+def test_evaluation_needs_no_pos_tagger(roots, monkeypatch):
+    """POS weights drive only training's MLM masking: with ``data.pos_tagger=nltk`` (the default) and NLTK's tagger
+    data missing, an evaluation split opens (the official eval path needs no tagger) and training still refuses."""
+    from jaxprvr.tasks.vmr_detr import TASK
+    from jaxprvr.text import pos
+
+    def missing():
+        raise JaxprvrError("nltk data", "the NLTK POS tagger model", "it is not installed")
+
+    monkeypatch.setattr(pos, "require_nltk", missing)
+    cfg = _cfg("charades", ["data.pos_tagger=nltk"])
+    assert len(TASK.open_split(cfg, roots["charades"], "test")) > 0
+    with pytest.raises(JaxprvrError, match="NLTK POS tagger"):
+        TASK.open_split(cfg, roots["charades"], "train")

@@ -202,8 +202,9 @@ class MESMSet:
                                repr(split))
         train = split == "train"
         text_options = {} if self.facts.tokenizer_type == "CLIP" else {"sentence_split": d.sentence_split}
-        tok = make_tokenizer(self.facts, root, recfw=self.facts.rec_fw and train, pos_tagger=d.pos_tagger,
-                             **text_options)
+        # POS weights only drive training's MLM masking: evaluation needs no tagger (and no NLTK data)
+        tok = make_tokenizer(self.facts, root, recfw=self.facts.rec_fw and train,
+                             pos_tagger=d.pos_tagger if train else "none", **text_options)
         caps = {k: v for k, v in (("rows", d.row_capacity), ("video", d.video_capacity)) if v} or None
         self.ds = open_mesm(d.dataset, self.facts.variant, root, split, tokenizer=tok,
                             val_holdout=train and t.selection == "val", val_seed=d.val_seed,
