@@ -18,14 +18,14 @@ export PYTHONUNBUFFERED=1
 TAGGER=${MESM_POS_TAGGER:-rule}
 CASES=${MESM_CASES:-"charades:C+SF_C charades:VGG_GloVe charades_cg:C+SF_C charades_cd:C+SF_C qvhighlights:C+SF_C tacos:C3D_GloVe"}
 status=0
-fail() { echo "FAIL $1: $2" | tee -a "$OUT_DIR/summary.txt"; status=1; }
+fail() { echo "FAIL $1: $2" | tee -a "$OUT_DIR/summary.txt"; status=1; case_ok=0; }
 for case in $CASES; do
   ds=${case%%:*}; variant=${case#*:}
   dir="$OUT_DIR/$ds-${variant//+/}"
   [ -s "$dir/done" ] && { echo "== $ds $variant: done before"; continue; }
   echo "== $ds $variant"
   rm -rf "$dir"; mkdir -p "$dir"
-  start=$(date +%s)
+  start=$(date +%s); case_ok=1
   "$PY" -m jaxprvr.data.synthetic --dataset "$ds" --model mesm --variant "$variant" --out "$dir/data" \
       > "$dir/synthetic.json" 2> "$dir/synthetic.err" || { fail "$ds $variant" "synthetic"; continue; }
   /usr/bin/time -f "%e s wall, %M KB peak" "$PY" -m jaxprvr.train --config "mesm/$ds" --data-root "$dir/data" \
@@ -62,6 +62,7 @@ assert a["brief"] == b["brief"], (a["brief"], b["brief"])
 EOF
   done
   secs=$(( $(date +%s) - start ))
+  [ $case_ok -eq 1 ] || continue
   echo "ok $ds $variant: slots $slots; $(tail -n 1 "$dir/train.err"); ${secs} s" | tee -a "$OUT_DIR/summary.txt"
   echo "$secs" > "$dir/done"
 done
