@@ -4,6 +4,7 @@ on one device.
     python -m benchmarks.vmr                                        # CPU: all sections, ActivityNet, size "cpu"
     python -m benchmarks.vmr --config tacos --sections train,eval
     python -m benchmarks.vmr --device gpu --size official --bf16 --out gpu.json   # a GPU (benchmarks/gpu_vmr.sh)
+    python -m benchmarks.vmr --models mesm                          # MESM (Charades-STA): benchmarks/vmr_detr.py
 
 Sections (``--sections``, default all):
 
@@ -1229,6 +1230,12 @@ def main(argv=None) -> int:
                                             "device (train step, end-to-end test evaluation, forward, retention "
                                             "parallel vs chunkwise, peak memory); prints markdown tables, writes "
                                             "JSON.")
+    p.add_argument("--models", choices=("mrnet", "mesm"), default="mrnet",
+                   help="mrnet (this module), or mesm: MESM on Charades-STA vs its twin (benchmarks.vmr_detr; its "
+                        "sections train, eval, memory, profile; --config ignored)")
+    p.add_argument("--variants", default="cached,clip",
+                   help="--models mesm, train section: cached (text features given) and/or clip (the CLIP text "
+                        "tower in the step)")
     p.add_argument("--config", choices=CONFIGS, default="activitynet")
     p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
                    help=f"comma list of {', '.join(SECTIONS)} (default: all but profile)")
@@ -1265,6 +1272,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.worker is not None:
         return worker_main(args.worker, WORKERS)
+    if args.models == "mesm":
+        from benchmarks import vmr_detr
+
+        return vmr_detr.main(args)
 
     device = args.device
     if device is None:
