@@ -469,6 +469,11 @@ class MESMDataConfig(DataConfig):
     row_capacity: int = 0  # query rows per static batch (0: the split's largest batch)
     video_capacity: int = 0  # frames per static batch (0: the split's longest video); equal capacities on every
     #                          split let training and every evaluation share compiled programs
+    # Shape buckets: each batch's query rows / frames rounded up to these multiples (at most the capacities above),
+    # so short batches do not pay for the split's worst case (a few compiled programs instead of one); 0 = off.
+    # A capacity given above fixes its axis.
+    bucket_rows: int = 8
+    bucket_frames: int = 32
     max_ts_val: float = 150.0  # PostProcessorDETR's clamp (TACoS 1000)
 
 

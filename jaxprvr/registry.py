@@ -102,7 +102,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                  ("model.clip_width", "64"), ("model.clip_layers", "2"), ("model.clip_heads", "2"),
                  ("model.t_feat_dim", "64"), ("data.feat_dims", "(64,64)"), ("train.batch_size", "4"),
                  ("train.lr", "1e-3"), ("train.max_grad_norm", "1.0"), ("model.input_dropout", "0.1"),
-                 ("model.max_video_l", "64"), ("train.n_epoch", "40"))),
+                 ("model.max_video_l", "64"), ("train.n_epoch", "40"),
+                 # one static shape: at these sizes a compile costs more than the padding it would save
+                 ("data.bucket_rows", "0"), ("data.bucket_frames", "0"))),
     # BackBone_tvr's CLIP ViT-B/32 + seqTransf + WTI: the demo trains a small CLIP from scratch (no weights can be
     # downloaded) on 32 x 32 frames, 2 + 2 layers, 64 wide.
     Family("clip_wti", "CLIP + seqTransf + WTI (BackBone_tvr)", "t2v", "jaxprvr.models.clip_wti:ClipWTI",

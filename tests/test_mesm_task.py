@@ -222,3 +222,44 @@ def test_evaluation_needs_no_pos_tagger(roots, monkeypatch):
     assert len(TASK.open_split(cfg, roots["charades"], "test")) > 0
     with pytest.raises(JaxprvrError, match="NLTK POS tagger"):
         TASK.open_split(cfg, roots["charades"], "train")
+
+
+def test_shape_buckets_change_shapes_not_outputs(run, roots):
+    """``data.bucket_rows`` / ``bucket_frames``: each batch padded to multiples of its own rows and frames (never past
+    the split's capacity; a given capacity fixes its axis), and the model's outputs on the real rows and frames equal
+    those of the same batch at the full static capacities."""
+    import jax
+
+    from jaxprvr.checkpoint import load_params
+    from jaxprvr.models import build_model
+    from jaxprvr.tasks.vmr_detr import TASK
+    from jaxprvr.train import init_variables
+
+    out, _ = run
+    base = [s for s in TINY if not s.startswith(("data.row_capacity", "data.video_capacity"))] + [
+        "data.eval_batch_size=3"]
+    from jaxprvr.config import load_config
+
+    cfg = load_config("charades", "mesm", base + ["data.bucket_rows=8", "data.bucket_frames=16"])
+    ds = TASK.open_split(cfg, roots["charades"], "test")
+    full = ds.ds.capacities(False)
+    fixed = TASK.open_split(load_config("charades", "mesm", base + [f"data.video_capacity={full.video}",
+                                                                   f"data.row_capacity={full.rows}"]),
+                            roots["charades"], "test")
+    model = build_model(cfg.model)
+    abstract, _ = jax.eval_shape(lambda: init_variables(model, cfg, jax.random.PRNGKey(0)))
+    params, _ = load_params(out / "ckpt" / "best_val", abstract)
+    fwd = jax.jit(lambda p, b: model.apply({"params": p}, b, train=False)[0])
+    shapes = set()
+    for (b, s), (bf, sf) in zip(ds.batches(None, False), fixed.batches(None, False)):
+        n, lv = len(b.official["qid"]), np.shape(b.official["video_feat"])[1]
+        r, v = np.shape(s["video_mask"])
+        assert r == min(full.rows, -(-n // 8) * 8) and v == min(full.video, -(-lv // 16) * 16)
+        assert np.shape(sf["video_mask"]) == (full.rows, full.video)
+        shapes.add((r, v))
+        o, of = fwd(params, s), fwd(params, sf)
+        for k in ("pred_logits", "pred_spans"):
+            np.testing.assert_allclose(np.asarray(o[k])[:n], np.asarray(of[k])[:n], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(o["saliency_scores"])[:n, :lv], np.asarray(of["saliency_scores"])[:n, :lv],
+                                   rtol=1e-5, atol=1e-6)
+    assert any(sh != (full.rows, full.video) for sh in shapes)  # the buckets did cut something

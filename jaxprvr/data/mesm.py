@@ -885,8 +885,14 @@ class MESMSplit:
 
     def __init__(self, facts: VariantFacts, root, split: str, queries: list[Query], skipped: Counter,
                  held_out: int, *, rescale_labels: bool, tokenizer, check_features: bool, chunk_seed: int,
-                 capacities: Capacities | Mapping | None, eval_batches, whole_video: str):
+                 capacities: Capacities | Mapping | None, eval_batches, whole_video: str,
+                 buckets: tuple[int, int] = (0, 0)):
         self.facts, self.root, self.split = facts, root, split
+        given = dataclasses.asdict(capacities) if isinstance(capacities, Capacities) else dict(capacities or {})
+        # rows / frames of each batch rounded up to these multiples (0: the split's static capacity); an axis whose
+        # capacity was given stays fixed (one compiled program for every batch)
+        self.buckets = (0 if "rows" in given else max(int(buckets[0]), 0),
+                        0 if "video" in given else max(int(buckets[1]), 0))
         self.queries, self.skipped, self.held_out = queries, skipped, held_out
         self.rescale_labels = rescale_labels
         self.recfw = facts.rec_fw and split == "train"
@@ -1140,9 +1146,21 @@ class MESMSplit:
         def gen():
             for items, seed in zip(plan, seeds):
                 official = self.collate(items, np.random.default_rng(int(seed)))
-                yield MESMBatch(official=official, static=to_static(official, caps), items=tuple(items))
+                yield MESMBatch(official=official, static=to_static(official, self.batch_capacities(official, caps)),
+                                items=tuple(items))
 
         return gen()
+
+    def batch_capacities(self, official: Mapping, caps: Capacities) -> Capacities:
+        """``caps`` with the rows and frames of this batch rounded up to the :attr:`buckets` multiples (never past
+        the split's capacity): a few static shapes instead of one worst case -- the official loader pads to each
+        batch's longest video, and padding rows and frames are masked everywhere, so only the compute changes."""
+        br, bv = self.buckets
+        if not (br or bv):
+            return caps
+        rows, video = len(official["qid"]), int(np.shape(official["video_feat"])[1])
+        return dataclasses.replace(caps, rows=min(caps.rows, -(-rows // br) * br) if br else caps.rows,
+                                   video=min(caps.video, -(-video // bv) * bv) if bv else caps.video)
 
     def collate(self, items: Sequence[Sequence[int]], rng: np.random.Generator) -> dict:
         """The official collate dict of one batch (``base.py`` L288-355 + ``prepare_batch_input`` L379-384;
@@ -1281,7 +1299,8 @@ def val_videos(train_queries: Sequence[Query], fraction: float, seed: int) -> se
 def open_mesm(dataset: str, variant: str | None = None, root=None, split: str = "train", *, tokenizer=None,
               pos_tagger: str = "nltk", text_options: Mapping | None = None, val_holdout: bool = False,
               val_seed: int = 0, rescale_labels: bool = False, whole_video: str = "error", chunk_seed: int | None = None, capacities=None, eval_batches=None,
-              check_features: bool = True, text: bool = True, **overrides) -> MESMSplit:
+              check_features: bool = True, text: bool = True, buckets: tuple[int, int] = (0, 0),
+              **overrides) -> MESMSplit:
     """Opens ``split`` of ``(dataset, variant)`` under ``root`` (the official working directory).
 
     * ``overrides``: any :class:`VariantFacts` field (``feat_dims`` for reduced-width files, ``max_video_l``,
@@ -1294,7 +1313,9 @@ def open_mesm(dataset: str, variant: str | None = None, root=None, split: str = 
     * ``rescale_labels``: the corrected label mapping after pooling (official: not rescaled);
     * ``whole_video``: ``"error"`` (official: a crash) or ``"skip"`` (counted) for moments covering the video;
     * ``chunk_seed``: the TACoS chunking (default ``facts.seed``); ``capacities``: overrides of the static shapes;
-    * ``eval_batches``: a replay file (or list) of the evaluation batches, qids in row order."""
+    * ``eval_batches``: a replay file (or list) of the evaluation batches, qids in row order;
+    * ``buckets``: ``(rows, frames)`` multiples each batch's static shape is rounded up to (0: the split's
+      capacity; :meth:`MESMSplit.batch_capacities`)."""
     facts = variant_facts(dataset, variant, **overrides)
     if whole_video not in ("error", "skip"):
         raise JaxprvrError("whole_video", "'error' or 'skip'", repr(whole_video))
@@ -1313,7 +1334,7 @@ def open_mesm(dataset: str, variant: str | None = None, root=None, split: str = 
     return MESMSplit(facts, root, split, queries, skipped, held, rescale_labels=rescale_labels,
                      tokenizer=tokenizer if text else None, check_features=check_features,
                      chunk_seed=facts.seed if chunk_seed is None else chunk_seed, capacities=capacities,
-                     eval_batches=eval_batches, whole_video=whole_video)
+                     eval_batches=eval_batches, whole_video=whole_video, buckets=buckets)
 
 
 __all__ = ["DATASETS", "DEFAULT_VARIANT", "VARIANTS", "VariantFacts", "variant_facts", "Query", "Item",

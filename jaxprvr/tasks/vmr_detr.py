@@ -211,6 +211,7 @@ class MESMSet:
                             rescale_labels=d.rescale_labels, whole_video=d.whole_video,
                             chunk_seed=None if d.chunk_seed < 0 else d.chunk_seed, capacities=caps,
                             eval_batches=(_resolve(root, d.eval_batches) if d.eval_batches and not train else None),
+                            buckets=(d.bucket_rows, d.bucket_frames),
                             **_fact_overrides(cfg))
         self.text = TextFeatures(cfg, root, tok)
         self.n_queries = self.ds.n_queries
