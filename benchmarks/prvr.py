@@ -683,6 +683,27 @@ def short_error(e: BaseException) -> str:
     return f"{where}{type(inner).__name__}: {lines[0][:300] if lines else ''}"
 
 
+def run_sections(results: dict, log_path, scratch_prefix: str, run, report, out=None) -> int:
+    """The common end of a side-by-side benchmark's ``main``: ``run(log, scratch)`` fills ``results`` (the worker
+    logs to ``log_path``, scratch files in a temporary folder removed afterwards), then the total time and the
+    end load average are recorded, ``report(results)`` is printed, and ``out`` (if any) gets the JSON."""
+    t0 = time.perf_counter()
+    scratch = tempfile.mkdtemp(prefix=scratch_prefix)
+    try:
+        with open(log_path, "w") as log:
+            run(log, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    results["total_s"] = time.perf_counter() - t0
+    results["loadavg_end"] = os.getloadavg()
+    print(report(results))
+    print(f"total {results['total_s'] / 60:.1f} min; load average at the end {results['loadavg_end'][0]:.2f}; "
+          f"worker logs: {log_path}", file=sys.stderr)
+    if out:
+        Path(out).write_text(json.dumps(results, indent=2, default=float))
+    return 0
+
+
 def worker_main(spec_json: str, workers: dict | None = None) -> int:
     """Runs one measurement (``workers``: task name -> function; default this module's :data:`WORKERS`) and
     prints its result as one ``@@RESULT`` JSON line."""

@@ -60,18 +60,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 from benchmarks.prvr import (FW_LABEL, JaxCompileClock, _cell, _device_desc, _fmt_b, _fmt_s, _jax_peak, _load,
                              _median_timed, _peak_rss, _ratio, _save_partial, _say, _torch_compile_clock,
-                             _torch_compile_setup, _torch_cpu_setup, run_worker, warm_up, worker_main)
+                             _torch_compile_setup, _torch_cpu_setup, run_sections, run_worker, warm_up,
+                             worker_main)
 
 CONFIGS = ("activitynet", "tacos", "charades")
 SECTIONS = ("train", "eval", "forward", "retention", "memory", "conv", "profile")
@@ -1315,22 +1314,9 @@ def main(argv=None) -> int:
                "repeats": args.repeats, "sections": sections, "date": time.strftime("%Y-%m-%d %H:%M"),
                "loadavg_start": os.getloadavg(), "log": log_path,
                "targets": {"train": 1.5, "eval": 3.0} if device == "cpu" else {"train": 1.2, "eval": 5.0}}
-    t0 = time.perf_counter()
-    scratch = tempfile.mkdtemp(prefix="benchmarks-vmr-")
-    try:
-        with open(log_path, "w") as log:
-            _run(args, sections, base, device, results, log, scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    results["total_s"] = time.perf_counter() - t0
-    results["loadavg_end"] = os.getloadavg()
-    text = report(results)
-    print(text)
-    print(f"total {results['total_s'] / 60:.1f} min; load average at the end {results['loadavg_end'][0]:.2f}; "
-          f"worker logs: {log_path}", file=sys.stderr)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2, default=float))
-    return 0
+    return run_sections(results, log_path, "benchmarks-vmr-",
+                        lambda log, scratch: _run(args, sections, base, device, results, log, scratch), report,
+                        args.out)
 
 
 if __name__ == "__main__":

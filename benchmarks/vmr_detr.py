@@ -69,17 +69,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 from benchmarks.prvr import (FW_LABEL, JaxCompileClock, _cell, _device_desc, _fmt_b, _fmt_s, _jax_peak, _load,
                              _median_timed, _peak_rss, _ratio, _save_partial, _say, _torch_compile_clock,
-                             _torch_compile_setup, _torch_cpu_setup, run_worker, warm_up, worker_main)
+                             _torch_compile_setup, _torch_cpu_setup, run_sections, run_worker, warm_up,
+                             worker_main)
 
 MODULE = "benchmarks.vmr_detr"  # the workers: python -m benchmarks.vmr_detr --worker SPEC
 SECTIONS = ("train", "eval", "memory", "profile")
@@ -988,22 +987,9 @@ def main(args) -> int:
                "sections": sections, "variants": args.variants, "pos_tagger": base["pos_tagger"] or "nltk",
                "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_start": os.getloadavg(), "log": log_path,
                "targets": {"train": 1.5, "eval": 2.0}}
-    t0 = time.perf_counter()
-    scratch = tempfile.mkdtemp(prefix="benchmarks-vmr-mesm-")
-    try:
-        with open(log_path, "w") as log:
-            _run(args, sections, base, results, log, scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    results["total_s"] = time.perf_counter() - t0
-    results["loadavg_end"] = os.getloadavg()
-    text = report(results)
-    print(text)
-    print(f"total {results['total_s'] / 60:.1f} min; load average at the end {results['loadavg_end'][0]:.2f}; "
-          f"worker logs: {log_path}", file=sys.stderr)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2, default=float))
-    return 0
+    return run_sections(results, log_path, "benchmarks-vmr-mesm-",
+                        lambda log, scratch: _run(args, sections, base, results, log, scratch), report,
+                        args.out)
 
 
 if __name__ == "__main__":
