@@ -403,3 +403,28 @@ def test_torch2jax_refuses_bad_files(tmp_path):
         z.writestr("archive/data.pkl", pickle.dumps({"model": {}, "x": print}, protocol=2))
     with pytest.raises(JaxprvrError, match="names __builtin__.print"):
         pm.read_official(evil)
+
+
+def test_float32_gradient_rejudged_across_prelu_kinks():
+    """``MESMCheck.kink_row``'s mechanism: float32 gradients computed with float64's PReLU branches equal the plain
+    float32 ones when no input crosses 0, and one branch flipped by hand is counted as one crossing and moves the
+    gradients (how an input that XLA's float32 forward puts on the other side of 0 is judged)."""
+    chk = checker("qvhighlights", dtype="float32")
+    skey = chk._grad_key()
+    neg, mlm = chk.injected(chk.case, skey)
+    params = chk.params(chk.twin_nd(chk.twin32))
+    _, jg, _ = chk.jax_grads(params, chk.case, skey)
+    branches = chk.prelu_branches(params, chk.case, neg, mlm)
+    assert branches and all(v.dtype == bool for v in branches.values())
+    _, kg, flips = chk.kink_grads(params, chk.case, skey, branches)
+    assert flips == []
+    for k in jg:
+        np.testing.assert_allclose(kg[k], jg[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    tag = next(k for k in branches if "t2v_encoder/t2v_encoder/layers_0/activation" in k)
+    flipped = dict(branches)
+    flipped[tag] = branches[tag].copy()
+    flipped[tag][0, 0, 0] = ~flipped[tag][0, 0, 0]
+    _, kg2, flips2 = chk.kink_grads(params, chk.case, skey, flipped)
+    # the hand-flipped input is one crossing; the changed forward may push later PReLU inputs across 0 too
+    assert (tag, 1) in [(t, c) for t, c, _ in flips2]
+    assert any(not np.allclose(kg2[k], jg[k], rtol=1e-5, atol=1e-7) for k in jg)
