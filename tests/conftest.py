@@ -1,5 +1,6 @@
 """Shared fixtures: one tiny synthetic dataset in the official layout, tiny configs, a compile cache."""
 
+import contextlib
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -18,6 +19,21 @@ import pytest  # noqa: E402
 _CACHE = os.environ.get("JAXPRVR_TEST_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxprvr", "jit-tests"))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+# The parity checks' compiler options for their tiny programs (XLA -O0, no expensive LLVM passes).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@contextlib.contextmanager
+def x64(on: bool = True):
+    """``jax_enable_x64`` set to ``on`` inside the block, restored after (float64 parity checks)."""
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", on)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", old)
+
 
 TINY_VISUAL, TINY_QUERY = 16, 12
 TINY_OVERRIDES = [

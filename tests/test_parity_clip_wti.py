@@ -8,7 +8,6 @@ max_words 8, 3 frames) keeps this file short on 2 busy cores.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 
@@ -23,21 +22,12 @@ from jaxprvr.models import clip_wti as mw
 from parity import clip_wti as pw
 from parity import convert
 from parity.rows import TOLERANCES
+from tests.conftest import x64
 
 TINY = ["model.image_resolution=32", "model.vision_patch_size=16", "model.vision_width=32", "model.vision_layers=1",
         "model.vision_heads=2", "model.text_width=32", "model.text_layers=1", "model.text_heads=2",
         "model.embed_dim=32", "model.num_hidden_layers=1", "model.max_words=8", "model.max_frames=3"]
 SETS = [f"--set={s}" for s in TINY]
-
-
-@contextlib.contextmanager
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", old)
 
 
 def tiny():

@@ -9,7 +9,6 @@ text) on small synthetic datasets in the official layout. The compiled programs 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import pickle
@@ -26,6 +25,7 @@ from jaxprvr.config import load_config
 from jaxprvr.errors import JaxprvrError
 from parity import mesm as pm
 from parity.rows import TOLERANCES
+from tests.conftest import FAST_COMPILE, x64
 
 TINY = ["model.hidden_dim=16", "model.nheads=2", "model.dim_feedforward=24", "model.num_recfw_layers=1",
         "model.t2v_layers=1", "model.enc_layers=1", "model.dec_layers=2", "model.num_recss_layers=1",
@@ -34,17 +34,6 @@ EXTRA = {"qvhighlights": ["data.feat_dims=(6,4)", "model.t_feat_dim=8"],
          "charades": ["data.feat_dims=(6,4)", "model.t_feat_dim=8", "model.max_video_l=20"],
          "tacos": ["data.feat_dims=(8,)", "model.max_video_l=20", "model.num_recfw_layers=2"]}
 GROUPS = ("convert", "block", "model", "loss", "grad", "train", "dropout", "metrics")
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-@contextlib.contextmanager
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", old)
 
 
 def tiny(dataset, extra=()):

@@ -7,7 +7,6 @@ this file short on 2 cores; the official-size ActivityNet key/shape sets are che
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 
@@ -22,22 +21,13 @@ from jaxprvr.models import mrnet as fm
 from jaxprvr.ops import retention as R
 from parity import convert, mrnet as pm
 from parity.rows import TOLERANCES
+from tests.conftest import x64
 
 TINY = ["model.joint_space=16", "model.n_heads=4", "model.featpool_hidden=16", "model.predictor_hidden=8",
         "model.ffn_dim=32", "model.input_size=24", "model.text_dim=20", "model.num_pre_clips=32",
         "model.num_clips=16", "model.featpool_kernel=2", "model.pooling_counts=(7,4)", "model.predictor_kernel=3",
         "model.predictor_layers=2", "model.trans_layers=1"]
 DATASETS = ("activitynet", "tacos", "charades")
-
-
-@contextlib.contextmanager
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", old)
 
 
 def tiny(dataset="activitynet"):

@@ -18,7 +18,7 @@ import torch
 
 from jaxprvr.config import load_config
 from parity import check, convert
-from tests.conftest import TINY_QUERY, TINY_VISUAL, tiny_config
+from tests.conftest import FAST_COMPILE, TINY_QUERY, TINY_VISUAL, tiny_config
 import torch_ref
 from torch_ref import checkpoints as ckpt
 from torch_ref.optim import EMA
@@ -30,7 +30,6 @@ TINY = ["model.hidden_size=32", "model.n_heads=2", f"model.q_feat_size={TINY_QUE
         "data.eval_context_bsz=64", "data.eval_query_bsz=64"]
 EMA_ON = ["train.use_ema=true"]
 # XLA's cheap CPU pipeline for the compiled training gradient (IEEE float32 either way; tests/test_parity_train.py)
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 METRICS = ("r1", "r5", "r10", "r100", "sumr")
 
 

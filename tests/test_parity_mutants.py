@@ -13,8 +13,6 @@ block / model stages reuse XLA's op cache.
 
 from __future__ import annotations
 
-import contextlib
-
 import flax.linen as nn
 import jax
 import numpy as np
@@ -24,23 +22,12 @@ from jaxprvr.config import load_config
 from jaxprvr.errors import JaxprvrError
 from jaxprvr.models import layers
 from parity import check, convert, rows as prow
-from tests.conftest import TINY_QUERY, TINY_VISUAL
+from tests.conftest import FAST_COMPILE, TINY_QUERY, TINY_VISUAL, x64
 
 TINY = ["model.hidden_size=32", "model.n_heads=2", f"model.q_feat_size={TINY_QUERY}",
         f"model.visual_feat_dim={TINY_VISUAL}", "model.max_ctx_l=16", "model.map_size=8", "model.max_desc_l=8"]
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 STEPS = 3
 DTYPES = ("float64", "float32")
-
-
-@contextlib.contextmanager
-def x64(on: bool):
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", on)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", old)
 
 
 def _cfg(extra=()):

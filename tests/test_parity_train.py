@@ -36,6 +36,7 @@ from tests.test_torch_ref import make_batch as torch_ref_batch
 from torch_ref import losses as TL
 from torch_ref.layers import DyGMMBlock
 from torch_ref.optim import BertAdam, official_param_groups
+from tests.conftest import FAST_COMPILE
 
 NAMES = ("ms_sl", "gmmformer", "gmmformer_v2")
 LABELS = (0, 0, 1, 2, 2, 2, 3, 3)  # 4 videos with 2, 1, 3, 2 queries (contiguous, as the official collate)
@@ -234,7 +235,6 @@ def test_single_query_batch_matching_raises_as_officially():
 
 # The loss+grad and the optimizer update are compiled once per model with XLA's cheap CPU pipeline (about half
 # the compile time); the numerics stay float32 IEEE, and the tolerances below hold with either pipeline.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def by_torch_name(name, tree) -> dict[str, np.ndarray]:
