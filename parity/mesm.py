@@ -1763,10 +1763,10 @@ class MESMCheck(FamilyCheck):
         """:meth:`train_run`; in float32, failing rows are re-run with every JAX gradient taken on float64's side of
         each PReLU kink (:meth:`kink_row`'s rule, the branches at each step's float64 twin parameters): the rows of
         that run replace them when XLA's float32 forward crossed a kink in some step."""
-        rows = self.train_run(kink=False)
+        rows, _ = self.train_run(kink=False)
         if self.f64 or all(r.passed for r in rows):
             return rows
-        again, crossings = self.train_run(kink=True), self._train_crossings
+        again, crossings = self.train_run(kink=True)
         if not crossings:
             return [dataclasses.replace(r, note=join_notes(r.note, "no PReLU input crosses 0 between float32 and "
                                                                    "float64 in any step")) for r in rows]
@@ -1782,7 +1782,7 @@ class MESMCheck(FamilyCheck):
                                                                new.note)))
         return out
 
-    def train_run(self, kink: bool = False) -> list[Row]:
+    def train_run(self, kink: bool = False) -> tuple[list[Row], list]:
         """``steps`` steps of ``TASK.optimizer`` (``clip_grad_norm_`` + AdamW under StepLR, the ``trainable_mask``)
         + ``TASK.loss`` vs ``official_optimizer`` + ``official_step`` (torch_ref.mesm_loss), dropout off, 2 steps per
         epoch with ``lr_drop`` 1 (the rate drops after every epoch: steps 3+ at lr x gamma, 5+ at lr x gamma^2), two
@@ -1825,7 +1825,7 @@ class MESMCheck(FamilyCheck):
         replay = None if self.f64 else AdamWReplay({n: _np(p) for n, p in init.items()}, t.adam_b1, t.adam_b2,
                                                    t.adam_eps, t.wd, t.max_grad_norm, self.tol.grad_rel)
         lrs, t_lrs, steps_seen = [], [], []
-        crossings = self._train_crossings = []
+        crossings = []  # (step, PReLU call, inputs across 0, max |x|) of the kink run
         zero = ZeroList(self.spec.zero_gradients(tcfg))
         for i in range(self.steps):
             c = cases[i % 2]
@@ -1894,7 +1894,7 @@ class MESMCheck(FamilyCheck):
                                  "bit-identical to their start (no AdamW step, no decay)", 0.0 if not bad else
                         float("inf"), 0.0, "bit-identical", not bad and bool(listed),
                         f"changed: {bad[:4]}" if bad else ", ".join(listed[:3]) + (" ..." if len(listed) > 3 else "")))
-        return rows
+        return rows, crossings
 
     # -- dropout on
     def dropout_shapes(self, params, case: Case, neg, mlm, dkey) -> dict:
