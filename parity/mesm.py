@@ -1197,16 +1197,19 @@ class MESMCheck(FamilyCheck):
         + inverse_sigmoid(reference))``) w.r.t. the transformer's and ``span_embed``'s tensors: the heads read the
         refined reference BEFORE ``.detach()`` (transformer.py L393-397), so the last layer's spans reach
         ``bbox_embed`` and the earlier layers. Per tensor ``||d|| <= rel ||g||`` (float32: the bounded arbiter); the
-        gradients :meth:`Spec.zero_parts` lists are left out (noise)."""
+        gradients :meth:`Spec.zero_parts` lists are left out (noise). A failing float32 row is re-judged as
+        :meth:`kink_row` does: the same float32 gradients with every PReLU on the float64 forward's side."""
         import re
 
+        import flax.linen as nn
         import jax
+        import jax.numpy as jnp
         import torch
 
         import torch_ref.mesm as tm
         from jaxprvr.models import mesm as fm
         from jaxprvr.models.layers import resolve_compute_dtype
-        from parity.check import _arbiter_ok, _norm
+        from parity.check import _arbiter_ok, _norm, with_compute_dtype
 
         c = self.cfg.model
         dt = resolve_compute_dtype(c)
@@ -1214,20 +1217,48 @@ class MESMCheck(FamilyCheck):
         w = rng.standard_normal((c.dec_layers, src.shape[0], c.num_queries, 2)).astype(src.dtype)
         w[:, B:] = 0.0
         params = self.params(self.twin)
+        args = (src, pad, qe, pos, g_tok, g_pos)
+
+        def spans_sum(c_, dt_, p_tr, p_sp, *a):
+            hs, refs, _, _, _ = fm.Transformer(c_, dt_).apply({"params": p_tr}, *a)
+            spans = jax.nn.sigmoid(fm.MLP(c_.hidden_dim, 2, 3, c_.hidden_dim, dt_).apply({"params": p_sp}, hs)
+                                   + fm.inverse_sigmoid(refs))
+            return (spans * w).sum()
 
         def make():
-            def loss(p_tr, p_sp, *a):
-                hs, refs, _, _, _ = fm.Transformer(c, dt).apply({"params": p_tr}, *a)
-                spans = jax.nn.sigmoid(fm.MLP(c.hidden_dim, 2, 3, c.hidden_dim, dt).apply({"params": p_sp}, hs)
-                                       + fm.inverse_sigmoid(refs))
-                return (spans * w).sum()
+            return jax.jit(jax.grad(lambda *a: spans_sum(c, dt, *a), argnums=(0, 1)))
 
-            return jax.jit(jax.grad(loss, argnums=(0, 1)))
+        def make_forced():
+            def loss(p_tr, p_sp, br, *a):
+                crossed = {}
+                with nn.intercept_methods(_prelu_forcer(br, crossed)):
+                    val = spans_sum(c, dt, p_tr, p_sp, *a)
+                return val, crossed
 
-        g_tr, g_sp = jax.device_get(_compiled(("block", "transformer_grad", c), make)(
-            params["transformer"], params["span_embed"], src, pad, qe, pos, g_tok, g_pos))
-        flat = {**{f"transformer/{k}": v for k, v in _flatten(g_tr).items()},
-                **{f"span_embed/{k}": v for k, v in _flatten(g_sp).items()}}
+            return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+
+        def branches64():
+            """The float64 forward's side of every PReLU input of the transformer call."""
+            with jax.enable_x64(True):
+                c64 = with_compute_dtype(self.cfg, "float64").model
+                to64 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), t)  # noqa: E731
+                a64 = [np.asarray(x, np.float64) if np.issubdtype(np.asarray(x).dtype, np.floating) else x
+                       for x in args]
+
+                def fwd(p_tr, *a):
+                    seen = {}
+                    with nn.intercept_methods(_prelu_recorder(seen)):
+                        fm.Transformer(c64, jnp.float64).apply({"params": p_tr}, *a)
+                    return seen
+
+                return {k: np.asarray(v) for k, v in jax.jit(fwd)(to64(params["transformer"]), *a64).items()}
+
+        def flat_of(g_tr, g_sp):
+            return {**{f"transformer/{k}": v for k, v in _flatten(g_tr).items()},
+                    **{f"span_embed/{k}": v for k, v in _flatten(g_sp).items()}}
+
+        flat = flat_of(*jax.device_get(_compiled(("block", "transformer_grad", c), make)(
+            params["transformer"], params["span_embed"], *args)))
         entries = [e for e in make_table(c) if e.flax in flat]
         zero = [re.compile(p) for p, sl, _ in self.spec.zero_parts(self.spec.no_dropout(self.cfg)) if sl is None]
 
@@ -1248,27 +1279,48 @@ class MESMCheck(FamilyCheck):
         t32, t64 = twin_grads(self.twin32), twin_grads(self.twin64)
         tg = t64 if self.f64 else t32
         rel = self.tol.grad_rel
-        worst, worst_key, failing, n = 0.0, "", [], 0
-        for e in entries:
-            if any(z.fullmatch(e.torch) for z in zero):
-                continue
-            n += 1
-            a, t = to_torch(e.kind, np.asarray(flat[e.flax])).astype(np.float64), np.asarray(tg[e.torch], np.float64)
-            bad = nonfinite(e.torch, jax=a)
-            d, nt = _norm(a - t), _norm(t)
-            r = d / nt if nt > 0 else (0.0 if d == 0 else float("inf"))
-            if r >= worst:
-                worst, worst_key = r, e.torch
-            if bad:
-                failing.append(bad)
-            elif d > rel * nt:
-                t_64 = np.asarray(t64[e.torch], np.float64)
-                if self.f64 or not _arbiter_ok(_norm(a - t_64), _norm(t - t_64), rel * _norm(t_64)):
-                    failing.append(f"{e.torch} (rel {r:.1e})")
-        return Row("block", f"d sum(w * pred_spans of every decoder layer) / d (transformer, span_embed) ({n} tensors; "
-                            f"the heads' reference not detached){suffix}", worst, worst,
+
+        def judge(flat_):
+            worst, worst_key, failing, n = 0.0, "", [], 0
+            for e in entries:
+                if any(z.fullmatch(e.torch) for z in zero):
+                    continue
+                n += 1
+                a, t = (to_torch(e.kind, np.asarray(flat_[e.flax])).astype(np.float64),
+                        np.asarray(tg[e.torch], np.float64))
+                bad = nonfinite(e.torch, jax=a)
+                d, nt = _norm(a - t), _norm(t)
+                r = d / nt if nt > 0 else (0.0 if d == 0 else float("inf"))
+                if r >= worst:
+                    worst, worst_key = r, e.torch
+                if bad:
+                    failing.append(bad)
+                elif d > rel * nt:
+                    t_64 = np.asarray(t64[e.torch], np.float64)
+                    if self.f64 or not _arbiter_ok(_norm(a - t_64), _norm(t - t_64), rel * _norm(t_64)):
+                        failing.append(f"{e.torch} (rel {r:.1e})")
+            return worst, worst_key, failing, n
+
+        worst, worst_key, failing, n = judge(flat)
+        stage = (f"d sum(w * pred_spans of every decoder layer) / d (transformer, span_embed) ({n} tensors; the heads' "
+                 f"reference not detached){suffix}")
+        kink = ""
+        if failing and not self.f64:
+            (g_tr, g_sp), crossed = _compiled(("block", "transformer_grad_forced", c), make_forced)(
+                params["transformer"], params["span_embed"], {k: jnp.asarray(v) for k, v in branches64().items()},
+                *args)
+            flips = _flips(crossed)
+            if not flips:
+                kink = "no PReLU input crosses 0 between float32 and float64"
+            else:
+                first = (worst, ", ".join(failing[:2]))
+                worst, worst_key, failing, n = judge(flat_of(*jax.device_get((g_tr, g_sp))))
+                stage += f" [float32 with float64's PReLU branch at the {sum(k for _, k, _ in flips)} inputs that cross 0]"
+                kink = (f"float32's own branches: FAIL ({first[0]:.2e}: {first[1]}); crossings: "
+                        + ", ".join(f"{k}: {m} (|x| <= {x:.1e})" for k, m, x in flips[:3]))
+        return Row("block", stage, worst, worst,
                    f"||d|| <= {rel:g} ||g||" + ("" if self.f64 else " or f64 arbiter"), not failing,
-                   join_notes(f"worst: {worst_key}", "failing: " + ", ".join(failing[:4]) if failing else ""))
+                   join_notes(kink, f"worst: {worst_key}", "failing: " + ", ".join(failing[:4]) if failing else ""))
 
     def clip_rows(self) -> list[Row]:
         """The task's CLIP text tower (fp32; float64 in float64 mode) vs :class:`torch_ref.mesm.CLIPTextEncoder`
@@ -1572,14 +1624,11 @@ class MESMCheck(FamilyCheck):
     def prelu_branches(self, params, case: Case, neg, mlm) -> dict:
         """``{"<module path>#<call>": x >= 0}`` of every PReLU input of the train-mode forward (dropout off) run in
         float64 (the float64 twin's branches: the float64 groups show the two frameworks equal there)."""
-        import collections
-
         import flax.linen as nn
         import jax
         import jax.numpy as jnp
 
         from jaxprvr.models import build_model
-        from jaxprvr.models.mesm import PReLU
         from parity.check import cast_batch, with_compute_dtype
 
         with jax.enable_x64(True):
@@ -1588,16 +1637,8 @@ class MESMCheck(FamilyCheck):
             b64 = cast_batch(case.flax(), "float64")
 
             def fwd(p, b):
-                counts, seen = collections.Counter(), {}
-
-                def icpt(next_fun, args, kwargs, ctx):
-                    if isinstance(ctx.module, PReLU) and ctx.method_name == "__call__":
-                        path = "/".join(ctx.module.path)
-                        counts[path] += 1
-                        seen[f"{path}#{counts[path]}"] = args[0] >= 0
-                    return next_fun(*args, **kwargs)
-
-                with nn.intercept_methods(icpt):
+                seen = {}
+                with nn.intercept_methods(_prelu_recorder(seen)):
                     model.apply({"params": p}, b, train=True, with_neg=True, neg_index=neg, mlm_mask=mlm,
                                 rngs={"dropout": jax.random.key(0)})
                 return seen
@@ -1616,33 +1657,18 @@ class MESMCheck(FamilyCheck):
 
     def kink_grad_tree(self, params, case: Case, skey, branches: dict):
         """:meth:`kink_grads` with the gradient as the Flax tree."""
-        import collections
-
         import flax.linen as nn
         import jax
         import jax.numpy as jnp
 
-        from jaxprvr.models.mesm import PReLU
         from jaxprvr.tasks.vmr_detr import TASK
 
         tcfg = self.spec.no_dropout(self.cfg)
         loss_fn = TASK.loss(self.model_nd, tcfg, 1)
 
         def loss(p, b, rngs, br):
-            counts, crossed = collections.Counter(), {}
-
-            def icpt(next_fun, args, kwargs, ctx):
-                if isinstance(ctx.module, PReLU) and ctx.method_name == "__call__":
-                    path = "/".join(ctx.module.path)
-                    counts[path] += 1
-                    tag = f"{path}#{counts[path]}"
-                    x, a = args[0], ctx.module.get_variable("params", "weight")
-                    crossed[tag] = (jnp.sum((x >= 0) != br[tag]), jnp.max(jnp.where((x >= 0) != br[tag],
-                                                                                   jnp.abs(x), 0)))
-                    return jnp.where(br[tag], x, a.astype(x.dtype) * x)
-                return next_fun(*args, **kwargs)
-
-            with nn.intercept_methods(icpt):
+            crossed = {}
+            with nn.intercept_methods(_prelu_forcer(br, crossed)):
                 val, aux = loss_fn(p, b, rngs, np.int32(0), {})
             return val, (aux, crossed)
 
@@ -1651,8 +1677,7 @@ class MESMCheck(FamilyCheck):
                                        compiler_options=self.compiler_options or None))
         rngs = {"dropout": jax.random.key(0), "sample": skey}
         (jl, (_, crossed)), jg = fn(params, case.flax(), rngs, {k: jnp.asarray(v) for k, v in branches.items()})
-        flips = [(k, int(n), float(m)) for k, (n, m) in jax.device_get(crossed).items() if int(n)]
-        return jl, jg, flips
+        return jl, jg, _flips(crossed)
 
     def kink_row(self, row: Row, params, neg, mlm, skey, tl_, tg, g32, g64, stage, cfg_nd) -> Row:
         """A failing float32 gradient row re-judged where XLA's float32 forward put PReLU inputs on the other side of
@@ -2016,11 +2041,12 @@ class MESMCheck(FamilyCheck):
         ds = self.spec.open_split(self.cfg, self.root, split)
         params = self.params(self.twin)
         j_res = Evaluator(self.model, self.cfg).evaluate(params, ds, keep_outputs=True)
-        t_sub, n_batches = [], 0
+        t_sub, n_batches, durations = [], 0, {}
         for b, s in ds.batches(None, False):
             o = b.official
             n = len(o["qid"])
             qs = [ds.ds.queries[r] for item in b.items for r in item]
+            durations.update((q.qid, q.duration) for q in qs)
             starts = np.cumsum([0] + [len(it) for it in b.items])  # the negatives: the next item's first row
             neg = np.concatenate([np.full(len(it), starts[(i + 1) % len(b.items)]) for i, it in enumerate(b.items)])
             case = Case(o, s, None if np.ndim(o["words_id"]) == 3 else s["words_feat"][:n], b.items)
@@ -2032,7 +2058,8 @@ class MESMCheck(FamilyCheck):
             n_batches += 1
         t_res = eval_submission(t_sub, ds.ds.gt_rows(), official_dataset_name(d.dataset))
         n_q = len(t_sub)
-        explained = None if self.f64 else _rounding_explained(j_res["_submission"], t_sub, d.clip_len)
+        explained = None if self.f64 else _rounding_explained(j_res["_submission"], t_sub, d.clip_len, durations,
+                                                              float(sum(self.tol.model)))
         same = sum(a["pred_relevant_windows"] == b["pred_relevant_windows"]
                    and a.get("pred_saliency_scores") == b.get("pred_saliency_scores")
                    for a, b in zip(j_res["_submission"], t_sub))
@@ -2045,6 +2072,57 @@ class MESMCheck(FamilyCheck):
                               "eval_submission)", {k: v for k, v in j_res.items() if not k.startswith("_")},
                               dict(t_res["brief"]), f"{n_q} queries", explained))
         return rows
+
+
+def _prelu_recorder(seen: dict):
+    """A Flax method interceptor recording ``seen["<module path>#<call>"] = x >= 0`` for every PReLU call (the
+    branch each input takes)."""
+    import collections
+
+    from jaxprvr.models.mesm import PReLU
+
+    counts = collections.Counter()
+
+    def icpt(next_fun, args, kwargs, ctx):
+        if isinstance(ctx.module, PReLU) and ctx.method_name == "__call__":
+            path = "/".join(ctx.module.path)
+            counts[path] += 1
+            seen[f"{path}#{counts[path]}"] = args[0] >= 0
+        return next_fun(*args, **kwargs)
+
+    return icpt
+
+
+def _prelu_forcer(branches: Mapping, crossed: dict):
+    """An interceptor making every PReLU call take the slope of ``branches`` (as :func:`_prelu_recorder` keyed) and
+    recording ``crossed[tag] = (count, max |x|)`` of the inputs on the other side of 0."""
+    import collections
+
+    import jax.numpy as jnp
+
+    from jaxprvr.models.mesm import PReLU
+
+    counts = collections.Counter()
+
+    def icpt(next_fun, args, kwargs, ctx):
+        if isinstance(ctx.module, PReLU) and ctx.method_name == "__call__":
+            path = "/".join(ctx.module.path)
+            counts[path] += 1
+            tag = f"{path}#{counts[path]}"
+            x, a = args[0], ctx.module.get_variable("params", "weight")
+            other = (x >= 0) != branches[tag]
+            crossed[tag] = (jnp.sum(other), jnp.max(jnp.where(other, jnp.abs(x), 0)))
+            return jnp.where(branches[tag], x, a.astype(x.dtype) * x)
+        return next_fun(*args, **kwargs)
+
+    return icpt
+
+
+def _flips(crossed) -> list:
+    """``[(call, count, max |x|)]`` of the PReLU calls with inputs across 0 (from :func:`_prelu_forcer`)."""
+    import jax
+
+    return [(k, int(n), float(m)) for k, (n, m) in jax.device_get(crossed).items() if int(n)]
 
 
 def _loss_rows_f32(group, jl, jterms, tl_, tterms, rtol_atol, suffix="") -> list[Row]:
@@ -2077,10 +2155,17 @@ def _group_slots(row_group, slots: int):
             (np.arange(r) - start).astype(np.int32))
 
 
-def _rounding_explained(j_sub, t_sub, clip_len) -> tuple[bool, str]:
+def _rounding_explained(j_sub, t_sub, clip_len, durations=None, out_tol: float = 0.0) -> tuple[bool, str]:
     """Whether two float32 submissions differ only by rounding-boundary crossings: per query the same windows up to
     one rounding unit per field (``clip_len`` for the windows, 1e-4 for scores and ``clip_len = -1`` windows) and
-    ``pred_saliency_scores`` up to one float16 step. Returns ``(ok, note)``."""
+    ``pred_saliency_scores`` up to one float16 step. Returns ``(ok, note)``.
+
+    ``out_tol``: the elementwise tolerance the model-output rows grant the normalised outputs (``rtol + atol``: spans
+    in [0, 1], logits), carried through the post-processing: a window edge ``(c -+ w/2) * duration`` moves by up to
+    ``1.5 out_tol * duration`` seconds (``durations[qid]``) and a score ``softmax(logits)[0]`` by up to ``out_tol /
+    2``, before its rounding. Where the rounding unit is coarser than that (Charades, QVHighlights: 1 s, 2 s clips)
+    nothing changes; TACoS rounds its seconds to 1e-4 on 100-600 s videos, so float32 span noise alone (~1e-6 of the
+    duration) crosses several units."""
     changed = explained = 0
     for a, b in zip(j_sub, t_sub):
         if a["pred_relevant_windows"] == b["pred_relevant_windows"] and a.get("pred_saliency_scores") == b.get(
@@ -2089,6 +2174,8 @@ def _rounding_explained(j_sub, t_sub, clip_len) -> tuple[bool, str]:
         changed += 1
         wa, wb = np.asarray(a["pred_relevant_windows"], np.float64), np.asarray(b["pred_relevant_windows"], np.float64)
         unit = np.asarray([clip_len, clip_len, 1e-4] if clip_len > 0 else [1e-4] * 3)
+        dur = float(durations[a["qid"]]) if durations is not None else 0.0
+        unit = unit + np.asarray([1.5 * out_tol * dur, 1.5 * out_tol * dur, out_tol / 2])
         ok = wa.shape == wb.shape
         if ok:  # one rounding unit, plus the float32 spacing the rounded values are stored with
             sa, sb = wa[np.lexsort(wa.T[::-1])], wb[np.lexsort(wb.T[::-1])]

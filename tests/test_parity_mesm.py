@@ -417,3 +417,59 @@ def test_float32_gradient_rejudged_across_prelu_kinks():
     # the hand-flipped input is one crossing; the changed forward may push later PReLU inputs across 0 too
     assert (tag, 1) in [(t, c) for t, c, _ in flips2]
     assert any(not np.allclose(kg2[k], jg[k], rtol=1e-5, atol=1e-7) for k in jg)
+
+
+def test_rounding_allowance_scales_with_duration():
+    """``_rounding_explained``: a float32 submission whose window edges moved by less than ``1.5 out_tol x duration``
+    seconds (span noise carried through ``x duration``, then the 1e-4 rounding of ``clip_len = -1``) is explained;
+    the same shift on a 10x shorter video, a shift past the allowance, a dropped window and a NaN are not."""
+    rng = np.random.default_rng(0)
+    tol, dur = 2e-4, 400.0  # allowance on an edge: 1.5 * 2e-4 * 400 + 1e-4 = 0.1201 s
+
+    def sub(qid, windows):
+        return {"qid": qid, "pred_relevant_windows": [[round(float(a), 4) for a in w] for w in windows]}
+
+    base = np.sort(rng.uniform(0, dur, (10, 2)), axis=1)
+    wins = np.concatenate([base, rng.uniform(0, 1, (10, 1))], axis=1)
+    moved = wins + np.array([0.11, -0.11, 5e-5])
+    explained = pm._rounding_explained([sub(1, moved)], [sub(1, wins)], -1, {1: dur}, tol)
+    assert explained[0], explained[1]
+    assert not pm._rounding_explained([sub(1, moved)], [sub(1, wins)], -1, {1: dur / 10}, tol)[0]
+    assert not pm._rounding_explained([sub(1, moved)], [sub(1, wins)], -1)[0]  # no allowance: one unit only
+    assert not pm._rounding_explained([sub(1, wins + [0.13, 0, 0])], [sub(1, wins)], -1, {1: dur}, tol)[0]
+    assert not pm._rounding_explained([sub(1, wins[:9])], [sub(1, wins)], -1, {1: dur}, tol)[0]
+    nan = wins.copy()
+    nan[3, 0] = np.nan
+    assert not pm._rounding_explained([sub(1, nan)], [sub(1, wins)], -1, {1: dur}, tol)[0]
+    assert pm._rounding_explained([sub(1, wins)], [sub(1, wins)], -1, {1: dur}, tol) == (True, "0 submission rows "
+                                                                                         "differ, 0 of them by one "
+                                                                                         "rounding step")
+
+
+def test_transformer_gradient_row_rejudged_across_prelu_kinks(monkeypatch):
+    """The transformer-gradient block row's kink rule: a float32 row that fails (here: a criterion no float32 run
+    meets) with no PReLU input across 0 says so and stays failed; with one float64 branch flipped by hand the
+    gradients are taken again on the flipped side (the crossing is counted and named) and re-judged."""
+    chk = checker("qvhighlights", dtype="float32")
+    chk.tol = dataclasses.replace(chk.tol, grad_rel=1e-12)
+    row = next(r for r in chk.block_rows() if "pred_spans of every decoder layer" in r.stage)
+    assert not row.passed and "no PReLU input crosses 0" in row.note, summary([row])
+    recorder = pm._prelu_recorder
+
+    def flipping(seen):  # the recorder, with the first input of every encoder PReLU call on the other side
+        inner = recorder(seen)
+
+        def icpt(next_fun, args, kwargs, ctx):
+            before = set(seen)
+            out = inner(next_fun, args, kwargs, ctx)
+            for k in set(seen) - before:  # (interceptors nest: only the PReLU's own call adds its key)
+                if "encoder" in k and type(ctx.module).__name__ == "PReLU":
+                    first = (0,) * seen[k].ndim
+                    seen[k] = seen[k].at[first].set(~seen[k][first])
+            return out
+
+        return icpt
+
+    monkeypatch.setattr(pm, "_prelu_recorder", flipping)
+    row2 = next(r for r in chk.block_rows() if "pred_spans of every decoder layer" in r.stage)
+    assert "PReLU branch at the" in row2.stage and "crossings:" in row2.note, summary([row2])
