@@ -32,6 +32,7 @@ import optax
 from jaxprvr import sharding as shd
 from jaxprvr.cli import add_compile_cache_args, enable_compile_cache, jsonable, run_cli
 from jaxprvr.errors import JaxprvrError
+from jaxprvr.logs import third_party_output_to
 from jaxprvr.tasks import task_for
 
 # ----------------------------------------------------------------------------------------------
@@ -110,16 +111,33 @@ def train_keys(seed: int):
 
 
 class MetricWriter:
-    """JSON lines on process 0."""
+    """JSON lines on process 0; with ``tensorboard`` (a folder), the same numbers as TensorBoard scalars
+    (:mod:`jaxprvr.tensorboard`: tags ``train/loss``, ``val/sumr``, ...) at the record's ``step``, else at
+    ``current_step()`` (an evaluation's record)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tensorboard=None, current_step=lambda: 0):
         self.path = path
         self.enabled = jax.process_index() == 0
+        self.current_step = current_step
+        self.tb = None
+        if self.enabled and tensorboard is not None:
+            from jaxprvr.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(tensorboard)
 
     def write(self, record: dict) -> None:
         if self.enabled:
+            record = jsonable(record)
             with open(self.path, "a") as f:
-                f.write(json.dumps(jsonable(record)) + "\n")
+                f.write(json.dumps(record) + "\n")
+            if self.tb is not None:
+                from jaxprvr.tensorboard import scalars_of
+
+                self.tb.scalars(record["step"] if "step" in record else self.current_step(), scalars_of(record))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,7 +148,7 @@ class MetricWriter:
 class _Run:
     """One training run: its data, state, checkpoints and progress (``meta``, saved with every checkpoint)."""
 
-    def __init__(self, cfg, data_root, out_dir, *, resume, progress, mesh, init_from, batch_slices):
+    def __init__(self, cfg, data_root, out_dir, *, resume, progress, mesh, init_from, batch_slices, tensorboard=None):
         from jaxprvr.checkpoint import Checkpoints
 
         self.task = task_for(cfg)
@@ -158,7 +176,7 @@ class _Run:
         self.out.mkdir(parents=True, exist_ok=True)
         if jax.process_index() == 0:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        self.writer = MetricWriter(self.out / "metrics.jsonl")
+        self.writer = MetricWriter(self.out / "metrics.jsonl", tensorboard, current_step=lambda: self.global_step)
         self._init_state(init_from)
         self.train_step = make_train_step(self.model, cfg, self.tx, self.mesh, self.plan.steps_per_epoch)
         self.evaluator = self.task.evaluator(self.model, cfg, self.mesh)
@@ -184,6 +202,10 @@ class _Run:
         if model_state:
             state["model_state"] = model_state
         self.state = shd.replicate(state, mesh)
+        # Room for the two checkpoints this run keeps, before the first is written (a full disk fails here, in
+        # one line, not in orbax's writer hours later).
+        size = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(self.state))
+        check_out_dir(self.out, 2 * size, f"two checkpoints of {_mb(size)}")
         self.meta = {"next_epoch": 0, "step_in_epoch": 0, "es_cnt": 0, **{k: None for k in self.best_keys.values()},
                      "best_epoch": -1, "stopped": False}
         if self.resumed:
@@ -342,15 +364,17 @@ class _Run:
 
 
 def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = True, max_steps: int | None = None,
-          mesh=None, run_test: bool = True, init_from: str | None = None, batch_slices: int | None = None) -> dict:
+          mesh=None, run_test: bool = True, init_from: str | None = None, batch_slices: int | None = None,
+          tensorboard=None) -> dict:
     """Trains and returns a summary dict. ``max_steps`` stops early (saving ``latest``), as a kill would.
     ``init_from`` (any checkpoint path :func:`jaxprvr.checkpoint.load_params` accepts, e.g. the output of
     ``python -m parity.convert torch2jax``) starts from those parameters with a fresh optimizer (fine-tuning).
     ``batch_slices`` (default: the process count) cuts every batch into that many slices, each process
     building its own (:mod:`jaxprvr.distributed`); one process with ``batch_slices=S`` reproduces the batches
-    of an ``S``-process run. With 1 (one process), the batches are the task's plain ones."""
+    of an ``S``-process run. With 1 (one process), the batches are the task's plain ones. ``tensorboard`` (a folder)
+    also writes the numbers of ``metrics.jsonl`` there as TensorBoard event files."""
     run = _Run(cfg, data_root, out_dir, resume=resume, progress=progress, mesh=mesh, init_from=init_from,
-               batch_slices=batch_slices)
+               batch_slices=batch_slices, tensorboard=tensorboard)
     try:
         stopped_by_max_steps = run.fit(max_steps)
         summary = run.summary()
@@ -360,6 +384,7 @@ def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = Tru
                 summary["tests"] = run.tests
     finally:
         run.ckpts.close()
+        run.writer.close()
     return summary
 
 
@@ -394,6 +419,53 @@ def _log(enabled, text):
 
 
 # ----------------------------------------------------------------------------------------------
+# The output folder
+# ----------------------------------------------------------------------------------------------
+
+# The least free space a run starts with (config.json, metrics.jsonl, logs, small checkpoints); once the training
+# state exists, the run also checks for room for two checkpoints of it (latest and best) before the first save.
+MIN_FREE_BYTES = 100 * 2**20
+
+
+def check_out_dir(out: Path, need_bytes: int = MIN_FREE_BYTES, why: str = "") -> None:
+    """``out`` can hold the run (its nearest existing folder takes a file, with ``need_bytes`` free), else one
+    :class:`JaxprvrError` naming it. Checked with ``os.access``, then by writing, syncing and deleting a probe file
+    (root passes ``os.access`` on a read-only mount), then ``shutil.disk_usage``; nothing is created, so a run
+    that fails later for another reason leaves no empty folder. ``why``: what the space is for."""
+    import os
+    import shutil
+
+    need = max(need_bytes, MIN_FREE_BYTES)
+    expected = f"a writable folder with at least {_mb(need)} free{f' ({why})' if why else ''}"
+    base = Path(os.path.abspath(out))
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    at = "" if base == Path(os.path.abspath(out)) else f" ({base})"
+    if not base.is_dir():
+        raise JaxprvrError(out, expected, f"a path under the file {base}", hint="pass --out DIR")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise JaxprvrError(out, expected, f"a folder without write permission{at}", hint="pass --out DIR")
+    probe = base / f".jaxprvr-write-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise JaxprvrError(out, expected, f"a folder where a write fails{at}: {e.strerror or e}",
+                           hint="pass --out DIR") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    free = shutil.disk_usage(base).free
+    if free < need:
+        raise JaxprvrError(out, expected, f"{_mb(free)} free{at}", hint="free some space or pass --out DIR")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB" if n < 10 * 2**20 else f"{n / 2**20:,.0f} MB"
+
+
+# ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
 
@@ -409,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "metrics of the best checkpoint.")
     p.add_argument("--config", help=f"dataset ({'|'.join(all_datasets())}: its default model) or <model>/<dataset>")
     p.add_argument("--list", action="store_true", help="print the table of configs x models and exit")
+    p.add_argument("--markdown", action="store_true",
+                   help="with --list: print the models page instead (one table per task: parameters, official "
+                        "numbers, official checkpoint, parity; docs/models.md)")
     p.add_argument("--model", default=None, help=f"{' | '.join(registry.names())} (default: the config's)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data-root", default=None, help="the dataset folder (docs/data.md; PRVR: the folder holding "
@@ -424,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set train.n_epoch=1 (repeatable)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many global steps (saves latest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines on stderr")
+    p.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="also write the numbers of metrics.jsonl as TensorBoard event files into DIR "
+                        "(default: <out>/tensorboard); no TensorFlow needed")
     mh = p.add_argument_group(
         "multi-host (jax.distributed)",
         "run the same command in every process, with the same coordinator and process count and a distinct "
@@ -457,14 +535,20 @@ def run(args) -> dict:
         name = load_config(args.config, args.model).model.name
         overrides = registry.get(name).demo_overrides() + overrides
     cfg = load_config(args.config, args.model, overrides)
-    root = resolve_data_root(cfg, args.data_root, args.demo)
     out = args.out
     if out is None:
         out = f"runs/{cfg.model.name}-{cfg.data.dataset}"
         if args.demo and not args.resume and not multi:  # (processes would not agree on the time)
             out += "-demo-" + datetime.now().strftime("%Y%m%d-%H%M%S")
-    summary = train(cfg, root, out, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps,
-                    init_from=args.init_from)
+    out = Path(out)
+    check_out_dir(out)  # a read-only --out or a full disk fails here, before any data is read or anything compiles
+    tensorboard = None if args.tensorboard is None else Path(args.tensorboard or out / "tensorboard")
+    pid = getattr(args, "process_id", None)
+    log_name = "log.txt" if not pid else f"log.{pid}.txt"
+    with third_party_output_to(out / log_name, header=f"jaxprvr.train {cfg.model.name}/{cfg.data.dataset} --out {out}"):
+        root = resolve_data_root(cfg, args.data_root, args.demo)
+        summary = train(cfg, root, out, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps,
+                        init_from=args.init_from, tensorboard=tensorboard)
     distributed.shutdown()  # waits for the other processes (after a failure, the process just exits)
     return summary
 
@@ -478,7 +562,16 @@ def _report(summary: dict) -> None:
 
 
 def main(argv=None) -> int:
-    return run_cli(build_parser(), run, argv, report=_report,
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.markdown:  # the page alone on stdout (docs/models.md is this output), no JSON after it
+        if not args.list:
+            parser.error("--markdown goes with --list")
+        from jaxprvr.modelcard import models_page
+
+        print(models_page(), end="")
+        return 0
+    return run_cli(parser, run, argv, report=_report,
                    interrupted="interrupted: the latest checkpoint is intact; continue with --resume")
 
 
