@@ -1,0 +1,361 @@
+"""The Python API: ``jaxprvr.load(path)`` gives a trained model with the calls a notebook needs.
+
+    import jaxprvr
+    m = jaxprvr.load("runs/mtm-tvr-demo-<time>")      # a run folder, a checkpoint folder or an official file
+    s = m.scores(m.encode_queries(query_feats), m.encode_videos(video_feats))
+
+What ``load`` reads (docs/api.md):
+
+* a **run folder** (``RUN/ckpt/best``, else its one ``best_<split>``, else ``latest``) or a **checkpoint folder**
+  (a slot ``RUN/ckpt/<slot>`` or a step folder): exactly what ``python -m jaxprvr.evaluate --ckpt`` accepts,
+  resolved by the same code (:func:`jaxprvr.checkpoint.resolve_params_dir`). With ``config=None`` the model is the
+  run's own config as saved with the checkpoint (every section: the evaluation settings the run validated with);
+  with ``config=`` it is ``jaxprvr.evaluate``'s rule (:func:`jaxprvr.evaluate.load_checkpoint_config`): that
+  config, with the checkpoint's model section and the data fields that fix the model's input;
+* an **official PyTorch checkpoint file** (``model.ckpt`` / ``best.ckpt`` / MRNet's ``.pth`` / MESM's ``.ckpt`` /
+  BackBone_tvr's ``pytorch_model.bin.N``), converted in memory through the family's key table (what ``python -m
+  parity.convert torch2jax`` writes to disk); ``config=`` names its config (an official file need not carry one)
+  and ``model=`` the family when it is not the config's default.
+
+``ema=True`` gives the EMA weights of a run trained with ``train.use_ema`` (what its validation and test used, as
+``jaxprvr.evaluate`` without ``--no-ema``); ``ema=False`` the raw weights.
+
+The object returned is a :class:`Loaded` of the model's task: :class:`jaxprvr.api_tasks.PRVRModel`
+(``encode_queries``, ``encode_videos``, ``scores``), :class:`~jaxprvr.api_tasks.MRNetModel` and
+:class:`~jaxprvr.api_tasks.MESMModel` (``predict``), :class:`~jaxprvr.api_tasks.T2VModel` (``encode_text``,
+``encode_video``, ``similarity``). Their calls take any number of items: the batch axis is padded up to a
+:func:`bucket` size and each jitted function is compiled once per bucket (``Loaded.traces`` counts the
+compilations).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import types
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from jaxprvr.errors import JaxprvrError
+
+BUCKET_MIN = 8  # the smallest padded batch
+BUCKET_STEP = 64  # powers of two up to here, then multiples of it
+
+
+def bucket(n: int, minimum: int = BUCKET_MIN) -> int:
+    """The padded size of a batch of ``n`` items: the next power of two from ``minimum`` (8) up to 64 (8, 16, 32,
+    64), then the next multiple of 64. Calls whose batches share a bucket share one compiled program."""
+    n = int(n)
+    if n < 1:
+        raise JaxprvrError("batch", "at least one item", f"{n}")
+    if n <= BUCKET_STEP:
+        return max(int(minimum), 1 << (n - 1).bit_length())
+    return -(-n // BUCKET_STEP) * BUCKET_STEP
+
+
+def pad_rows(a, size: int, fill=0) -> np.ndarray:
+    """``a`` with axis 0 padded to ``size`` rows of ``fill``."""
+    a = np.asarray(a)
+    if a.shape[0] == size:
+        return a
+    if a.shape[0] > size:
+        raise JaxprvrError("pad_rows", f"at most {size} rows", f"{a.shape[0]}")
+    return np.concatenate([a, np.full((size - a.shape[0],) + a.shape[1:], fill, a.dtype)], 0)
+
+
+@dataclasses.dataclass(eq=False)
+class Loaded:
+    """A loaded model: the Flax ``model``, its ``params`` (and ``model_state``: BatchNorm statistics, ``{}`` for
+    most models), the ``config`` (a :class:`jaxprvr.config.Config`) and the ``task``
+    (:class:`jaxprvr.tasks.base.Task`); ``ema``: whether ``params`` are EMA weights; ``source``: what was read.
+
+    ``model.apply({"params": m.params, **m.model_state}, ...)`` runs the model directly; the task subclasses add
+    batched, jitted calls. ``traces`` counts how often each of those was traced, i.e. compiled (once per shape
+    bucket)."""
+
+    model: Any
+    params: Any = dataclasses.field(repr=False)
+    config: Any = dataclasses.field(repr=False)
+    task: Any = dataclasses.field(repr=False)
+    model_state: dict = dataclasses.field(default_factory=dict, repr=False)
+    ema: bool = False
+    source: str = ""
+    data_root: str | None = None
+    traces: collections.Counter = dataclasses.field(default_factory=collections.Counter, repr=False)
+    _fns: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"{type(self).__name__}(model={c.model.name!r}, dataset={c.data.dataset!r}, task={self.task.name!r}, "
+                f"ema={self.ema}, source={self.source!r})")
+
+    @property
+    def name(self) -> str:
+        return self.config.model.name
+
+    def jit(self, name: str, fn: Callable, **jit_kw) -> Callable:
+        """``jax.jit(fn)`` kept under ``name`` (one per loaded model); every trace of it adds 1 to
+        ``traces[name]``."""
+        if name not in self._fns:
+            import jax
+
+            def counted(*args):
+                self.traces[name] += 1  # runs while tracing only: one count per compiled shape
+                return fn(*args)
+
+            self._fns[name] = jax.jit(counted, **jit_kw)
+        return self._fns[name]
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, **self.model_state}
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+def load(path, *, config=None, model: str | None = None, ema: bool = True, overrides: Sequence[str] = (),
+         data_root=None) -> Loaded:
+    """A trained model from a run folder, a checkpoint folder or an official PyTorch checkpoint file.
+
+    ``config``: ``None`` (a folder: the config saved with the checkpoint), a dataset / ``<model>/<dataset>`` name,
+    or a :class:`jaxprvr.config.Config`; required for an official file. ``model``: the family (default: the
+    checkpoint's, else the config's). ``ema``: the EMA weights of a run trained with ``train.use_ema``.
+    ``overrides``: ``--set`` strings applied last (e.g. ``"model.clip=ViT-B-32.pt"``). ``data_root``: the folder
+    relative paths of the config are resolved under (MESM's CLIP weights and vocabulary files)."""
+    from jaxprvr.tasks import task_for
+
+    p = Path(path).expanduser()
+    if p.is_file():
+        cfg, params, model_state, used_ema = _load_official(p, config, model, ema, overrides)
+    elif p.exists():
+        cfg, params, model_state, used_ema = _load_folder(p, config, model, ema, overrides)
+    else:
+        raise JaxprvrError(p, "a run folder, a checkpoint folder or an official checkpoint file", "nothing there")
+    from jaxprvr.models import build_model
+
+    task = task_for(cfg)
+    cls = _class_for(task)
+    return cls(model=build_model(cfg.model), params=params, config=cfg, task=task, model_state=model_state,
+               ema=used_ema, source=str(p), data_root=None if data_root is None else str(Path(data_root).expanduser()))
+
+
+def _class_for(task):
+    from jaxprvr import api_tasks
+    from jaxprvr.tasks.prvr import PRVRTask
+    from jaxprvr.tasks.t2v import T2VTask
+    from jaxprvr.tasks.vmr import VMRTask
+    from jaxprvr.tasks.vmr_detr import MESMTask
+
+    for kind, cls in ((PRVRTask, api_tasks.PRVRModel), (VMRTask, api_tasks.MRNetModel),
+                      (MESMTask, api_tasks.MESMModel), (T2VTask, api_tasks.T2VModel)):
+        if isinstance(task, kind):
+            return cls
+    return Loaded  # a task without calls here: the model, its parameters and config
+
+
+def _saved_config(p: Path, step_dir: Path) -> dict:
+    """The config dict saved with the checkpoint (its meta), else ``config.json`` of the run folder."""
+    from jaxprvr.checkpoint import read_meta
+
+    saved = read_meta(step_dir).get("config")
+    if saved:
+        return saved
+    for folder in (p, *p.parents[:3]):
+        f = folder / "config.json"
+        if f.is_file():
+            try:
+                return json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise JaxprvrError(f, "the run's config (JSON)", str(e)) from None
+    return {}
+
+
+def config_from_dict(saved: dict, overrides: Sequence[str] = (), where: str = "checkpoint config"):
+    """A :class:`jaxprvr.config.Config` from a saved ``Config.to_dict()``: the config file of its (model, dataset)
+    with every saved field, then ``overrides``. Saved data / loss / train fields the schema no longer has are
+    dropped (they meant nothing to this version); the model section must match the schema
+    (:func:`jaxprvr.config.model_config_from_dict`)."""
+    from jaxprvr.config import apply_overrides, load_config, model_config_from_dict
+
+    m, d = saved.get("model") or {}, saved.get("data") or {}
+    if "name" not in m or "dataset" not in d:
+        raise JaxprvrError(where, "a saved config with model.name and data.dataset", f"sections {sorted(saved)}")
+    cfg = load_config(d["dataset"], m["name"])
+    cfg = dataclasses.replace(cfg, model=model_config_from_dict(m, where=where))
+    kept = {}
+    for section in ("data", "loss", "train"):
+        names = {f.name for f in dataclasses.fields(getattr(cfg, section))}
+        for k, v in (saved.get(section) or {}).items():
+            if k in names:
+                kept[f"{section}.{k}"] = tuple(v) if isinstance(v, list) else v
+    return apply_overrides(apply_overrides(cfg, kept), list(overrides))
+
+
+def _load_folder(p: Path, config, model, ema: bool, overrides):
+    import jax
+
+    from jaxprvr.checkpoint import resolve_params_dir
+    from jaxprvr.config import Config
+
+    step_dir = resolve_params_dir(p)
+    saved = _saved_config(p, step_dir)
+    saved_model = (saved.get("model") or {}).get("name")
+    if model is not None and saved_model is not None and model != saved_model:
+        raise JaxprvrError(p, f"a checkpoint of model={model!r}", f"one of {saved_model!r}")
+    if isinstance(config, Config):
+        cfg = config
+    elif config is None:
+        if not saved:
+            raise JaxprvrError(p, "a checkpoint with its config (meta or config.json)", "none",
+                               hint="pass config= (a dataset or <model>/<dataset>)")
+        cfg = config_from_dict(saved, overrides, where=str(step_dir))
+    else:  # jaxprvr.evaluate's rule: the named config with the checkpoint's model section (and input data fields)
+        from jaxprvr.evaluate import load_checkpoint_config
+
+        args = types.SimpleNamespace(ckpt=str(step_dir), config=str(config), model=model, overrides=list(overrides))
+        cfg, _ = load_checkpoint_config(args)
+    if model is not None and cfg.model.name != model:
+        raise JaxprvrError("load(model=...)", f"a config of {model!r}", cfg.model.name)
+    # The arrays as saved (the model section that built them is the checkpoint's own): no trace of the model
+    params = _restore(step_dir, "params", "the parameters")
+    model_state = _restore(step_dir, "model_state", "the BatchNorm statistics") if (step_dir / "model_state").is_dir() \
+        else {}
+    use_ema = bool((saved.get("train") or {}).get("use_ema", False)) and ema
+    if use_ema:  # as jaxprvr.evaluate: the EMA weights validation and test used (the optimizer state's shadow)
+        opt = _restore(step_dir, "opt_state", "a BertAdam state with EMA weights (train.use_ema)")
+        if not isinstance(opt, dict) or "shadow" not in opt:
+            raise JaxprvrError(step_dir / "opt_state", "an optimizer state with EMA weights (train.use_ema)",
+                               f"{type(opt).__name__} without 'shadow'", hint="pass ema=False for the raw weights")
+        params = opt["shadow"]
+    return cfg, jax.device_put(params), jax.device_put(model_state), use_ema
+
+
+def _restore(step_dir: Path, item: str, what: str):
+    """An orbax item of a step folder, restored as saved (nested dicts of numpy arrays)."""
+    import orbax.checkpoint as ocp
+
+    path = step_dir / item
+    if not path.is_dir():
+        raise JaxprvrError(path, what, "no such folder")
+    try:
+        return ocp.StandardCheckpointer().restore(path)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise JaxprvrError(path, what, f"{type(e).__name__}: {e}") from None
+
+
+def _abstract(cfg):
+    """Shapes of ``(params, model_state)`` of ``cfg``'s model (nothing is computed)."""
+    import jax
+
+    from jaxprvr.models import build_model
+    from jaxprvr.train import init_variables
+
+    m = build_model(cfg.model)
+    return jax.eval_shape(lambda: init_variables(m, cfg, jax.random.PRNGKey(0)))
+
+
+# ---------------------------------------------------------------------------------------------- official files
+
+
+def _load_official(p: Path, config, model, ema: bool, overrides):
+    """An official PyTorch checkpoint -> ``(cfg, params, model_state, ema)`` in memory (the family's key table)."""
+    import jax
+
+    from jaxprvr import registry
+    from jaxprvr.config import Config, apply_overrides, load_config
+
+    if config is None:
+        raise JaxprvrError(p, "config= naming the config of this official file (a dataset or <model>/<dataset>)",
+                           "config=None", hint="e.g. jaxprvr.load(path, config='tvr', model='gmmformer_v2')")
+    if isinstance(config, Config):
+        cfg = apply_overrides(config, list(overrides))
+    else:
+        cfg = load_config(str(config), model, list(overrides))
+    if model is not None and cfg.model.name != model:
+        raise JaxprvrError("load(model=...)", f"a config of {model!r}", cfg.model.name)
+    spec = registry.get(cfg.model.name).parity_module().SPEC
+    reader = _OFFICIAL_READERS.get(cfg.model.name)
+    if reader is None:
+        if spec.convert_torch2jax is not None:
+            raise JaxprvrError(p, f"a family with an in-memory reader ({sorted(_OFFICIAL_READERS)} or the PRVR "
+                               "families)", cfg.model.name,
+                               hint="convert it with python -m parity.convert torch2jax, then load the folder")
+        reader = _read_prvr
+    cfg, params, model_state, used_ema = reader(p, cfg, spec, ema, overrides)
+    return cfg, jax.device_put(params), jax.device_put(model_state), used_ema
+
+
+def _bad_file(p, what, e):
+    return JaxprvrError(p, what, f"{type(e).__name__}: {e}")
+
+
+def _read_prvr(p, cfg, spec, ema, overrides):
+    """MS-SL ``model.ckpt`` / GMMFormer, v2, MTM ``best.ckpt`` (parity.convert's generic path); MTM's
+    ``ema_shadow`` with ``train.use_ema`` and ``ema``."""
+    from parity.convert import check_shapes, model_table, shadow_to_jax, torch_to_flax
+
+    try:
+        ck = spec.read_official(p)
+    except JaxprvrError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad input file
+        raise _bad_file(p, "an official checkpoint file (model.ckpt / best.ckpt)", e) from None
+    if ck.model_name is not None and ck.model_name != cfg.model.name:
+        raise JaxprvrError(p, f"a {cfg.model.name} checkpoint", f"the keys of a {ck.model_name} checkpoint",
+                           hint=f"pass model={ck.model_name!r}")
+    tab = model_table(cfg.model)
+    params = torch_to_flax(tab, ck.state_dict, where=p)
+    check_shapes(params, _abstract(cfg)[0], p, tab)
+    shadow = getattr(ck, "ema_shadow", None)
+    if ema and cfg.train.use_ema and shadow is not None:
+        return cfg, shadow_to_jax(tab, shadow, params, where=f"{p} (ema_shadow)"), {}, True
+    return cfg, params, {}, False
+
+
+def _read_mrnet(p, cfg, spec, ema, overrides):
+    """MRNet's ``{model, optimizer, scheduler, epoch}`` ``.pth``: parameters and BatchNorm statistics."""
+    from parity.convert import check_shapes
+    from parity.mrnet import make_table, read_official, torch_to_variables
+
+    try:
+        obj = read_official(p)
+    except JaxprvrError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise _bad_file(p, "an official MRNet checkpoint file (.pth)", e) from None
+    variables, _ = torch_to_variables(cfg.model, obj["model"], where=p)
+    check_shapes(variables["params"], _abstract(cfg)[0], p, make_table(cfg.model))
+    return cfg, variables["params"], {"batch_stats": variables["batch_stats"]}, False
+
+
+def _read_mesm(p, cfg, spec, ema, overrides):
+    """MESM's ``{model, optimizer, lr_scheduler, epoch, opt}`` (its ``opt`` / ``opt.json`` fix the model's options,
+    as ``parity.convert torch2jax --model mesm`` reads them)."""
+    from parity import mesm_keys as K
+    from parity.mesm import config_from_options, options_of, read_official
+
+    obj = read_official(p)
+    opt = options_of(obj, p)
+    if opt is not None:
+        cfg, _ = config_from_options(cfg, opt, list(overrides))
+    params = K.torch_to_params(obj["model"], cfg.model, dtype=np.float32, where=str(p))
+    return cfg, params, {}, False
+
+
+def _read_clip_wti(p, cfg, spec, ema, overrides):
+    """BackBone_tvr's ``pytorch_model.bin.N``: the CLIP sizes come from the file, the CLIP is in the parameters."""
+    from parity.clip_wti import read_backbone, torch_to_params
+
+    model_cfg, params, _ = torch_to_params(cfg.model, read_backbone(p), where=str(p))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(model_cfg, clip=""))
+    return cfg, params, {}, False
+
+
+_OFFICIAL_READERS = {"mrnet": _read_mrnet, "mesm": _read_mesm, "clip_wti": _read_clip_wti}
+
+
+__all__ = ["load", "Loaded", "bucket", "pad_rows", "config_from_dict"]
