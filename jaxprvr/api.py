@@ -267,6 +267,7 @@ def _load_official(p: Path, config, model, ema: bool, overrides):
 
     from jaxprvr import registry
     from jaxprvr.config import Config, apply_overrides, load_config
+    from parity.convert import check_shapes
 
     if config is None:
         raise JaxprvrError(p, "config= naming the config of this official file (a dataset or <model>/<dataset>)",
@@ -278,14 +279,21 @@ def _load_official(p: Path, config, model, ema: bool, overrides):
     if model is not None and cfg.model.name != model:
         raise JaxprvrError("load(model=...)", f"a config of {model!r}", cfg.model.name)
     spec = registry.get(cfg.model.name).parity_module().SPEC
-    reader = _OFFICIAL_READERS.get(cfg.model.name)
-    if reader is None:
+    if spec.read_variables is None:
         if spec.convert_torch2jax is not None:
-            raise JaxprvrError(p, f"a family with an in-memory reader ({sorted(_OFFICIAL_READERS)} or the PRVR "
-                               "families)", cfg.model.name,
+            raise JaxprvrError(p, "a family with an in-memory reader (parity SPEC.read_variables) or the PRVR "
+                               "families' generic one", cfg.model.name,
                                hint="convert it with python -m parity.convert torch2jax, then load the folder")
-        reader = _read_prvr
-    cfg, params, model_state, used_ema = reader(p, cfg, spec, ema, overrides)
+        cfg, params, model_state, used_ema = _read_prvr(p, cfg, spec, ema, overrides)
+    else:
+        try:
+            cfg, params, model_state = spec.read_variables(p, cfg, list(overrides))
+        except JaxprvrError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad input file
+            raise _bad_file(p, f"an official {cfg.model.name} checkpoint file", e) from None
+        check_shapes(params, _abstract(cfg)[0], p, spec.table_for(cfg.model))
+        used_ema = False
     return cfg, jax.device_put(params), jax.device_put(model_state), used_ema
 
 
@@ -314,48 +322,6 @@ def _read_prvr(p, cfg, spec, ema, overrides):
     if ema and cfg.train.use_ema and shadow is not None:
         return cfg, shadow_to_jax(tab, shadow, params, where=f"{p} (ema_shadow)"), {}, True
     return cfg, params, {}, False
-
-
-def _read_mrnet(p, cfg, spec, ema, overrides):
-    """MRNet's ``{model, optimizer, scheduler, epoch}`` ``.pth``: parameters and BatchNorm statistics."""
-    from parity.convert import check_shapes
-    from parity.mrnet import make_table, read_official, torch_to_variables
-
-    try:
-        obj = read_official(p)
-    except JaxprvrError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise _bad_file(p, "an official MRNet checkpoint file (.pth)", e) from None
-    variables, _ = torch_to_variables(cfg.model, obj["model"], where=p)
-    check_shapes(variables["params"], _abstract(cfg)[0], p, make_table(cfg.model))
-    return cfg, variables["params"], {"batch_stats": variables["batch_stats"]}, False
-
-
-def _read_mesm(p, cfg, spec, ema, overrides):
-    """MESM's ``{model, optimizer, lr_scheduler, epoch, opt}`` (its ``opt`` / ``opt.json`` fix the model's options,
-    as ``parity.convert torch2jax --model mesm`` reads them)."""
-    from parity import mesm_keys as K
-    from parity.mesm import config_from_options, options_of, read_official
-
-    obj = read_official(p)
-    opt = options_of(obj, p)
-    if opt is not None:
-        cfg, _ = config_from_options(cfg, opt, list(overrides))
-    params = K.torch_to_params(obj["model"], cfg.model, dtype=np.float32, where=str(p))
-    return cfg, params, {}, False
-
-
-def _read_clip_wti(p, cfg, spec, ema, overrides):
-    """BackBone_tvr's ``pytorch_model.bin.N``: the CLIP sizes come from the file, the CLIP is in the parameters."""
-    from parity.clip_wti import read_backbone, torch_to_params
-
-    model_cfg, params, _ = torch_to_params(cfg.model, read_backbone(p), where=str(p))
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(model_cfg, clip=""))
-    return cfg, params, {}, False
-
-
-_OFFICIAL_READERS = {"mrnet": _read_mrnet, "mesm": _read_mesm, "clip_wti": _read_clip_wti}
 
 
 __all__ = ["load", "Loaded", "bucket", "pad_rows", "config_from_dict"]

@@ -10,7 +10,9 @@ optimizer differ in kind (moment retrieval: BatchNorm statistics in ``batch_stat
 * :meth:`check_rows`: all of ``parity.check``'s rows for the family (``None``: the generic PRVR-style stages of
   :mod:`parity.check`, which call the spec's block/loss/optimizer hooks);
 * :meth:`convert_torch2jax` / :meth:`convert_jax2torch`: the two ``parity.convert`` directions (``None``: the
-  generic BertAdam-state conversion of :mod:`parity.convert`).
+  generic BertAdam-state conversion of :mod:`parity.convert`);
+* :meth:`read_variables`: an official checkpoint file read into Flax variables in memory (``jaxprvr.load``;
+  ``None``: the generic PRVR path of :mod:`jaxprvr.api`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class FamilySpec:
     # parity.convert: ``convert_torch2jax(args, cfg) -> dict`` and ``convert_jax2torch(args, cfg) -> dict``.
     convert_torch2jax = None
     convert_jax2torch = None
+    # jaxprvr.load: ``read_variables(path, cfg, overrides) -> (cfg, params, model_state)`` (the config as the file
+    # fixes it; the caller checks the shapes against the configured model).
+    read_variables = None
 
     def table_for(self, model_cfg):
         """The key-table argument of :mod:`parity.convert` for a model config (default: the family name)."""

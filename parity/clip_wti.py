@@ -251,6 +251,12 @@ class Spec(OwnStages, FamilySpec):
     def table_for(self, model_cfg):
         return make_table(model_cfg)
 
+    def read_variables(self, path, cfg, overrides=()):
+        """``jaxprvr.load``: BackBone_tvr's ``pytorch_model.bin.N``: the CLIP sizes come from the file, the CLIP is in
+        the parameters."""
+        model_cfg, params, _ = torch_to_params(cfg.model, read_backbone(path), where=str(path))
+        return dataclasses.replace(cfg, model=dataclasses.replace(model_cfg, clip="")), params, {}
+
     _resolved = None  # (the config a check ran on, its model config with a --ckpt's CLIP sizes)
 
     def describe(self, cfg) -> str:

@@ -395,6 +395,17 @@ class Spec(OwnStages, FamilySpec):
     def table_for(self, model_cfg):
         return make_table(model_cfg)
 
+    def read_variables(self, path, cfg, overrides=()):
+        """``jaxprvr.load``: MESM's ``{model, optimizer, lr_scheduler, epoch, opt}`` (its ``opt`` / ``opt.json`` fix
+        the model's options, as ``parity.convert torch2jax --model mesm`` reads them)."""
+        from parity import mesm_keys as K
+
+        obj = read_official(path)
+        opt = options_of(obj, path)
+        if opt is not None:
+            cfg, _ = config_from_options(cfg, opt, list(overrides))
+        return cfg, K.torch_to_params(obj["model"], cfg.model, dtype=np.float32, where=str(path)), {}
+
     def describe(self, cfg) -> str:
         m = cfg.model
         enh = "TwoMLP" if not m.share_MLP else "shared MLP"

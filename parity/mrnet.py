@@ -271,6 +271,12 @@ class Spec(OwnStages, FamilySpec):
     def table_for(self, model_cfg):
         return make_table(model_cfg)
 
+    def read_variables(self, path, cfg, overrides=()):
+        """``jaxprvr.load``: MRNet's ``{model, optimizer, scheduler, epoch}`` ``.pth`` -> parameters and BatchNorm
+        statistics."""
+        variables, _ = torch_to_variables(cfg.model, read_official(path)["model"], where=path)
+        return cfg, variables["params"], {"batch_stats": variables["batch_stats"]}
+
     def describe(self, cfg) -> str:
         m = cfg.model
         return (f"joint {m.joint_space}, featpool {m.featpool_hidden}, predictor {m.predictor_hidden} "
