@@ -411,6 +411,13 @@ def test_plain_batches_merge_rule():
     assert mesm.plain_batches(list(range(25)), 12) == ([list(range(12)), list(range(12, 25))], 1)
     assert mesm.plain_batches(list(range(24)), 12) == ([list(range(12)), list(range(12, 24))], 0)
     assert mesm.plain_batches(list(range(14)), 12) == ([list(range(12)), [12, 13]], 0)
+    # the capacities' rule (a batch of one item more where the last merges) against the batches themselves,
+    # batch size 1 included (every batch one item: the last always merges)
+    for bs in range(1, 6):
+        for n in range(1, 30):
+            batches, merged = mesm.plain_batches(list(range(n)), bs)
+            assert mesm.merges_last(n, bs) == bool(merged), (n, bs)
+            assert max(map(len, batches)) == bs + merged if n >= bs else n
 
 
 def test_tacos_chunks():

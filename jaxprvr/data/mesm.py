@@ -686,6 +686,11 @@ def gather_items(queries: Sequence[Query], max_gather_size: int, rng: np.random.
     return out
 
 
+def merges_last(n: int, batch_size: int) -> bool:
+    """Whether :func:`plain_batches` of ``n`` items merges a single-item last batch into the previous one."""
+    return n > batch_size and (n - 1) % batch_size == 0
+
+
 def plain_batches(order: Sequence[int], batch_size: int) -> tuple[list[list[int]], int]:
     """A shuffled ``DataLoader(batch_size, drop_last=False)`` (``runner.py`` L95-98, L104-107): consecutive
     chunks of ``order``. A last batch of a single item is **merged into the previous batch** (officially it
@@ -1042,7 +1047,7 @@ class MESMSplit:
             batches = self.replay
         else:
             bs, n = (f.batch_size if train else f.eval_batch_size), len(self.items)
-            merge = (not train or f.max_gather_size <= 0) and n > bs and n % bs == 1
+            merge = (not train or f.max_gather_size <= 0) and merges_last(n, bs)
             biggest = sorted(self.items, key=lambda it: -len(it.rows))[:min(n, bs + int(merge))]
             batches = [[it.rows for it in biggest]]
         lg = 0
