@@ -2,14 +2,28 @@
 
 Each checkpoint holds three items: ``params`` (what evaluation and conversion need), ``opt_state``
 (training only) and ``meta`` (JSON: config, epoch, step, early-stopping state), and a fourth,
-``model_state``, for a model with non-trainable variables (``{"batch_stats": ...}`` of BatchNorm). Orbax writes each step
-to a temporary folder and renames it when complete, so a kill at any moment leaves the previous
-checkpoint loadable; a checkpoint is only deleted after its successor is finalised.
+``model_state``, for a model with non-trainable variables (``{"batch_stats": ...}`` of BatchNorm).
+
+Saves are asynchronous: :meth:`Checkpoints.save` returns once the state is on the host, and orbax writes it on a
+background thread into a temporary folder that it renames when complete, so a kill at any moment leaves the
+previous checkpoint loadable; a checkpoint is only deleted after its successor is finalised. One save is in
+flight at a time: a save first waits for the pending one, whatever its slot, so checkpoints finalise in the
+order they were started (``best/<s>`` before ``latest/<s>`` at the end of an improving epoch: a ``latest`` that
+records a new best never exists without that best) and two orbax managers never synchronise processes at the
+same time (in a multi-process run that fails: "Barrier ... is already ongoing"). A restore waits for the pending
+save, :meth:`Checkpoints.close` too (call it before the process exits).
+
+A checkpoint that cannot be read (a truncated file, a missing item, another model's) raises one
+:class:`JaxprvrError` naming the step folder and what failed; :meth:`Checkpoints.restore` also names the
+slot's last readable step.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import sys
 from pathlib import Path
 
 import jax
@@ -24,7 +38,8 @@ def _host_tree(tree):
     """Replicated device arrays as numpy, in one transfer. Orbax then writes them from process 0 only (its
     handler for replicated numpy arrays) and skips its per-array device-to-host path: a training state of
     ~2,500 small arrays (tiny MTM with BertAdam and EMA) saved in 2.1 s instead of 4.8 s. A tree with an
-    array split over devices (not fully replicated) is left to orbax's sharded writer."""
+    array split over devices (not fully replicated) is left to orbax's sharded writer. (On CPU these numpy arrays
+    share the device buffers; orbax copies them before ``save`` returns, so the next train step may donate them.)"""
     leaves = jax.tree.leaves(tree)
     if not all(getattr(x, "is_fully_replicated", True) for x in leaves):
         return tree
@@ -36,94 +51,203 @@ def _host_tree(tree):
 
 
 class Checkpoints:
-    """One orbax CheckpointManager per slot (``latest``, ``best``), each keeping one step."""
+    """One orbax CheckpointManager per slot (``latest``, ``best``), each keeping ``keep[slot]`` steps (default 1).
+    ``cleanup_tmp``: delete the temporary folders of saves a kill interrupted (only for the run's owner: a reader
+    of a run still training would delete the save in progress)."""
 
-    def __init__(self, directory: str | Path, slots=("latest", "best")):
+    def __init__(self, directory: str | Path, slots=("latest", "best"), keep: dict | None = None,
+                 cleanup_tmp: bool = False):
         self.directory = Path(directory).absolute()
-        self._managers = {}
+        self._managers, self._pending = {}, None  # the slot of the save in flight
         for slot in slots:
             self._managers[slot] = ocp.CheckpointManager(
                 self.directory / slot,
-                options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+                options=ocp.CheckpointManagerOptions(max_to_keep=(keep or {}).get(slot, 1), create=True,
+                                                     enable_async_checkpointing=True,
+                                                     cleanup_tmp_directories=cleanup_tmp),
                 item_names=ITEMS,
             )
 
     def save(self, slot: str, step: int, params, opt_state=None, meta: dict | None = None, model_state=None) -> None:
+        """Starts writing ``step`` into ``slot`` and returns (the write finishes in the background)."""
         items = dict(params=ocp.args.StandardSave(_host_tree(params)), meta=ocp.args.JsonSave(meta or {}))
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(_host_tree(opt_state))
         if model_state:
             items["model_state"] = ocp.args.StandardSave(_host_tree(model_state))
-        mgr = self._managers[slot]
-        mgr.save(step, args=ocp.args.Composite(**items), force=True)
-        mgr.wait_until_finished()
+        if self._pending not in (None, slot):  # one save in flight (see the module docstring); orbax itself
+            self.wait()  # waits for the previous save of the same slot
+        self._managers[slot].save(step, args=ocp.args.Composite(**items), force=True)
+        self._pending = slot
+
+    def wait(self) -> None:
+        """Blocks until the pending save (if any) is finalised."""
+        if self._pending is not None:
+            self._managers[self._pending].wait_until_finished()
+            self._pending = None
 
     def latest_step(self, slot: str) -> int | None:
+        """The newest step of ``slot``, including one still being written."""
         return self._managers[slot].latest_step()
 
-    def restore(self, slot: str, abstract_params, abstract_opt_state=None):
-        """Returns ``(params, opt_state or None, meta)`` of the slot's newest step."""
-        mgr = self._managers[slot]
-        step = mgr.latest_step()
+    def steps(self, slot: str) -> list[int]:
+        return sorted(self._managers[slot].all_steps())
+
+    def restore(self, slot: str, abstract_params, abstract_opt_state=None, step: int | None = None):
+        """Returns ``(params, opt_state or None, meta)`` of the slot's newest step (or of ``step``). An unreadable step
+        raises one :class:`JaxprvrError` naming it and the slot's last readable step."""
+        self.wait()
+        step = self.latest_step(slot) if step is None else step
         if step is None:
             raise JaxprvrError(self.directory / slot, "a saved checkpoint", "none")
+        _quiet_abandoned_reads()
+        try:
+            return self._restore(slot, step, abstract_params, abstract_opt_state)
+        except Exception as e:  # orbax and tensorstore raise many types (ValueError, plain Exception, ...)
+            err = unreadable(self.directory / slot / str(step), _expected(abstract_opt_state), e)
+        hint = None
+        for older in reversed([s for s in self.steps(slot) if s < step]):
+            try:
+                self._restore(slot, older, abstract_params, abstract_opt_state)
+            except Exception:  # noqa: BLE001 - this one is unreadable too: look further back
+                continue
+            hint = (f"the last readable step is {slot}/{older}: move {err.where} out of {self.directory / slot} "
+                    "to go back to it")
+            break
+        if hint is None:
+            others = [f"{s}/{m.latest_step()}" for s, m in self._managers.items()
+                      if s != slot and m.latest_step() is not None]
+            hint = f"no earlier readable step in {slot}" + (f"; the run also has {', '.join(others)}" if others else "")
+        raise JaxprvrError(err.where, err.expected, err.found, hint=hint)
+
+    def _restore(self, slot, step, abstract_params, abstract_opt_state):
         items = dict(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
         if abstract_opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-        out = mgr.restore(step, args=ocp.args.Composite(**items))
+        missing = [k for k in items if not (self.directory / slot / str(step) / k).is_dir()]
+        if missing:  # checked first, to name it
+            raise _Missing(f"no {'/, no '.join(missing)}/ item")
+        out = self._managers[slot].restore(step, args=ocp.args.Composite(**items))
         return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, out["meta"]
 
     def restore_model_state(self, slot: str, abstract_model_state):
         """The ``model_state`` item (BatchNorm statistics) of the slot's newest step."""
+        self.wait()
         step = self.latest_step(slot)
         if step is None:
             raise JaxprvrError(self.directory / slot, "a saved checkpoint", "none")
         return load_model_state(self.directory / slot / str(step), abstract_model_state)
 
     def close(self):
+        """Waits for the pending saves, then closes the managers."""
+        self.wait()
         for mgr in self._managers.values():
             mgr.close()
+
+
+class _Missing(Exception):
+    """An item folder a restore needs is not in the step folder."""
+
+
+def _expected(abstract_opt_state) -> str:
+    return "a readable checkpoint (params, " + ("opt_state, " if abstract_opt_state is not None else "") + "meta)"
+
+
+def unreadable(where, expected: str, err: BaseException) -> JaxprvrError:
+    """A failed checkpoint read as one :class:`JaxprvrError`: the first line of the innermost cause (orbax wraps
+    tensorstore's errors, e.g. ``OUT_OF_RANGE: ... Requested byte range ... is not valid`` for a truncated file)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = (str(err).strip().splitlines() or [""])[0]
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return JaxprvrError(where, expected, text if isinstance(err, _Missing) else f"{type(err).__name__}: {text}")
+
+
+def _quiet_abandoned_reads() -> None:
+    """After a failed orbax read, the reads it had started in parallel are abandoned: tensorstore completes them
+    into orbax's closed asyncio loop, and their tasks are collected later, each report a traceback printed after the
+    one-line error (``RuntimeError: Event loop is closed`` and ``Exception ignored in: <coroutine ...>`` through
+    ``sys.unraisablehook``, ``Task exception was never retrieved`` through the ``asyncio`` logger). Installed before
+    the first read (a report may come before the error reaches us), the filters drop those reports; every other one
+    still prints."""
+    previous = sys.unraisablehook
+    if getattr(previous, "jaxprvr_quiet", False):
+        return
+
+    def abandoned(u) -> bool:
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            return True
+        code = getattr(u.object, "cr_code", None)  # a coroutine of orbax's reader, closed unfinished
+        return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+    def hook(u):
+        if not abandoned(u):
+            previous(u)
+
+    hook.jaxprvr_quiet = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(lambda r: "exception was never retrieved" not in r.getMessage())
+
+
+def _steps(slot_dir: Path) -> list[Path]:
+    return sorted((c for c in slot_dir.iterdir() if c.name.isdigit() and c.is_dir()), key=lambda c: int(c.name))
 
 
 def resolve_params_dir(path: str | Path) -> Path:
     """Finds the step folder holding ``params`` from a run dir, a slot dir or a step dir.
 
-    Accepted: ``<run>`` (uses ``ckpt/best``, else its one ``ckpt/best_<split>``, else ``ckpt/latest``; a run with
-    several ``best_<split>`` slots must name one), ``<run>/ckpt/<slot>``, a manager
-    folder (its newest step), or a step folder that contains ``params/``.
+    Accepted: ``<run>`` (uses ``ckpt/best``, else its one ``ckpt/best_<split>``, else ``ckpt/latest``: the first
+    that holds a step; a run with several ``best_<split>`` slots must name one), ``<run>/ckpt/<slot>``, a manager
+    folder (its newest step), or a step folder that contains ``params/``. A newest step without ``params/`` is an
+    error (never silently an older step or another slot).
     """
     p = Path(path).absolute()
     if not p.exists():
         raise JaxprvrError(p, "a checkpoint folder", "nothing at that path")
     if (p / "params").is_dir():
         return p
+    if any((p / item).is_dir() for item in ITEMS):
+        raise JaxprvrError(p, "a params/ item in the checkpoint", "none (the step folder is incomplete)")
     bests = sorted(c for c in (p / "ckpt").glob("best_*") if c.is_dir()) if (p / "ckpt").is_dir() else []
     if not (p / "ckpt" / "best").is_dir() and len(bests) > 1:  # one best per selection split: say which
         raise JaxprvrError(p, "one checkpoint slot (the run keeps a best per selection split)",
                            f"{[c.name for c in bests]}", hint=f"pass {p}/ckpt/<slot>")
     for cand in (p / "ckpt" / "best", *bests, p / "ckpt" / "latest", p):
-        if cand.is_dir():
-            steps = sorted((int(c.name), c) for c in cand.iterdir() if c.name.isdigit() and (c / "params").is_dir())
-            if steps:
-                return steps[-1][1]
+        steps = _steps(cand) if cand.is_dir() else []
+        if steps:
+            if not (steps[-1] / "params").is_dir():
+                older = [s for s in steps[:-1] if (s / "params").is_dir()]
+                raise JaxprvrError(steps[-1], "a params/ item in the newest checkpoint",
+                                   "none (the step folder is incomplete)",
+                                   hint=f"pass --ckpt {older[-1]} for the step before" if older else None)
+            return steps[-1]
     raise JaxprvrError(p, "a run folder, a checkpoint slot folder or a step folder with params/", "none of these")
 
 
 def read_meta(path: str | Path) -> dict:
     """The JSON meta (config, epoch, ...) saved with a checkpoint; ``{}`` when there is none."""
     meta_file = resolve_params_dir(path) / "meta" / "metadata"
-    return json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    if not meta_file.exists():
+        return {}
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise unreadable(meta_file, "the checkpoint's JSON meta (config, epoch, ...)", e) from None
+    if not isinstance(meta, dict):
+        raise JaxprvrError(meta_file, "the checkpoint's JSON meta (an object)", type(meta).__name__)
+    return meta
 
 
 def load_params(path: str | Path, abstract_params):
     """Restores only the parameters (and the JSON meta if present) from any accepted checkpoint path."""
     step_dir = resolve_params_dir(path)
-    ckptr = ocp.StandardCheckpointer()
+    meta = read_meta(step_dir)
+    _quiet_abandoned_reads()
     try:
-        params = ckptr.restore(step_dir / "params", abstract_params)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise JaxprvrError(step_dir / "params", "parameters matching the model config", f"{type(e).__name__}: {e}") from None
-    return params, read_meta(step_dir)
+        params = ocp.StandardCheckpointer().restore(step_dir / "params", abstract_params)
+    except Exception as e:  # noqa: BLE001 - any failed read (orbax and tensorstore raise many types)
+        raise unreadable(step_dir / "params", "parameters matching the model config", e) from None
+    return params, meta
 
 
 def load_model_state(path: str | Path, abstract_model_state):
@@ -132,11 +256,11 @@ def load_model_state(path: str | Path, abstract_model_state):
     if not (step_dir / "model_state").is_dir():
         raise JaxprvrError(step_dir, "a model_state/ item (the model's BatchNorm statistics)", "none",
                            hint="a checkpoint of this model saves it; was it written for another model?")
+    _quiet_abandoned_reads()
     try:
         return ocp.StandardCheckpointer().restore(step_dir / "model_state", abstract_model_state)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise JaxprvrError(step_dir / "model_state", "variables matching the model config",
-                           f"{type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001
+        raise unreadable(step_dir / "model_state", "variables matching the model config", e) from None
 
 
 def load_ema_params(path: str | Path, abstract_params):
@@ -148,13 +272,24 @@ def load_ema_params(path: str | Path, abstract_params):
     step_dir = resolve_params_dir(path)
     abstract = EmaState(inner=BertAdamState(count=jax.ShapeDtypeStruct((), jnp.int32), m=abstract_params,
                                             v=abstract_params), shadow=abstract_params)
+    _quiet_abandoned_reads()
     try:
         opt_state = ocp.StandardCheckpointer().restore(step_dir / "opt_state", abstract)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise JaxprvrError(step_dir / "opt_state", "a BertAdam state with EMA weights (train.use_ema)",
-                           f"{type(e).__name__}: {e}", hint="pass --no-ema to evaluate the raw weights") from None
+    except Exception as e:  # noqa: BLE001
+        err = unreadable(step_dir / "opt_state", "a BertAdam state with EMA weights (train.use_ema)", e)
+        raise JaxprvrError(err.where, err.expected, err.found,
+                           hint="pass --no-ema to evaluate the raw weights") from None
     return opt_state.shadow
 
 
 def abstract_tree(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def saved_model_name(step_dir: str | Path) -> str | None:
+    """The model name in a step folder's meta, ``None`` when it cannot be told (no meta, unreadable meta)."""
+    try:
+        meta = json.loads((Path(step_dir) / "meta" / "metadata").read_text())
+        return meta["config"]["model"]["name"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None

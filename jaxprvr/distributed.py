@@ -19,10 +19,22 @@ process computes the same metrics. Checkpoints: every process calls the orbax sa
 folder (a shared filesystem across hosts); orbax writes each replicated array once and synchronises the
 processes. ``metrics.jsonl``, ``config.json`` and ``test_results.json`` are written by process 0 only.
 On CPU the cross-process collectives are gloo's (JAX's default, ``jax_cpu_collectives_implementation``).
+
+``python -m jaxprvr.evaluate`` takes the same flags (:func:`add_args`): every process evaluates, process 0 writes.
+
+A process that dies: the others fail in their next collective (gloo: connection reset), print one line and exit
+with :data:`EXIT_PEER_LOST` at once (:func:`exit_on_lost_peer`), without waiting for their pending checkpoint
+saves (they cannot finalise without the dead process; the previous checkpoint stays intact); restart every
+process with ``--resume``. A process that hangs instead of dying is declared dead by the coordination service
+after ``--heartbeat-timeout`` seconds, and when process 0 (which runs that service) dies, JAX aborts the others
+(SIGABRT, "Terminating process because the JAX distributed service detected fatal errors").
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from typing import Sequence
 
 import jax
@@ -41,6 +53,36 @@ def parse_device_ids(text: str | None) -> list[int] | None:
     if not ids or any(i < 0 for i in ids):
         raise JaxprvrError("--local-device-ids", "a comma-separated list of device ids, e.g. 0,1", repr(text))
     return ids
+
+
+# sysexits' EX_TEMPFAIL: another process of the run died; restarting every process with --resume continues it.
+EXIT_PEER_LOST = 75
+HEARTBEAT_TIMEOUT_S = 100  # jax.distributed's default
+
+
+def add_args(parser, description: str):
+    """The multi-host flags of ``jaxprvr.train`` and ``jaxprvr.evaluate`` (one argument group)."""
+    g = parser.add_argument_group("multi-host (jax.distributed)", description)
+    g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="address of process 0, which serves the coordination service there")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N", help="number of processes of the run")
+    g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process, 0 .. N-1")
+    g.add_argument("--local-device-ids", default=None, metavar="IDS",
+                   help="comma-separated local devices this process uses (default: all of them)")
+    g.add_argument("--heartbeat-timeout", type=int, default=HEARTBEAT_TIMEOUT_S, metavar="S",
+                   help="seconds without a heartbeat after which a process counts as dead and the others stop "
+                        f"(default {HEARTBEAT_TIMEOUT_S})")
+    return parser
+
+
+def initialize_from_args(args) -> bool:
+    """:func:`initialize` from the flags of :func:`add_args` (absent ones: unset)."""
+    flag = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    heartbeat = flag("heartbeat_timeout", HEARTBEAT_TIMEOUT_S)
+    if heartbeat < 1:
+        raise JaxprvrError("--heartbeat-timeout", "a number of seconds >= 1", str(heartbeat))
+    return initialize(flag("coordinator_address"), flag("num_processes"), flag("process_id"),
+                      parse_device_ids(flag("local_device_ids")), heartbeat_timeout_s=heartbeat)
 
 
 def check_flags(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
@@ -76,12 +118,13 @@ def check_flags(coordinator_address: str | None, num_processes: int | None, proc
 
 
 def initialize(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
-               local_device_ids: Sequence[int] | None = None, *, timeout_s: int = 300) -> bool:
+               local_device_ids: Sequence[int] | None = None, *, timeout_s: int = 300,
+               heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> bool:
     """``jax.distributed.initialize`` from the train CLI flags (see :func:`check_flags`); must run before any
     JAX computation. Returns whether it initialized (False: a single-process run, nothing done).
 
     Process 0 also runs the coordinator service at ``coordinator_address``; every process waits up to
-    ``timeout_s`` for the others to connect."""
+    ``timeout_s`` for the others to connect; one silent for ``heartbeat_timeout_s`` counts as dead."""
     if not check_flags(coordinator_address, num_processes, process_id, local_device_ids):
         return False
     if jax.distributed.is_initialized():
@@ -92,7 +135,7 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
     try:
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id, local_device_ids=local_device_ids,
-                                   initialization_timeout=timeout_s)
+                                   initialization_timeout=timeout_s, heartbeat_timeout_seconds=heartbeat_timeout_s)
     except RuntimeError as e:  # e.g. JAX already ran a computation, or the coordinator never answered
         raise JaxprvrError("jax.distributed.initialize", f"process {process_id} of {num_processes} connected to "
                            f"{coordinator_address}", f"{type(e).__name__}: {e}".splitlines()[0],
@@ -110,6 +153,24 @@ def shutdown() -> None:
     """Leaves the distributed run (a barrier with the other processes); nothing on a single-process run."""
     if jax.distributed.is_initialized():
         jax.distributed.shutdown()
+
+
+@contextlib.contextmanager
+def exit_on_lost_peer():
+    """In a multi-process run, a JAX runtime error (a collective whose peer died, or any other) ends the process
+    at once: one ``error:`` line and exit status :data:`EXIT_PEER_LOST`, skipping the waits at exit (pending
+    checkpoint saves and jax.distributed's shutdown barrier, which would wait for the dead process)."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"error: process {jax.process_index()} of {jax.process_count()}: expected every process of the run to "
+              f"answer, found {type(e).__name__}: {first} (if another process stopped, start every process again "
+              "with --resume: the latest checkpoint is intact)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_PEER_LOST)
 
 
 def local_slices(n_slices: int, mesh) -> list[int]:

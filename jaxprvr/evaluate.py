@@ -6,6 +6,10 @@ The checkpoint's own model config (saved with it) rebuilds the architecture it w
 of the model's registry row opens the split and evaluates (PRVR: :class:`jaxprvr.tasks.prvr.Evaluator`,
 R@1/5/10/100, SumR, median and mean rank). A run trained with ``train.use_ema`` is evaluated on its EMA weights,
 as its validation was, unless ``--no-ema``. Prints the metrics as JSON.
+
+Several processes (hosts) evaluate together with the flags of ``jaxprvr.train`` (``--coordinator-address``,
+``--num-processes``, ``--process-id``; :mod:`jaxprvr.distributed`): the gallery is scored over the devices of all
+processes, every process prints the same metrics, and process 0 alone writes ``--save-outputs``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from jaxprvr.errors import JaxprvrError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jaxprvr import registry
+    from jaxprvr import distributed, registry
     from jaxprvr.config import all_datasets
 
     p = argparse.ArgumentParser(
@@ -56,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true",
                    help="evaluate the raw weights of a run trained with train.use_ema (default: the EMA weights)")
     p.add_argument("--no-progress", action="store_true")
+    distributed.add_args(p, "run the same command in every process, with the same coordinator and process count "
+                         "and a distinct --process-id: the scoring is split over the devices of all processes, every "
+                         "process prints the metrics, process 0 writes --save-outputs. Unset: one process.")
     add_compile_cache_args(p)
     return p
 
@@ -97,12 +104,23 @@ def _literal(v) -> str:
 
 
 def run(args) -> dict:
+    from jaxprvr import distributed
+
+    enable_compile_cache(args)
+    multi = distributed.initialize_from_args(args)  # before any JAX computation; a no-op for one process
+    with distributed.exit_on_lost_peer():
+        res = _evaluate(args, multi)
+    distributed.shutdown()
+    return res
+
+
+def _evaluate(args, multi: bool) -> dict:
+    from jaxprvr import sharding as shd
     from jaxprvr.checkpoint import load_ema_params, load_model_state, load_params
     from jaxprvr.models import build_model
     from jaxprvr.tasks import task_for
     from jaxprvr.train import init_variables, resolve_data_root
 
-    enable_compile_cache(args)
     cfg, saved_cfg = load_checkpoint_config(args)
     task = task_for(cfg)
     if args.split not in task.splits:
@@ -117,9 +135,13 @@ def run(args) -> dict:
     use_ema = bool(saved_cfg.get("train", {}).get("use_ema", False)) and not args.no_ema
     if use_ema:  # as in training: validation, best selection and test all ran on the EMA weights
         params = load_ema_params(args.ckpt, abstract)
-    res = task.evaluator(model, cfg).evaluate(params, ds, progress=not args.no_progress,
-                                              keep_outputs=bool(args.save_outputs), **kw)
-    if args.save_outputs:
+    mesh = None
+    if multi:  # the restored (host-local) arrays, replicated over the devices of every process
+        mesh = shd.make_mesh()
+        params, kw = shd.replicate(params, mesh), {k: shd.replicate(v, mesh) for k, v in kw.items()}
+    res = task.evaluator(model, cfg, mesh).evaluate(params, ds, progress=not args.no_progress,
+                                                    keep_outputs=bool(args.save_outputs), **kw)
+    if args.save_outputs and jax.process_index() == 0:
         task.save_outputs(args.save_outputs, res, ds)
     res = {k: v for k, v in res.items() if not k.startswith("_")}
     res.update(split=args.split, model=cfg.model.name, dataset=cfg.data.dataset, ckpt=str(args.ckpt), ema=use_ema)

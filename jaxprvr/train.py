@@ -168,7 +168,9 @@ class _Run:
         self.best_keys = {s: f"best_{self.metric}" if slot == "best" else f"best_{self.metric}@{s}"
                           for s, slot in self.slots.items()}
         slots = ["latest", *self.slots.values(), *(sl for _, sl in self.task.test_plan(cfg))]
-        self.ckpts = Checkpoints(self.out / "ckpt", slots=tuple(dict.fromkeys(slots)))
+        # latest keeps two steps: when the newest cannot be read, --resume names the one before
+        self.ckpts = Checkpoints(self.out / "ckpt", slots=tuple(dict.fromkeys(slots)), keep={"latest": 2},
+                                 cleanup_tmp=resume)
         self.resumed = resume and self.ckpts.latest_step("latest") is not None
         if self.ckpts.latest_step("latest") is not None and not resume:
             raise JaxprvrError(self.out, "an output folder without checkpoints (or --resume)", "an existing run",
@@ -209,6 +211,7 @@ class _Run:
         self.meta = {"next_epoch": 0, "step_in_epoch": 0, "es_cnt": 0, **{k: None for k in self.best_keys.values()},
                      "best_epoch": -1, "stopped": False}
         if self.resumed:
+            self._check_resumed_model()
             p, o, meta = self.ckpts.restore("latest", abstract_tree(self.state["params"]),
                                             abstract_tree(self.state["opt_state"]))
             state = {"params": p, "opt_state": o, "step": jnp.asarray(meta["global_step"], jnp.int32)}
@@ -218,6 +221,15 @@ class _Run:
             self.meta.update({k: meta[k] for k in self.meta if k in meta})
         else:
             self.save("latest")  # from here on, a kill at any moment leaves a checkpoint to --resume from
+
+    def _check_resumed_model(self) -> None:
+        from jaxprvr.checkpoint import saved_model_name
+
+        step_dir = self.ckpts.directory / "latest" / str(self.ckpts.latest_step("latest"))
+        name = saved_model_name(step_dir)
+        if name is not None and name != self.cfg.model.name:
+            raise JaxprvrError(step_dir, f"a checkpoint of model {self.cfg.model.name} to --resume", f"one of {name}",
+                               hint=f"pass --model {name} to continue that run, or --out for a new run")
 
     @property
     def global_step(self) -> int:
@@ -373,15 +385,19 @@ def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = Tru
     building its own (:mod:`jaxprvr.distributed`); one process with ``batch_slices=S`` reproduces the batches
     of an ``S``-process run. With 1 (one process), the batches are the task's plain ones. ``tensorboard`` (a folder)
     also writes the numbers of ``metrics.jsonl`` there as TensorBoard event files."""
-    run = _Run(cfg, data_root, out_dir, resume=resume, progress=progress, mesh=mesh, init_from=init_from,
-               batch_slices=batch_slices, tensorboard=tensorboard)
+    from jaxprvr.distributed import exit_on_lost_peer
+
+    with exit_on_lost_peer():  # several processes: one that dies ends the others at once (no waits, no hang)
+        run = _Run(cfg, data_root, out_dir, resume=resume, progress=progress, mesh=mesh, init_from=init_from,
+                   batch_slices=batch_slices, tensorboard=tensorboard)
     try:
-        stopped_by_max_steps = run.fit(max_steps)
-        summary = run.summary()
-        if not (stopped_by_max_steps or not run_test):
-            summary["test"] = run.test()
-            if len(run.tests) > 1:
-                summary["tests"] = run.tests
+        with exit_on_lost_peer():
+            stopped_by_max_steps = run.fit(max_steps)
+            summary = run.summary()
+            if not (stopped_by_max_steps or not run_test):
+                summary["test"] = run.test()
+                if len(run.tests) > 1:
+                    summary["tests"] = run.tests
     finally:
         run.ckpts.close()
         run.writer.close()
@@ -471,7 +487,7 @@ def _mb(n: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jaxprvr import registry
+    from jaxprvr import distributed, registry
     from jaxprvr.config import all_datasets
 
     labels = ", ".join(f.label for f in registry.FAMILIES.values())
@@ -502,17 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
                    help="also write the numbers of metrics.jsonl as TensorBoard event files into DIR "
                         "(default: <out>/tensorboard); no TensorFlow needed")
-    mh = p.add_argument_group(
-        "multi-host (jax.distributed)",
-        "run the same command in every process, with the same coordinator and process count and a distinct "
-        "--process-id; each process reads only its slice of every batch, all share --out (process 0 writes "
-        "the metrics and results). Unset: a single-process run.")
-    mh.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
-                    help="address of process 0, which serves the coordination service there")
-    mh.add_argument("--num-processes", type=int, default=None, metavar="N", help="number of processes of the run")
-    mh.add_argument("--process-id", type=int, default=None, metavar="I", help="this process, 0 .. N-1")
-    mh.add_argument("--local-device-ids", default=None, metavar="IDS",
-                    help="comma-separated local devices this process uses (default: all of them)")
+    distributed.add_args(p, "run the same command in every process, with the same coordinator and process count "
+                         "and a distinct --process-id; each process reads only its slice of every batch, all share "
+                         "--out (process 0 writes the metrics and results); after a process dies, start them all "
+                         "again with --resume. Unset: a single-process run.")
     add_compile_cache_args(p)
     return p
 
@@ -528,8 +537,7 @@ def run(args) -> dict:
         raise JaxprvrError("--config", "a dataset or <model>/<dataset> (--list shows them)", "no --config given")
     enable_compile_cache(args)
     # Before any JAX computation. A no-op for a single-process run.
-    multi = distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
-                                   distributed.parse_device_ids(args.local_device_ids))
+    multi = distributed.initialize_from_args(args)
     overrides = list(args.overrides)
     if args.demo:
         name = load_config(args.config, args.model).model.name

@@ -1,13 +1,15 @@
 """One process of the multi-host check (tests/test_multihost.py starts it in subprocesses).
 
-    multihost_worker.py process ROOT OUT PORT N_PROCESSES PROCESS_ID   # the train CLI, jax.distributed
-    multihost_worker.py reference ROOT OUT N_SLICES                     # train() in one process, N_SLICES devices
+    multihost_worker.py process ROOT OUT PORT N_PROCESSES PROCESS_ID [ARGS...]   # the train CLI, jax.distributed
+    multihost_worker.py reference ROOT OUT N_SLICES                               # train(), one process, N devices
+    multihost_worker.py evaluate ROOT CKPT SAVE PORT N_PROCESSES PROCESS_ID       # the evaluate CLI, jax.distributed
 
 Both train the same tiny MS-SL run (``RUN_SETS``: one epoch of 3 steps with a partial last batch,
 hard negatives and dropout on, BertAdam, then validation, the best checkpoint and the test evaluation) and
 leave their results in OUT (``metrics.jsonl``, ``ckpt/``, ``test_results.json``); the CLI processes print
-their JSON summary. The reference cuts each batch into the same N_SLICES slices, so it sees the same
-global batches as the N-process run.
+their JSON summary (ARGS: more train flags, e.g. ``--resume``). The reference cuts each batch into the same N_SLICES
+slices, so it sees the same global batches as the N-process run. ``evaluate`` evaluates CKPT on the test split and
+writes the artefacts into SAVE.
 """
 
 import os
@@ -25,14 +27,32 @@ MODEL = "ms_sl"
 RUN_SETS = ["train.batch_size=56", "train.n_epoch=1", "train.lr=1e-3", "loss.hard_negative_start_epoch=0"]
 
 
-def process(root, out, port, n_processes, process_id):
+def _multihost_flags(port, n_processes, process_id):
+    return ["--coordinator-address", f"localhost:{port}", "--num-processes", str(n_processes),
+            "--process-id", str(process_id), "--no-compile-cache"]
+
+
+def process(root, out, port, n_processes, process_id, *extra):
     from jaxprvr.train import main
     from tests.conftest import TINY_OVERRIDES
 
     return main(["--config", "tvr", "--model", MODEL, "--data-root", root, "--out", out, "--no-progress",
-                 *[f"--set={o}" for o in TINY_OVERRIDES + RUN_SETS],
-                 "--coordinator-address", f"localhost:{port}", "--num-processes", str(n_processes),
-                 "--process-id", str(process_id), "--no-compile-cache"])
+                 *[f"--set={o}" for o in TINY_OVERRIDES + RUN_SETS], *_multihost_flags(port, n_processes, process_id),
+                 *extra])
+
+
+def evaluate_args(root, ckpt, save):
+    """The evaluate CLI's flags for the test split of a run of this file (the data sizes of TINY_OVERRIDES)."""
+    from tests.conftest import TINY_OVERRIDES
+
+    return ["--config", "tvr", "--data-root", str(root), "--ckpt", str(ckpt), "--split", "test", "--no-progress",
+            "--save-outputs", str(save), *[f"--set={o}" for o in TINY_OVERRIDES if o.startswith("data.")]]
+
+
+def evaluate(root, ckpt, save, port, n_processes, process_id):
+    from jaxprvr.evaluate import main
+
+    return main(evaluate_args(root, ckpt, save) + _multihost_flags(port, n_processes, process_id))
 
 
 def reference(root, out, n_slices):
@@ -55,5 +75,7 @@ if __name__ == "__main__":
     jax.config.update("jax_enable_compilation_cache", False)
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "process":
-        sys.exit(process(args[0], args[1], int(args[2]), int(args[3]), int(args[4])))
+        sys.exit(process(args[0], args[1], int(args[2]), int(args[3]), int(args[4]), *args[5:]))
+    if mode == "evaluate":
+        sys.exit(evaluate(args[0], args[1], args[2], int(args[3]), int(args[4]), int(args[5])))
     sys.exit(reference(args[0], args[1], int(args[2])))
