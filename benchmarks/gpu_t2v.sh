@@ -15,15 +15,9 @@
 # T2V_GPU_TIMEOUT seconds (default 540, inside the tool's 600); results are saved after every measurement
 # (OUT_DIR/t2v_gpu.json has "partial": true when cut, and its tables are printed from it). Then: copy the JSON to docs/results/ and the tables into
 # docs/benchmarks.md ("Text-video retrieval (clip_wti)"), naming the card.
-set -uo pipefail
-cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu_t2v_out}}
-mkdir -p "$OUT_DIR"
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/gpu.txt"
-"$PY" -c "import jax, torch; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, torch.cuda.is_available())" \
-    | tee -a "$OUT_DIR/gpu.txt"
+source "$(dirname "$0")/gpu_common.sh"
+gpu_header
 "$PY" -c "import av; print('PyAV', av.__version__)" 2>&1 | tail -1 | tee -a "$OUT_DIR/gpu.txt"
 "$PY" -c "import decord; print('decord', decord.__version__)" 2>&1 | tail -1 | tee -a "$OUT_DIR/gpu.txt"
 echo "host cores: $(nproc)" | tee -a "$OUT_DIR/gpu.txt"
@@ -36,5 +30,4 @@ rc=${PIPESTATUS[0]}
 if [ "$rc" -ne 0 ] && [ -f "$OUT_DIR/t2v_gpu.json" ]; then  # cut short: the tables of what was measured
     "$PY" -m benchmarks.t2v --report "$OUT_DIR/t2v_gpu.json" | tee -a "$OUT_DIR/t2v_gpu.md"
 fi
-echo "benchmarks.t2v exit $rc (124: cut at the time limit; the JSON keeps the rows measured)" | tee -a "$OUT_DIR/t2v_gpu.md"
-exit "$rc"
+gpu_exit benchmarks.t2v "$rc" "$OUT_DIR/t2v_gpu.md"

@@ -24,29 +24,18 @@
 # MESM_EVAL_VIDEOS (default 400) synthetic test videos (the real split: 1,334), torch.compile with 120 s per
 # compiled column; OUT_DIR/mesm_gpu.{json,md}. Then copy the tables into docs/benchmarks.md ("Moment retrieval
 # (MESM)").
-set -uo pipefail
-cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu_vmr_out}}
-mkdir -p "$OUT_DIR"
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/gpu.txt"
-"$PY" -c "import jax, torch; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, torch.cuda.is_available())" \
-    | tee -a "$OUT_DIR/gpu.txt"
+source "$(dirname "$0")/gpu_common.sh"
+gpu_header
 if [ "${VMR_MODELS:-mrnet}" = mesm ]; then
     timeout "${VMR_GPU_TIMEOUT:-540}" "$PY" -m benchmarks.vmr --models mesm --device gpu --size official \
         --sections "${VMR_SECTIONS:-train,eval,memory}" --bf16 --repeats "${VMR_REPEATS:-10}" \
         --eval-videos "${MESM_EVAL_VIDEOS:-400}" --compile-timeout "${VMR_COMPILE_TIMEOUT:-120}" --timeout 240 \
         --out "$OUT_DIR/mesm_gpu.json" --log "$OUT_DIR/mesm_gpu_workers.log" 2>&1 | tee "$OUT_DIR/mesm_gpu.md"
-    rc=${PIPESTATUS[0]}
-    echo "benchmarks.vmr --models mesm exit $rc (124: cut at the time limit; the JSON keeps the rows measured)" \
-        | tee -a "$OUT_DIR/mesm_gpu.md"
-    exit "$rc"
+    gpu_exit "benchmarks.vmr --models mesm" "${PIPESTATUS[0]}" "$OUT_DIR/mesm_gpu.md"
 fi
 timeout "${VMR_GPU_TIMEOUT:-540}" "$PY" -m benchmarks.vmr --device gpu --size official --config "${VMR_CONFIG:-activitynet}" \
     --sections "${VMR_SECTIONS:-train,eval,forward,retention,memory,conv}" --bf16 --repeats "${VMR_REPEATS:-10}" \
     --eval-videos "${VMR_EVAL_VIDEOS:-240}" --compile-timeout "${VMR_COMPILE_TIMEOUT:-150}" --timeout 300 \
     --out "$OUT_DIR/vmr_gpu.json" --log "$OUT_DIR/vmr_gpu_workers.log" 2>&1 | tee "$OUT_DIR/vmr_gpu.md"
-rc=${PIPESTATUS[0]}
-echo "benchmarks.vmr exit $rc (124: cut at the time limit; the JSON keeps the rows measured)" | tee -a "$OUT_DIR/vmr_gpu.md"
-exit "$rc"
+gpu_exit benchmarks.vmr "${PIPESTATUS[0]}" "$OUT_DIR/vmr_gpu.md"

@@ -60,6 +60,37 @@ def group_of(event: str, op_name: str) -> str | None:
     return None
 
 
+def traced(run) -> tuple[list, object, float]:
+    """``run()`` (synchronised) under ``jax.profiler.trace`` (a Perfetto trace in a temporary folder): the trace's
+    events, what ``run`` returned, and its wall seconds."""
+    import jax
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(run())
+            wall = time.perf_counter() - t0
+        trace = json.load(gzip.open(glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)[0]))
+    return (trace["traceEvents"] if isinstance(trace, dict) else trace), out, wall
+
+
+def op_seconds(events, names: dict, component_of, width: int):
+    """XLA op time of a trace's op events (seconds, summed over threads) by model component
+    (``component_of(op_name)``), by kind (:func:`group_of`) and by op (``event | op_name's last width chars``)."""
+    comp, kinds, ops = collections.Counter(), collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        op = names.get(e["name"], "")
+        g = group_of(e["name"], op)
+        if g is None:
+            continue
+        comp[component_of(op)] += e.get("dur", 0) / 1e6
+        kinds[g] += e.get("dur", 0) / 1e6
+        ops[f"{e['name']} | {op[-width:]}"] += e.get("dur", 0) / 1e6
+    return comp, kinds, ops
+
+
 def profile(model: str, hidden: int, batch: int, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
@@ -90,13 +121,14 @@ def profile(model: str, hidden: int, batch: int, steps: int) -> dict:
         state, m = step(state, batches[i % 3], keys)
         jax.block_until_ready(m)
         wall.append(time.perf_counter() - t0)
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            for i in range(steps):
-                state, m = step(state, batches[i % 3], keys)
-                jax.block_until_ready(m)
-        trace = json.load(gzip.open(glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)[0]))
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+
+    def traced_steps(state=state):
+        for i in range(steps):
+            state, m = step(state, batches[i % 3], keys)
+            jax.block_until_ready(m)
+        return state
+
+    events, _, _ = traced(traced_steps)
     per_op = collections.Counter()
     for e in events:
         if e.get("ph") == "X":

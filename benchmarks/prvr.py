@@ -290,6 +290,18 @@ class JaxCompileClock:
         return self.seconds, self.executables
 
 
+def jax_clocked(call, sync=None) -> tuple[object, float, float, int]:
+    """``call()`` once, synchronised by ``sync`` (default ``jax.block_until_ready``; a first call compiles): its
+    result, its seconds, and the compile seconds and executables JAX reports meanwhile (:class:`JaxCompileClock`)."""
+    import jax
+
+    clock = JaxCompileClock()
+    t0 = time.perf_counter()
+    out = (sync or jax.block_until_ready)(call())
+    seconds = time.perf_counter() - t0
+    return (out, seconds) + clock.read()
+
+
 def _torch_compile_clock() -> tuple[float, int]:
     """(seconds, frames compiled) that torch.compile reports for this process so far: Dynamo's per-frame
     ``entire_frame_compile_time_s`` (capture + AOTAutograd + Inductor, C++ build included) plus the backward
@@ -349,11 +361,7 @@ def w_train_jax(spec) -> dict:
         box["state"], metrics = step(box["state"], dev_batches[i % 3], *extra)
         return metrics["loss"], box["state"]["step"]
 
-    clock = JaxCompileClock()
-    t0 = time.perf_counter()
-    jax.block_until_ready(call(0))
-    first = time.perf_counter() - t0
-    own, n_exec = clock.read()
+    _, first, own, n_exec = jax_clocked(lambda: call(0))
     _say(f"first call {first:.1f} s (JAX compile events {own:.1f} s, {n_exec} executables)")
     jax.block_until_ready(call(1))
     med, times = _median_timed(lambda i: call(i + 2), spec["repeats"], jax.block_until_ready)
@@ -772,6 +780,37 @@ def run_worker(spec: dict, timeout: float, log, module: str = "benchmarks.prvr")
     return res
 
 
+def run_columns(rows: dict, fws, spec_of, deferred: list, where, timeout: float, log, out, results: dict,
+                module: str = "benchmarks.prvr", pending: str = "pending (runs after the other sections)") -> None:
+    """Fills ``rows`` (framework -> result) with one measurement subprocess per framework column, ``spec_of(fw)``
+    its spec, saving ``results`` to ``out`` (``--out``) after each. A torch.compile column (Inductor's C++ builds:
+    the longest runs) is marked ``pending`` and queued on ``deferred`` as ``(where, spec)``, to run last."""
+    for fw in fws:
+        spec = spec_of(fw)
+        if fw == "torch_compile":
+            rows[fw] = {"ok": False, "error": pending}
+            deferred.append((where, spec))
+            continue
+        rows[fw] = run_worker(spec, timeout, log, module=module)
+        _save_partial(out, results)
+
+
+def announce(module: str, lines: list[str]) -> None:
+    """The driver's progress lines (an equality check's verdict) on stderr, as ``[module] line``."""
+    for line in lines:
+        print(f"[{module}] {line}", file=sys.stderr, flush=True)
+
+
+def pick_device(device: str | None) -> str:
+    """``--device`` as given, or gpu when JAX (asked in a fresh process: the driver starts no backend) sees one,
+    else cpu."""
+    if device is None:
+        probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
+                               capture_output=True, text=True, timeout=300)
+        device = "gpu" if probe.stdout.strip() in ("gpu", "cuda", "rocm") else "cpu"
+    return device
+
+
 def _fmt_s(s):
     if s is None:
         return "-"
@@ -1007,11 +1046,7 @@ def main(argv=None) -> int:
     if args.worker is not None:
         return worker_main(args.worker)
 
-    device = args.device
-    if device is None:
-        probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
-                               capture_output=True, text=True, timeout=300)
-        device = "gpu" if probe.stdout.strip() in ("gpu", "cuda", "rocm") else "cpu"
+    device = pick_device(args.device)
     size = args.size or ("official" if device == "gpu" else "cpu")
     repeats = args.repeats or (20 if device == "gpu" else 3)
     models = [m for m in args.models.split(",") if m]
@@ -1157,24 +1192,22 @@ def _run_sections(args, sections, models, eval_models, base, repeats, torch_comp
                 if args.frameworks:
                     fws = [f for f in fws if f in args.frameworks.split(",")]
                 results["train"][model] = {}
-                for fw in fws:
+
+                def train_spec(fw, model=model):
                     task = "train_jax" if fw.startswith("jax") else "train_torch"
                     spec = {**base, "task": task, "framework": fw, "model": model, "repeats": repeats}
                     if fw == "jax_bf16":
                         spec["compute_dtype"] = "bfloat16"
-                    if fw == "torch_compile":  # the longest runs (Inductor's C++ builds) go last
-                        results["train"][model][fw] = {"ok": False, "error": "pending (runs after the other sections)"}
-                        deferred.append(("train", model, spec))
-                        continue
-                    results["train"][model][fw] = run_worker(spec, args.timeout, log)
-                    _save_partial(args.out, results)
+                    return spec
+
+                run_columns(results["train"][model], fws, train_spec, deferred, ("train", model), args.timeout, log,
+                            args.out, results)
         scores = {}  # model -> framework -> its fused score matrix (.npy in scratch)
 
         def check_eval(model):
             results["eval_equal"][model] = compare_eval(results["eval"][model], scores[model],
                                                         galleries.get(model, gallery))
-            for line in eval_equal_lines(model, results["eval_equal"][model]):
-                print(f"[benchmarks.prvr] {line}", file=sys.stderr, flush=True)
+            announce("benchmarks.prvr", eval_equal_lines(model, results["eval_equal"][model]))
             _save_partial(args.out, results)
 
         if "eval" in sections:
@@ -1191,19 +1224,18 @@ def _run_sections(args, sections, models, eval_models, base, repeats, torch_comp
                     ("jax_bf16",) if args.bf16 else ())
                 if args.frameworks:
                     fws = tuple(f for f in fws if f == "jax" or f in args.frameworks.split(","))
-                for fw in fws:
+
+                def eval_spec(fw, model=model, weights=weights):
                     scores[model][fw] = os.path.join(scratch, f"{model}-{fw}-scores.npy")
                     spec = {**base, "task": "eval", "framework": fw, "model": model,
                             "gallery": galleries.get(model, gallery), "weights": weights,
                             "scores_out": scores[model][fw]}
                     if fw == "jax_bf16":
                         spec["compute_dtype"] = "bfloat16"
-                    if fw == "torch_compile":
-                        results["eval"][model][fw] = {"ok": False, "error": "pending (runs after the other sections)"}
-                        deferred.append(("eval", model, spec))
-                        continue
-                    results["eval"][model][fw] = run_worker(spec, args.timeout, log)
-                    _save_partial(args.out, results)
+                    return spec
+
+                run_columns(results["eval"][model], fws, eval_spec, deferred, ("eval", model), args.timeout, log,
+                            args.out, results)
                 check_eval(model)
         if "scan" in sections:
             results["scan"] = _run_scan(device, repeats, log)
@@ -1215,7 +1247,7 @@ def _run_sections(args, sections, models, eval_models, base, repeats, torch_comp
                                            "batches": 4}, args.timeout, log)
         # torch.compile last (Inductor's C++ builds take minutes to most of an hour on 2 cores): the eval columns
         # first, each completing its model's equality check, then the training steps.
-        for section, model, spec in sorted(deferred, key=lambda d: d[0] != "eval"):
+        for (section, model), spec in sorted(deferred, key=lambda d: d[0][0] != "eval"):
             results[section][model]["torch_compile"] = run_worker(spec, compile_timeout, log)
             _save_partial(args.out, results)
             if section == "eval":

@@ -67,7 +67,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -76,12 +75,14 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.prvr import (FW_LABEL, JaxCompileClock, _cell, _device_desc, _fmt_b, _fmt_s, _jax_peak, _load,
-                             _median_timed, _peak_rss, _save_partial, _say, _torch_compile_clock,
-                             _torch_compile_setup, _torch_cpu_setup, run_sections, run_worker, warm_up,
+from benchmarks.common import (EVAL_TARGET, _jax_memory_analysis, _ratio_val, _rss_now, _target, _torch_peak,
+                               device_defaults, jax_eval_passes, load_twin, memory_row, parse_sections, passes_cells,
+                               precision_desc, run_compiled_last, section_rows, target_line, time_jax_train_step,
+                               time_torch_steps)
+from benchmarks.prvr import (FW_LABEL, _cell, _device_desc, _fmt_b, _fmt_s, _is_gpu, _jax_peak, _load, _load_weights,
+                             _median_timed, _peak_rss, _save_partial, _say, _speed, _torch_compile_clock,
+                             _torch_cpu_setup, announce, jax_clocked, run_columns, run_sections, run_worker,
                              worker_main)
-from benchmarks.vmr import (_fail_row, _jax_memory_analysis, _mem, _ratio_val, _rss_now, _speed, _target, _torch_peak,
-                            time_jax_train_step)
 from torch_ref.t2v_eval import official_compute_metrics
 
 MODULE = "benchmarks.t2v"
@@ -219,15 +220,6 @@ def w_weights(spec) -> dict:
             "clip_params": int(sum(p.numel() for p in twin.clip.parameters()))}
 
 
-def _load_weights(path) -> dict:
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
-
-
-def _is_gpu(spec) -> bool:
-    return spec["device"] == "gpu"
-
-
 # ================================================================================================ JAX workers
 def _jax_setup(spec):
     import dataclasses
@@ -263,11 +255,7 @@ def w_forward_jax(spec) -> dict:
     dev = [jax.device_put((b["text_ids"], b["video"])) for b in batches]
     fc = count_flops(fwd, params, *dev[0])
     rss0 = _rss_now()
-    clock = JaxCompileClock()
-    t0 = time.perf_counter()
-    out0 = jax.block_until_ready(fwd(params, *dev[0]))
-    first = time.perf_counter() - t0
-    own, _ = clock.read()
+    out0, first, own, _ = jax_clocked(lambda: fwd(params, *dev[0]))
     _say(f"jax forward first call {first:.1f} s (compile events {own:.1f} s)")
     med, times = _median_timed(lambda i: fwd(params, *dev[(i + 1) % 3]), spec["repeats"], jax.block_until_ready)
     if spec.get("out_path"):
@@ -291,11 +279,11 @@ def w_train_jax(spec) -> dict:
     steps_per_epoch = spec["steps_per_epoch"]
     tx = t2v_optimizer(cfg, steps_per_epoch)
     state = shd.replicate({"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}, mesh)
-    out = time_jax_train_step(make_train_step(model, cfg, tx, mesh, steps_per_epoch), state, params,
-                              [shd.shard_batch({k: b[k] for k in BATCH_KEYS}, mesh) for b in train_batches(cfg)],
-                              spec["repeats"])
+    batches = [shd.shard_batch({k: b[k] for k in BATCH_KEYS}, mesh) for b in train_batches(cfg)]
+    timing, memory = time_jax_train_step(make_train_step(model, cfg, tx, mesh, steps_per_epoch), state, params,
+                                         batches, spec["repeats"])
     b = cfg.train.batch_size
-    return {**out, "pairs": b, "frames": b * cfg.model.max_frames,
+    return {**timing, **memory, "pairs": b, "frames": b * cfg.model.max_frames,
             "device_kind": jax.devices()[0].device_kind}
 
 
@@ -311,16 +299,8 @@ def w_eval_jax(spec) -> dict:
     split = MemorySplit(cfg, spec["n"])
     ev = Evaluator(model, cfg, mesh)
     rss0 = _rss_now()
-    clock = JaxCompileClock()
-    t0 = time.perf_counter()
-    ev.evaluate(params, split)
-    first = time.perf_counter() - t0
-    own, n_exec = clock.read()
-    _say(f"jax eval first pass {first:.1f} s (compile events {own:.1f} s)")
-    t0 = time.perf_counter()
-    res = ev.evaluate(params, split, keep_outputs=True)
-    e2e = time.perf_counter() - t0
-    recompiled = clock.read()[1] - n_exec
+    res, timing, n_exec, recompiled = jax_eval_passes(lambda: ev.evaluate(params, split),
+                                                      lambda: ev.evaluate(params, split, keep_outputs=True))
     # The same work one stage at a time (no background loading): text features, video features, similarity, metrics.
     bs = cfg.data.eval_batch_size
     n = len(split)
@@ -354,8 +334,7 @@ def w_eval_jax(spec) -> dict:
           + count_flops(ev._video, params, vb["v"], vb["m"]).flops * -(-n // bs)
           + count_flops(ev._sim, params, text_feat[:1].repeat(blk, 0), split.text_mask[:1].repeat(blk, 0),
                         video_feat[:1].repeat(blk, 0), video_mask[:1].repeat(blk, 0)).flops * (-(-n // blk)) ** 2)
-    return {"end_to_end_s": e2e, "first_end_to_end_s": first, "first_minus_steady_s": max(first - e2e, 0.0),
-            "compile_s": own, "compiled_executables": n_exec, "recompiles_in_steady_pass": recompiled,
+    return {**timing, "compiled_executables": n_exec, "recompiles_in_steady_pass": recompiled,
             "text_s": text_s, "video_s": video_s, "sim_s": sim_s, "metrics_s": metrics_s,
             "stages_sum_s": text_s + video_s + sim_s + metrics_s, "flops": fl, "metrics": metrics,
             "stages_metrics_equal": _jax_metrics(res2) == metrics,
@@ -391,12 +370,7 @@ def _torch_setup(spec):
     m = cfg.model
     dev = torch.device("cuda" if _is_gpu(spec) else "cpu")
     twin = BackBoneTVR(_twin_dims(m), m.agg_module, m.num_hidden_layers)
-    twin.load_state_dict({k: torch.from_numpy(v) for k, v in _load_weights(spec["weights"]).items()}, strict=True)
-    twin.to(dev)
-    compiled = spec["framework"] == "torch_compile"
-    if compiled:
-        _torch_compile_setup()
-    sync = (lambda _: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda _: None)
+    compiled, sync = load_twin(twin, spec["weights"], dev, spec["framework"])
     return cfg, twin, dev, compiled, sync
 
 
@@ -472,18 +446,8 @@ def w_train_torch(spec) -> dict:
 
     warm = 1  # the batch shapes never change: torch.compile compiles once (checked: recompiles_during_timing)
     _say(f"torch train ({spec['framework']}): {n_params} params; {warm} warm-up call(s)")
-    rss0 = _rss_now()
-    firsts = warm_up(call, sync, warm)
-    own, frames = _torch_compile_clock() if compiled else (None, None)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    med, times = _median_timed(lambda i: call(i + warm), spec["repeats"], sync)
-    recompiled = (_torch_compile_clock()[1] - frames) if compiled else None
-    return {"seconds": med, "times": times, "compile_s": own, "compiled_frames": frames,
-            "recompiles_during_timing": recompiled, "first_calls_s": firsts,
-            "first_minus_steady_s": max(sum(firsts) - warm * med, 0.0), "params": int(n_params),
-            "loss": float(losses[-1]), "peak_device_bytes": _torch_peak(dev), "peak_rss_bytes": _peak_rss(),
-            "rss_before": rss0, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    timing, memory = time_torch_steps(call, sync, dev, compiled, warm, spec["repeats"])
+    return {**timing, "params": int(n_params), "loss": float(losses[-1]), **memory}
 
 
 def w_eval_torch(spec) -> dict:
@@ -817,17 +781,15 @@ def report(results: dict) -> str:
                   "| framework | forward (median) | frames/s | JAX ÷ PyTorch speed | GFLOP | achieved GFLOP/s | "
                   "compile (compiler's own) | first call(s) − steady | max abs diff vs JAX (text / frames) | "
                   "peak memory | load |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for fw, r in fwd.items():
-            if not r.get("ok"):
-                lines.append(_fail_row(fw, r, 11))
-                continue
-            fl, s = j.get("flops"), r["seconds"]
-            d = r.get("max_abs_diff_vs_jax")
+
+        def forward_cells(fw, r):
+            fl, s, d = j.get("flops"), r["seconds"], r.get("max_abs_diff_vs_jax")
             dd = f"{d['text']:.1e} / {d['frames']:.1e}" if d else "-"
-            lines.append(f"| {FW_LABEL.get(fw, fw)} | {_fmt_s(s)} | {j.get('frames', 0) / s:.0f} | "
-                         f"{_speed(fw, fwd, 'seconds')} | {_gf(fl)} | {fl / s / 1e9 if fl else 0:.1f} | "
-                         f"{_fmt_s(r.get('compile_s'))} | {_fmt_s(r.get('first_minus_steady_s'))} | {dd} | "
-                         f"{_fmt_b(_mem(r))} | {_load(r)} |")
+            return (f"{_fmt_s(s)} | {j.get('frames', 0) / s:.0f} | {_speed(fw, fwd, 'seconds')} | {_gf(fl)} | "
+                    f"{fl / s / 1e9 if fl else 0:.1f} | {_fmt_s(r.get('compile_s'))} | "
+                    f"{_fmt_s(r.get('first_minus_steady_s'))} | {dd}")
+
+        lines += section_rows(fwd, 11, forward_cells)
         lines.append("")
     train = results.get("train")
     if train:
@@ -837,19 +799,17 @@ def report(results: dict) -> str:
                   "| framework | step (median) | pairs/s | frames/s | JAX ÷ PyTorch speed | GFLOP/step | "
                   "achieved GFLOP/s | compile (compiler's own) | first call(s) − steady | loss (last step) | "
                   "peak memory | load |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for fw, r in train.items():
-            if not r.get("ok"):
-                lines.append(_fail_row(fw, r, 12))
-                continue
+
+        def train_cells(fw, r):
             s, fl = r["seconds"], j.get("flops")
-            lines.append(f"| {FW_LABEL.get(fw, fw)} | {_fmt_s(s)} | {j.get('pairs', 0) / s:.2f} | "
-                         f"{j.get('frames', 0) / s:.1f} | {_speed(fw, train, 'seconds')} | {_gf(fl)} | "
-                         f"{fl / s / 1e9 if fl else 0:.1f} | {_fmt_s(r.get('compile_s'))} | "
-                         f"{_fmt_s(r.get('first_minus_steady_s'))} | {r.get('loss', float('nan')):.4f} | "
-                         f"{_fmt_b(_mem(r))} | {_load(r)} |")
-        sp = _ratio_val(train, "seconds")
-        lines += ["", f"Train target (JAX ÷ torch eager step time): {sp:.2f}× → {_target(results, 'train', sp)}"
-                  if sp else "Train target: not measured"]
+            return (f"{_fmt_s(s)} | {j.get('pairs', 0) / s:.2f} | {j.get('frames', 0) / s:.1f} | "
+                    f"{_speed(fw, train, 'seconds')} | {_gf(fl)} | {fl / s / 1e9 if fl else 0:.1f} | "
+                    f"{_fmt_s(r.get('compile_s'))} | {_fmt_s(r.get('first_minus_steady_s'))} | "
+                    f"{r.get('loss', float('nan')):.4f}")
+
+        lines += section_rows(train, 12, train_cells)
+        lines += ["", target_line(results, "train", _ratio_val(train, "seconds"), "Train target",
+                                  "JAX ÷ torch eager step time")]
         c = train.get("torch_compile", {})
         if c.get("ok") and j.get("ok"):
             lines.append(f"JAX ÷ torch.compile: {c['seconds'] / j['seconds']:.2f}× (torch.compile recompiled "
@@ -865,24 +825,16 @@ def report(results: dict) -> str:
                   "| framework | text features | video features | similarity | metrics | end to end, steady | "
                   "JAX ÷ PyTorch | end to end, first pass | JAX ÷ PyTorch, first pass | compile (compiler's own) | "
                   "t2v R@1 | peak memory | load |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for fw, r in ev.items():
-            if not r.get("ok"):
-                lines.append(_fail_row(fw, r, 13))
-                continue
-            lines.append(f"| {FW_LABEL.get(fw, fw)} | {_fmt_s(r['text_s'])} | {_fmt_s(r['video_s'])} | "
-                         f"{_fmt_s(r['sim_s'])} | {_fmt_s(r['metrics_s'])} | {_fmt_s(r['end_to_end_s'])} | "
-                         f"{_speed(fw, ev, 'end_to_end_s')} | {_fmt_s(r['first_end_to_end_s'])} | "
-                         f"{_speed(fw, ev, 'first_end_to_end_s')} | {_fmt_s(r.get('compile_s'))} | "
-                         f"{r['metrics']['t2v/R1']:.2f} | {_fmt_b(_mem(r))} | {_load(r)} |")
-        sp = _ratio_val(ev, "end_to_end_s")
+        lines += section_rows(ev, 13, lambda fw, r: f"{_fmt_s(r['text_s'])} | {_fmt_s(r['video_s'])} | "
+                                                    f"{_fmt_s(r['sim_s'])} | {_fmt_s(r['metrics_s'])} | "
+                                                    f"{passes_cells(fw, ev, r)} | {r['metrics']['t2v/R1']:.2f}")
         lines += ["", "JAX: the Evaluator end to end (video batches loaded on a background thread while the device "
                   "runs the previous one; similarity in blocks of " + str(j.get("sim_block", "?")) + "), then the "
                   "same work one stage at a time for the stage columns. Torch: the official loop, text and video "
                   f"features per batch of {j.get('batch', 16)} pairs, _run_on_single_gpu blocks of "
                   f"{SIM_MINI_BATCH}×{SIM_MINI_BATCH} through get_similarity_logits, compute_metrics on the matrix "
                   "and its transpose; its stage columns are the steady pass's.", "",
-                  f"Eval target (JAX ÷ torch eager, end to end, steady): {sp:.2f}× → {_target(results, 'eval', sp)}"
-                  if sp else "Eval target: not measured"]
+                  target_line(results, "eval", _ratio_val(ev, "end_to_end_s"), *EVAL_TARGET)]
         lines += eval_equal_lines(results.get("eval_equal", {})) + [""]
     inp = results.get("input")
     if inp:
@@ -892,15 +844,7 @@ def report(results: dict) -> str:
                   "above the worker's RSS before its first call | XLA plan (args + out + temp) |",
                   "|---|---|---:|---:|---:|"]
         for section in ("forward", "train", "eval"):
-            for fw, r in (results.get(section) or {}).items():
-                if not r.get("ok"):
-                    continue
-                m = _mem(r)
-                above = (r["peak_rss_bytes"] - r["rss_before"]) if not r.get("peak_device_bytes") and \
-                    r.get("rss_before") else None
-                x = r.get("xla_memory")
-                xs = _fmt_b(sum(x.values())) + f" (temp {_fmt_b(x['temp'])})" if x else "-"
-                lines.append(f"| {section} | {FW_LABEL.get(fw, fw)} | {_fmt_b(m)} | {_fmt_b(above)} | {xs} |")
+            lines += [memory_row(section, fw, r) for fw, r in (results.get(section) or {}).items() if r.get("ok")]
         if inp and inp.get("ok"):
             lines.append(f"| input | host pipeline | {_fmt_b(inp.get('peak_rss_bytes'))} | - | - |")
         lines.append("")
@@ -979,20 +923,13 @@ def _run(args, sections, base, results, log, scratch) -> None:
                 results["forward"][fw]["max_abs_diff_vs_jax"] = d
         if section == "eval":
             results["eval_equal"] = eval_equal(results["eval"], outs["eval"])
-            for line in eval_equal_lines(results["eval_equal"]):
-                print(f"[{MODULE}] {line}", file=sys.stderr, flush=True)
+            announce(MODULE, eval_equal_lines(results["eval_equal"]))
         _save_partial(args.out, results)
 
     for section in model_sections:
         results[section] = {}
-        for fw in jax_fws + fws_torch:
-            sp = spec(section, fw)
-            if fw == "torch_compile":  # Inductor's C++ builds: the longest runs go last
-                results[section][fw] = {"ok": False, "error": "pending (runs after the other sections)"}
-                deferred.append((section, sp))
-                continue
-            results[section][fw] = run_worker(sp, args.timeout, log, module=MODULE)
-            _save_partial(args.out, results)
+        run_columns(results[section], jax_fws + fws_torch, lambda fw, section=section: spec(section, fw), deferred,
+                    section, args.timeout, log, args.out, results, module=MODULE)
         after(section)
     if "input" in sections:
         results["input"] = run_worker({"device": base["device"], "task": "input", "videos": args.input_videos,
@@ -1003,16 +940,7 @@ def _run(args, sections, base, results, log, scratch) -> None:
         _save_partial(args.out, results)
     # torch.compile last, the forward first (the eval column compiles the same towers, the train column the towers
     # and their backward): if the forward does not compile in time, the others are skipped.
-    fwd_failed = None
-    for section, sp in sorted(deferred, key=lambda d: ("forward", "eval", "train").index(d[0])):
-        if fwd_failed and section != "forward":
-            results[section]["torch_compile"] = {"ok": False, "error": f"skipped: the compiled forward failed "
-                                                                      f"({fwd_failed})"}
-            continue
-        results[section]["torch_compile"] = run_worker(sp, args.compile_timeout or args.timeout, log, module=MODULE)
-        if section == "forward" and not results[section]["torch_compile"].get("ok"):
-            fwd_failed = results[section]["torch_compile"].get("error")
-        after(section)
+    run_compiled_last(deferred, results, args.compile_timeout or args.timeout, log, MODULE, after)
 
 
 def main(argv=None) -> int:
@@ -1057,24 +985,12 @@ def main(argv=None) -> int:
         print(report(json.loads(Path(args.report).read_text())))
         return 0
 
-    device = args.device
-    if device is None:
-        probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
-                               capture_output=True, text=True, timeout=300)
-        device = "gpu" if probe.stdout.strip() in ("gpu", "cuda", "rocm") else "cpu"
-    size = args.size or ("official" if device == "gpu" else "cpu")
-    args.repeats = args.repeats or (10 if device == "gpu" else 3)
+    device, size = device_defaults(args, 10, 300)
     args.eval_n = args.eval_n or SIZES[size]["eval_n"]
     args.workers = args.workers or os.cpu_count() or 1
     args.input_batches = args.input_batches or (4 if device == "gpu" else 2)
-    if args.precision is None:
-        args.precision = "highest" if device == "gpu" else "default"
-    if args.compile_timeout is None and device == "cpu":
-        args.compile_timeout = 300
-    sections = [s for s in args.sections.split(",") if s]
-    bad = [s for s in sections if s not in SECTIONS]
-    if bad:
-        print(f"error: --sections: unknown {bad}; expected {list(SECTIONS)}", file=sys.stderr)
+    sections = parse_sections(args.sections, SECTIONS)
+    if sections is None:
         return 2
     base = {"device": device, "repeats": args.repeats, "batch": args.batch or SIZES[size]["batch"],
             "precision": None if args.precision == "default" else args.precision}
@@ -1084,21 +1000,14 @@ def main(argv=None) -> int:
         if kv:
             k, _, v = kv.partition("=")
             base.setdefault("widths", {})[k.strip()] = v.strip()
-    if device == "cpu":
-        precision_desc = "float32 in both (CPU)"
-    elif args.precision == "highest":
-        precision_desc = ("true float32 in both (JAX jax_default_matmul_precision=highest, torch allow_tf32=False)"
-                          + ("; JAX bf16 rows: model.precision=bf16" if args.bf16 else ""))
-    elif args.precision == "tf32":
-        precision_desc = "TF32 in both (JAX tensorfloat32, torch allow_tf32=True)"
-    else:
-        precision_desc = "each framework's default"
+    desc = precision_desc(device, args.precision, "true float32 in both (JAX jax_default_matmul_precision=highest, "
+                          "torch allow_tf32=False)" + ("; JAX bf16 rows: model.precision=bf16" if args.bf16 else ""))
     cfg = _config(base)
     log_path = args.log or tempfile.mkstemp(prefix="benchmarks-t2v-", suffix=".log")[1]
     results = {"device": device, "device_desc": _device_desc(device), "size": size, "widths": base.get("widths"),
                "batch": base["batch"], "eval_n": args.eval_n, "frames": cfg.model.max_frames,
                "resolution": cfg.model.image_resolution, "max_words": cfg.model.max_words,
-               "precision": args.precision, "precision_desc": precision_desc, "repeats": args.repeats,
+               "precision": args.precision, "precision_desc": desc, "repeats": args.repeats,
                "sections": sections, "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_start": os.getloadavg(),
                "log": log_path, "targets": dict(TARGETS), "workers": args.workers}
     return run_sections(results, log_path, "benchmarks-t2v-",

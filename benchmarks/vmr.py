@@ -58,18 +58,20 @@ the JAX program's jaxpr (``benchmarks.flops``); peak memory = device peak on GPU
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-from benchmarks.prvr import (FW_LABEL, JaxCompileClock, _cell, _device_desc, _fmt_b, _fmt_s, _jax_peak, _load,
-                             _median_timed, _peak_rss, _ratio, _save_partial, _say, _torch_compile_clock,
-                             _torch_compile_setup, _torch_cpu_setup, run_sections, run_worker, warm_up,
+from benchmarks.common import (EVAL_TARGET, NO_JAX_EVAL, _jax_memory_analysis, _mem, _ratio_val, _rss_now, _torch_peak,
+                               device_defaults, jax_eval_passes, load_twin, memory_row, metric_diffs, parse_sections,
+                               passes_cells, precision_desc, run_compiled_last, section_rows, target_line,
+                               time_jax_train_step, time_torch_steps, torch_profiled)
+from benchmarks.prvr import (FW_LABEL, _cell, _device_desc, _fmt_b, _fmt_s, _is_gpu, _jax_peak, _load, _load_weights,
+                             _median_timed, _peak_rss, _ratio, _save_partial, _say, _speed, _torch_compile_clock,
+                             _torch_cpu_setup, announce, jax_clocked, run_columns, run_sections, run_worker,
                              worker_main)
 
 CONFIGS = ("activitynet", "tacos", "charades")
@@ -224,20 +226,6 @@ def w_weights(spec) -> dict:
     return {"tensors": len(sd), "params": int(sum(p.numel() for p in twin.parameters()))}
 
 
-def _load_weights(path) -> dict:
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
-
-
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _is_gpu(spec) -> bool:
-    return spec["device"] == "gpu"
-
-
 # ================================================================================================ JAX workers
 def _jax_setup(spec):
     import jax
@@ -250,46 +238,6 @@ def _jax_setup(spec):
     mesh = shd.make_mesh(jax.devices()[:1])
     params, stats = torch_to_flax(cfg, _load_weights(spec["weights"]))
     return cfg, model, mesh, shd.replicate(params, mesh), shd.replicate(stats, mesh)
-
-
-def time_jax_train_step(step, state, params, dev_batches, repeats: int) -> dict:
-    """The JAX half of a ``train`` section: FLOPs of one step, the first call (compiles; the compile clock's own
-    count), one more warm-up call, then the median of ``repeats`` synchronised calls rotating ``dev_batches``
-    (the state donated and carried, as in training); peak memory and the jit cache size."""
-    import jax
-
-    from benchmarks.flops import count_flops
-    from jaxprvr.train import train_keys
-
-    n_params = sum(int(x.size) for x in jax.tree.leaves(params))
-    keys = train_keys(0)
-    fc = count_flops(step, state, dev_batches[0], keys)
-    _say(f"jax train: {n_params} params, {fc.flops / 1e9:.1f} GFLOP per step; first call (compiles)")
-    rss0 = _rss_now()
-    box = {"state": state}
-
-    def call(i):
-        box["state"], metrics = step(box["state"], dev_batches[i % len(dev_batches)], keys)
-        return metrics["loss"], box["state"]["step"]
-
-    clock = JaxCompileClock()
-    t0 = time.perf_counter()
-    jax.block_until_ready(call(0))
-    first = time.perf_counter() - t0
-    own, n_exec = clock.read()
-    _say(f"first call {first:.1f} s (compile events {own:.1f} s)")
-    jax.block_until_ready(call(1))
-    last = {}
-
-    def timed(i):
-        last["out"] = call(i + 2)
-        return last["out"]
-
-    med, times = _median_timed(timed, repeats, jax.block_until_ready)
-    return {"seconds": med, "times": times, "compile_s": own, "compiled_executables": n_exec,
-            "first_calls_s": [first], "first_minus_steady_s": max(first - med, 0.0), "flops": fc.flops,
-            "jit_cache_entries": step._cache_size(), "params": n_params, "loss": float(last["out"][0]),
-            "peak_device_bytes": _jax_peak(jax.devices()[0]), "peak_rss_bytes": _peak_rss(), "rss_before": rss0}
 
 
 def w_train_jax(spec) -> dict:
@@ -306,24 +254,13 @@ def w_train_jax(spec) -> dict:
     tx = make_optimizer(cfg, params, steps_per_epoch)
     state = shd.replicate({"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
                            "model_state": {"batch_stats": stats}}, mesh)
-    out = time_jax_train_step(make_train_step(model, cfg, tx, mesh, steps_per_epoch), state, params,
-                              [shd.shard_batch({k: b[k] for k in BATCH_KEYS}, mesh) for b in batches],
-                              spec["repeats"])
-    return {**out,
+    timing, memory = time_jax_train_step(make_train_step(model, cfg, tx, mesh, steps_per_epoch), state, params,
+                                         [shd.shard_batch({k: b[k] for k in BATCH_KEYS}, mesh) for b in batches],
+                                         spec["repeats"])
+    return {**timing, **memory,
             "videos": cfg.train.batch_size,
             "queries": int(np.mean([b["n_queries"].sum() for b in batches])),
             "query_slots": int(batches[0]["queries"].shape[1]), "device_kind": jax.devices()[0].device_kind}
-
-
-def _jax_memory_analysis(fn, *args) -> dict | None:
-    """XLA's own plan for the compiled program: argument, output and temporary bytes (no execution)."""
-    try:
-        m = fn.lower(*args).compile().memory_analysis()
-    except Exception:  # noqa: BLE001 - not every backend/version reports it
-        return None
-    if m is None:
-        return None
-    return {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "temp")}
 
 
 def _jax_forward(model):
@@ -352,11 +289,7 @@ def w_forward_jax(spec) -> dict:
     ms = {"batch_stats": stats}
     fc = count_flops(fwd, params, ms, batches[0])
     rss0 = _rss_now()
-    clock = JaxCompileClock()
-    t0 = time.perf_counter()
-    out0 = jax.block_until_ready(fwd(params, ms, batches[0]))
-    first = time.perf_counter() - t0
-    own, _ = clock.read()
+    out0, first, own, _ = jax_clocked(lambda: fwd(params, ms, batches[0]))
     med, times = _median_timed(lambda i: fwd(params, ms, batches[(i + 1) % 3]), spec["repeats"],
                                jax.block_until_ready)
     if spec.get("maps_out"):
@@ -382,15 +315,8 @@ def w_eval_jax(spec) -> dict:
     ev = Evaluator(model, cfg, mesh)
     ms = {"batch_stats": stats}
     rss0 = _rss_now()
-    clock = JaxCompileClock()
-    t0 = time.perf_counter()
-    ev.evaluate(params, split, model_state=ms)
-    first = time.perf_counter() - t0
-    own, _ = clock.read()
-    _say(f"jax eval first pass {first:.1f} s (compile events {own:.1f} s)")
-    t0 = time.perf_counter()
-    res = ev.evaluate(params, split, model_state=ms)
-    e2e = time.perf_counter() - t0
+    res, timing, _, _ = jax_eval_passes(lambda: ev.evaluate(params, split, model_state=ms),
+                                        lambda: ev.evaluate(params, split, model_state=ms))
     # Stage times of the same work, run one stage at a time (no overlap): forward, decoding (NMS), metrics.
     d = cfg.data
     host = [dict(b) for b in eval_batches(split, cfg)]
@@ -413,8 +339,7 @@ def w_eval_jax(spec) -> dict:
     res2 = vmr_metrics(np.concatenate(preds, 0), np.concatenate(gts, 0), d.iou_thresholds)
     metrics_s = time.perf_counter() - t0
     fl = count_flops(ev._forward, params, ms, dev[0]).flops * len(dev)
-    return {"end_to_end_s": e2e, "first_end_to_end_s": first, "first_minus_steady_s": max(first - e2e, 0.0),
-            "compile_s": own, "forward_s": fwd_s, "nms_s": nms_s, "metrics_s": metrics_s, "flops": fl,
+    return {**timing, "forward_s": fwd_s, "nms_s": nms_s, "metrics_s": metrics_s, "flops": fl,
             "official": res["official"], "stages_official_equal": res2["official"] == res["official"],
             "videos": len(split), "queries": split.n_queries, "query_slots": int(host[0]["queries"].shape[1]),
             "R1@0.5": res.get("R1@0.5"), "peak_device_bytes": _jax_peak(jax.devices()[0]),
@@ -473,15 +398,8 @@ def _torch_setup(spec):
     dev = torch.device("cuda" if _is_gpu(spec) else "cpu")
     with torch.device(dev):  # the twin builds some masks without a device argument
         twin = TorchMRNet(cfg)
-    twin.load_state_dict({k: torch.from_numpy(v) for k, v in _load_weights(spec["weights"]).items()}, strict=True)
-    twin.to(dev)
-    compiled = spec["framework"] == "torch_compile"
-    run = twin
-    if compiled:
-        _torch_compile_setup()
-        run = torch.compile(twin)
-    sync = (lambda _: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda _: None)
-    return cfg, twin, run, dev, compiled, sync
+    compiled, sync = load_twin(twin, spec["weights"], dev, spec["framework"])
+    return cfg, twin, torch.compile(twin) if compiled else twin, dev, compiled, sync
 
 
 def _to_dev(batch: dict, dev) -> dict:
@@ -489,12 +407,6 @@ def _to_dev(batch: dict, dev) -> dict:
 
     return {k: ([x.to(dev) for x in v] if isinstance(v, list) and v and torch.is_tensor(v[0]) else
                 v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def _torch_peak(dev):
-    import torch
-
-    return int(torch.cuda.max_memory_allocated()) if dev.type == "cuda" else None
 
 
 def w_train_torch(spec) -> dict:
@@ -516,18 +428,8 @@ def w_train_torch(spec) -> dict:
 
     warm = 3 if compiled else 1
     _say(f"torch train ({spec['framework']}): {n_params} params; {warm} warm-up call(s)")
-    rss0 = _rss_now()
-    firsts = warm_up(call, sync, warm)
-    own, frames = _torch_compile_clock() if compiled else (None, None)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    med, times = _median_timed(lambda i: call(i + warm), spec["repeats"], sync)
-    recompiled = (_torch_compile_clock()[1] - frames) if compiled else None
-    return {"seconds": med, "times": times, "compile_s": own, "compiled_frames": frames,
-            "recompiles_during_timing": recompiled, "first_calls_s": firsts,
-            "first_minus_steady_s": max(sum(firsts) - warm * med, 0.0), "params": int(n_params),
-            "loss": losses[-1], "peak_device_bytes": _torch_peak(dev), "peak_rss_bytes": _peak_rss(),
-            "rss_before": rss0, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    timing, memory = time_torch_steps(call, sync, dev, compiled, warm, spec["repeats"])
+    return {**timing, "params": int(n_params), "loss": losses[-1], **memory}
 
 
 def w_forward_torch(spec) -> dict:
@@ -737,14 +639,10 @@ def component_of(op_name: str) -> str:
 def w_profile_jax(spec) -> dict:
     """The JAX train step and eval forward traced (``jax.profiler``), XLA op time summed per model component
     (thread time: on CPU XLA runs independent ops concurrently, so shares are what matter)."""
-    import collections
-    import glob
-    import gzip
-
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.profile_step import group_of, hlo_op_names
+    from benchmarks.profile_step import hlo_op_names, op_seconds, traced
     from jaxprvr import sharding as shd
     from jaxprvr.tasks.vmr import BATCH_KEYS
     from jaxprvr.train import make_optimizer, make_train_step, train_keys
@@ -769,26 +667,9 @@ def w_profile_jax(spec) -> dict:
         for i in range(2):
             st, _ = call(st, i)
         jax.block_until_ready(st)
-        with tempfile.TemporaryDirectory() as d:
-            with jax.profiler.trace(d, create_perfetto_trace=True):
-                t0 = time.perf_counter()
-                st, m = call(st, 0)
-                jax.block_until_ready((st, m))
-                wall = time.perf_counter() - t0
-            trace = json.load(gzip.open(glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)[0]))
+        events, (st, _), wall = traced(lambda st=st: call(st, 0))
         state = st if name == "train step" else state
-        events = trace["traceEvents"] if isinstance(trace, dict) else trace
-        comp, kinds, ops = collections.Counter(), collections.Counter(), collections.Counter()
-        for e in events:
-            if e.get("ph") != "X":
-                continue
-            op = names.get(e["name"], "")
-            g = group_of(e["name"], op)
-            if g is None:
-                continue
-            comp[component_of(op)] += e.get("dur", 0) / 1e6
-            kinds[g] += e.get("dur", 0) / 1e6
-            ops[f"{e['name']} | {op[-140:]}"] += e.get("dur", 0) / 1e6
+        comp, kinds, ops = op_seconds(events, names, component_of, 140)
         out[name] = {"traced_wall_s": wall, "components_s": dict(comp), "kinds_s": dict(kinds),
                      "top_ops_s": dict(ops.most_common(12))}
     return out
@@ -800,7 +681,7 @@ def w_profile_torch(spec) -> dict:
     import collections
 
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
     from jaxprvr.data.mmn_format import eval_batches
     from torch_ref.mrnet import official_batch, official_optimizer, official_train_step
@@ -821,13 +702,8 @@ def w_profile_torch(spec) -> dict:
 
     out = {}
     for name, call in (("train step", step), ("forward", forward)):
-        call(1)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-        with profile(activities=acts) as prof:
-            t0 = time.perf_counter()
-            call(0)
-            sync(None)
-            wall = time.perf_counter() - t0
+        prof, wall = torch_profiled(call, sync, acts)
         groups, per_op = collections.Counter(), collections.Counter()
         for ev in prof.key_averages():
             t = (ev.self_device_time_total if dev.type == "cuda" else ev.self_cpu_time_total) / 1e6
@@ -855,34 +731,6 @@ WORKERS = {"weights": w_weights, "conv": w_conv, "profile_jax": w_profile_jax, "
 
 
 # ================================================================================================ report
-def _speed(fw, fws, key) -> str:
-    """JAX rows: torch eager's time / this row's (and torch.compile's); torch rows: this row / JAX's."""
-    r, j = fws[fw], fws.get("jax", {})
-    if not fw.startswith("jax"):
-        return _ratio(r.get(key), j.get(key) if j.get("ok") else None)
-    t = fws.get("torch", {})
-    out = _ratio(t.get(key) if t.get("ok") else None, r.get(key))
-    c = fws.get("torch_compile", {})
-    if c.get("ok"):
-        out += f" ({_ratio(c.get(key), r.get(key))} vs compiled)"
-    return out
-
-
-def _mem(r) -> int | None:
-    return r.get("peak_device_bytes") or r.get("peak_rss_bytes")
-
-
-def _fail_row(fw, r, cols) -> str:
-    return f"| {FW_LABEL.get(fw, fw)} | failed: {_cell(r.get('error', '?'))} |" + " |" * (cols - 2) + f" {_load(r)} |"
-
-
-def _target(results, section, value) -> str:
-    t = results.get("targets", {}).get(section)
-    if not t or value is None:
-        return "-"
-    return f"{'met' if value >= t else 'NOT met'} (target ≥ {t}×)"
-
-
 def report(results: dict) -> str:
     size = results["size"]
     widths = ", ".join(f"{k} {v}" for k, v in (results.get("widths") or {}).items()) or "official widths"
@@ -898,19 +746,16 @@ def report(results: dict) -> str:
                   "| framework | step (median) | videos/s | JAX ÷ PyTorch speed | GFLOP/step | achieved GFLOP/s | "
                   "compile (compiler's own) | first call(s) − steady | peak memory | load |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for fw, r in train.items():
-            if not r.get("ok"):
-                lines.append(_fail_row(fw, r, 10))
-                continue
-            s = r["seconds"]
-            fl = j.get("flops")
-            lines.append(f"| {FW_LABEL.get(fw, fw)} | {_fmt_s(s)} | {j.get('videos', 0) / s:.2f} | "
-                         f"{_speed(fw, train, 'seconds')} | {fl / 1e9 if fl else 0:.1f} | "
-                         f"{fl / s / 1e9 if fl else 0:.1f} | {_fmt_s(r.get('compile_s'))} | "
-                         f"{_fmt_s(r.get('first_minus_steady_s'))} | {_fmt_b(_mem(r))} | {_load(r)} |")
-        sp = _ratio_val(train, "seconds")
-        lines += ["", f"Train target (JAX ÷ torch eager): {sp:.2f}× → {_target(results, 'train', sp)}"
-                  if sp else "Train target: not measured", ""]
+
+        def train_cells(fw, r):
+            s, fl = r["seconds"], j.get("flops")
+            return (f"{_fmt_s(s)} | {j.get('videos', 0) / s:.2f} | {_speed(fw, train, 'seconds')} | "
+                    f"{fl / 1e9 if fl else 0:.1f} | {fl / s / 1e9 if fl else 0:.1f} | {_fmt_s(r.get('compile_s'))} | "
+                    f"{_fmt_s(r.get('first_minus_steady_s'))}")
+
+        lines += section_rows(train, 10, train_cells)
+        lines += ["", target_line(results, "train", _ratio_val(train, "seconds"), "Train target", "JAX ÷ torch eager"),
+                  ""]
     ev = results.get("eval")
     if ev:
         j = ev.get("jax", {})
@@ -919,22 +764,13 @@ def report(results: dict) -> str:
                   "| framework | forward | NMS / decoding | metrics | end to end, steady | JAX ÷ PyTorch | "
                   "end to end, first pass | JAX ÷ PyTorch, first pass | compile (compiler's own) | peak memory | "
                   "load |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for fw, r in ev.items():
-            if not r.get("ok"):
-                lines.append(_fail_row(fw, r, 11))
-                continue
-            lines.append(f"| {FW_LABEL.get(fw, fw)} | {_fmt_s(r['forward_s'])} | {_fmt_s(r['nms_s'])} | "
-                         f"{_fmt_s(r['metrics_s'])} | {_fmt_s(r['end_to_end_s'])} | "
-                         f"{_speed(fw, ev, 'end_to_end_s')} | {_fmt_s(r['first_end_to_end_s'])} | "
-                         f"{_speed(fw, ev, 'first_end_to_end_s')} | {_fmt_s(r.get('compile_s'))} | "
-                         f"{_fmt_b(_mem(r))} | {_load(r)} |")
-        sp = _ratio_val(ev, "end_to_end_s")
+        lines += section_rows(ev, 11, lambda fw, r: f"{_fmt_s(r['forward_s'])} | {_fmt_s(r['nms_s'])} | "
+                                                    f"{_fmt_s(r['metrics_s'])} | {passes_cells(fw, ev, r)}")
         lines += ["", "JAX stages are the same work run one stage at a time after the two passes (forward of every "
                   "batch; predict_moments_padded = scores + top-k NMS; vmr_metrics); the end-to-end Evaluator "
                   "overlaps the host decoding with the device. Torch: official_inference; the official nms() loop "
                   "(timed inside official_evaluate); the rest of official_evaluate (scores, candidates, recall).",
-                  "", f"Eval target (JAX ÷ torch eager, end to end, steady): {sp:.2f}× → "
-                  f"{_target(results, 'eval', sp)}" if sp else "Eval target: not measured", ""]
+                  "", target_line(results, "eval", _ratio_val(ev, "end_to_end_s"), *EVAL_TARGET), ""]
         for line in results.get("eval_equal", []):
             lines.append(line)
         lines.append("")
@@ -945,16 +781,14 @@ def report(results: dict) -> str:
                   "mode, no gradient)", "",
                   "| framework | forward (median) | JAX ÷ PyTorch speed | GFLOP | achieved GFLOP/s | compile | "
                   "max abs score diff vs JAX | peak memory | load |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for fw, r in fwd.items():
-            if not r.get("ok"):
-                lines.append(_fail_row(fw, r, 9))
-                continue
-            fl = j.get("flops")
-            diff = r.get("max_abs_diff_vs_jax")
-            lines.append(f"| {FW_LABEL.get(fw, fw)} | {_fmt_s(r['seconds'])} | {_speed(fw, fwd, 'seconds')} | "
-                         f"{fl / 1e9 if fl else 0:.1f} | {fl / r['seconds'] / 1e9 if fl else 0:.1f} | "
-                         f"{_fmt_s(r.get('compile_s'))} | {'-' if diff is None else f'{diff:.2e}'} | "
-                         f"{_fmt_b(_mem(r))} | {_load(r)} |")
+
+        def forward_cells(fw, r):
+            fl, diff = j.get("flops"), r.get("max_abs_diff_vs_jax")
+            return (f"{_fmt_s(r['seconds'])} | {_speed(fw, fwd, 'seconds')} | {fl / 1e9 if fl else 0:.1f} | "
+                    f"{fl / r['seconds'] / 1e9 if fl else 0:.1f} | {_fmt_s(r.get('compile_s'))} | "
+                    f"{'-' if diff is None else f'{diff:.2e}'}")
+
+        lines += section_rows(fwd, 9, forward_cells)
         lines.append("")
     ret = results.get("retention")
     if ret:
@@ -1035,15 +869,7 @@ def report(results: dict) -> str:
                   "above the worker's baseline before the first call | XLA plan (args + out + temp) |",
                   "|---|---|---:|---:|---:|"]
         for section in ("train", "forward", "eval"):
-            for fw, r in (results.get(section) or {}).items():
-                if not r.get("ok"):
-                    continue
-                m = _mem(r)
-                above = (r["peak_rss_bytes"] - r["rss_before"]) if not r.get("peak_device_bytes") and \
-                    r.get("rss_before") else None
-                x = r.get("xla_memory")
-                xs = _fmt_b(sum(x.values())) + f" (temp {_fmt_b(x['temp'])})" if x else "-"
-                lines.append(f"| {section} | {FW_LABEL.get(fw, fw)} | {_fmt_b(m)} | {_fmt_b(above)} | {xs} |")
+            lines += [memory_row(section, fw, r) for fw, r in (results.get(section) or {}).items() if r.get("ok")]
         if not any(results.get(s) for s in ("train", "forward", "eval")):
             lines.append("| (no train/forward/eval section in this run) | | | | |")
         lines.append("")
@@ -1054,24 +880,12 @@ def _n(x) -> str:
     return "?" if not x else f"{x / 1e6:.2f}M"
 
 
-def _ratio_val(fws, key):
-    j, t = fws.get("jax", {}), fws.get("torch", {})
-    if j.get("ok") and t.get("ok") and j.get(key):
-        return t[key] / j[key]
-    return None
-
-
 def eval_equal_lines(ev: dict) -> list[str]:
-    j = ev.get("jax", {})
-    if not j.get("ok"):
-        return ["eval metrics equal: not checked (no JAX evaluation)"]
+    diffs = metric_diffs(ev, "official")
+    if diffs is None:
+        return [NO_JAX_EVAL]
     lines = []
-    for fw in ("torch", "torch_compile", "jax_bf16"):
-        r = ev.get(fw, {})
-        if not r.get("ok"):
-            continue
-        a, b = j["official"], r["official"]
-        differ = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    for fw, a, differ in diffs:
         r1 = a.get("R@1,IoU@0.5") if "R@1,IoU@0.5" in a else next(iter(a.values()))
         if fw == "jax_bf16":
             worst = max((abs((x or 0) - (y or 0)) for x, y in differ.values()), default=0.0)
@@ -1084,7 +898,7 @@ def eval_equal_lines(ev: dict) -> list[str]:
         else:
             lines.append(f"eval metrics equal (JAX vs {FW_LABEL.get(fw, fw)}): EQUAL: all {len(a)} official values "
                          f"identical (R@1,IoU@0.5 = {r1:.6f}, Best_R1 {a.get('Best_R1', float('nan')):.6f})")
-    if not j.get("stages_official_equal", True):
+    if not ev["jax"].get("stages_official_equal", True):
         lines.append("note: the JAX stage-by-stage rerun did not reproduce the Evaluator's metrics")
     return lines
 
@@ -1139,27 +953,28 @@ def _run(args, sections, base, device, results, log, scratch) -> None:
         return s
 
     maps = {}
-    for section in ("train", "forward", "eval"):
-        if section not in sections:
-            continue
-        results[section] = {}
-        for fw in jax_fws + fws_torch:
-            kw = {}
-            if section == "eval":
-                kw["videos"] = args.eval_videos
-            if section == "forward":
-                maps[fw] = kw["maps_out"] = os.path.join(scratch, f"maps-{fw}.npz")
-            sp = spec(section, fw, **kw)
-            if fw == "torch_compile":  # Inductor's C++ builds: the longest runs go last
-                results[section][fw] = {"ok": False, "error": "pending (runs after the other sections)"}
-                deferred.append((section, sp))
-                continue
-            results[section][fw] = run_worker(sp, args.timeout, log, module=MODULE)
-            _save_partial(args.out, results)
+
+    def section_spec(section, fw):
+        kw = {}
+        if section == "eval":
+            kw["videos"] = args.eval_videos
+        if section == "forward":
+            maps[fw] = kw["maps_out"] = os.path.join(scratch, f"maps-{fw}.npz")
+        return spec(section, fw, **kw)
+
+    def after(section):  # the section's comparisons with JAX
         if section == "forward":
             _forward_diffs(results, maps)
         if section == "eval":
             _eval_equal(results)
+
+    for section in ("train", "forward", "eval"):
+        if section not in sections:
+            continue
+        results[section] = {}
+        run_columns(results[section], jax_fws + fws_torch, lambda fw, section=section: section_spec(section, fw),
+                    deferred, section, args.timeout, log, args.out, results, module=MODULE)
+        after(section)
     if "conv" in sections:
         layers = conv_layers(_config(base), args.conv_batch or _config(base).train.batch_size)
         results["conv"] = {fw: run_worker({**base, "task": "conv", "framework": fw, "layers": layers},
@@ -1172,22 +987,12 @@ def _run(args, sections, base, device, results, log, scratch) -> None:
     if "retention" in sections:
         results["retention"] = _run_retention(args, base, log)
         _save_partial(args.out, results)
-    # torch.compile last, the forward first: the eval column compiles the same forward graph and the train column
-    # a superset of it (losses, backward); if the forward does not compile in time, neither would they.
-    fwd_failed = None
-    for section, sp in sorted(deferred, key=lambda d: ("forward", "eval", "train").index(d[0])):
-        if fwd_failed and section != "forward":
-            results[section]["torch_compile"] = {"ok": False, "error": f"skipped: the compiled forward failed "
-                                                                      f"({fwd_failed})"}
-            continue
-        results[section]["torch_compile"] = run_worker(sp, args.compile_timeout or args.timeout, log, module=MODULE)
-        if section == "forward" and not results[section]["torch_compile"].get("ok"):
-            fwd_failed = results[section]["torch_compile"].get("error")
-        if section == "forward":
-            _forward_diffs(results, maps)
-        if section == "eval":
-            _eval_equal(results)
+
+    def after_compiled(section):
+        after(section)
         _save_partial(args.out, results)
+
+    run_compiled_last(deferred, results, args.compile_timeout or args.timeout, log, MODULE, after_compiled)
 
 
 def _forward_diffs(results, maps) -> None:
@@ -1198,8 +1003,7 @@ def _forward_diffs(results, maps) -> None:
 
 def _eval_equal(results) -> None:
     results["eval_equal"] = eval_equal_lines(results["eval"])
-    for line in results["eval_equal"]:
-        print(f"[{MODULE}] {line}", file=sys.stderr, flush=True)
+    announce(MODULE, results["eval_equal"])
 
 
 def _run_retention(args, base, log) -> dict:
@@ -1276,40 +1080,21 @@ def main(argv=None) -> int:
 
         return vmr_detr.main(args)
 
-    device = args.device
-    if device is None:
-        probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
-                               capture_output=True, text=True, timeout=300)
-        device = "gpu" if probe.stdout.strip() in ("gpu", "cuda", "rocm") else "cpu"
-    size = args.size or ("official" if device == "gpu" else "cpu")
-    args.repeats = args.repeats or (20 if device == "gpu" else 3)
-    if args.precision is None:
-        args.precision = "highest" if device == "gpu" else "default"
+    device, size = device_defaults(args, 20, 300)
     if args.eval_videos is None:
         args.eval_videos = TEST_SPLITS[args.config][0] if size == "official" else CPU_EVAL_VIDEOS[args.config]
-    if args.compile_timeout is None and device == "cpu":
-        args.compile_timeout = 300
-    sections = [s for s in args.sections.split(",") if s]
-    bad = [s for s in sections if s not in SECTIONS]
-    if bad:
-        print(f"error: --sections: unknown {bad}; expected {list(SECTIONS)}", file=sys.stderr)
+    sections = parse_sections(args.sections, SECTIONS)
+    if sections is None:
         return 2
     base = _spec_base(args, device, size, args.config)
-    if device == "cpu":
-        precision_desc = "float32 in both (CPU)"
-    elif args.precision == "highest":
-        precision_desc = ("true float32 in both: JAX jax_default_matmul_precision=highest, torch "
-                          "backends.cuda.matmul.allow_tf32=False, backends.cudnn.allow_tf32=False")
-    elif args.precision == "tf32":
-        precision_desc = "TF32 in both (JAX tensorfloat32, torch allow_tf32=True)"
-    else:
-        precision_desc = "each framework's default"
+    desc = precision_desc(device, args.precision, "true float32 in both: JAX jax_default_matmul_precision=highest, "
+                          "torch backends.cuda.matmul.allow_tf32=False, backends.cudnn.allow_tf32=False")
     from jaxprvr.config import load_config
 
     cfg = load_config(args.config)
     log_path = args.log or tempfile.mkstemp(prefix="benchmarks-vmr-", suffix=".log")[1]
     results = {"device": device, "device_desc": _device_desc(device), "config": args.config, "size": size,
-               "widths": base.get("widths"), "precision": args.precision, "precision_desc": precision_desc,
+               "widths": base.get("widths"), "precision": args.precision, "precision_desc": desc,
                "batch": args.batch or cfg.train.batch_size, "eval_videos": args.eval_videos,
                "repeats": args.repeats, "sections": sections, "date": time.strftime("%Y-%m-%d %H:%M"),
                "loadavg_start": os.getloadavg(), "log": log_path,

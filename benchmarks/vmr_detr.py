@@ -67,7 +67,6 @@ the JAX program works on the padded static batch, so its FLOPs are more than the
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -75,10 +74,12 @@ import time
 
 import numpy as np
 
-from benchmarks.prvr import (FW_LABEL, JaxCompileClock, _cell, _device_desc, _fmt_b, _fmt_s, _jax_peak, _load,
-                             _median_timed, _peak_rss, _ratio, _save_partial, _say, _torch_compile_clock,
-                             _torch_compile_setup, _torch_cpu_setup, run_sections, run_worker, warm_up,
-                             worker_main)
+from benchmarks.common import (EVAL_TARGET, NO_JAX_EVAL, _ratio_val, _rss_now, _torch_peak, device_defaults,
+                               jax_eval_passes, load_twin, memory_row, metric_diffs, parse_sections, precision_desc,
+                               section_rows, target_line, time_jax_train_step, time_torch_steps, torch_profiled)
+from benchmarks.prvr import (FW_LABEL, _cell, _device_desc, _fmt_s, _jax_peak, _load_weights, _peak_rss, _save_partial,
+                             _say, _speed, _torch_compile_clock, _torch_cpu_setup, announce, run_columns, run_sections,
+                             run_worker, worker_main)
 
 MODULE = "benchmarks.vmr_detr"  # the workers: python -m benchmarks.vmr_detr --worker SPEC
 SECTIONS = ("train", "eval", "memory", "profile")
@@ -141,11 +142,6 @@ def _jax_clip(cfg, sd):
     return TextTower(dims, jnp.float32), params["text"]
 
 
-def _load_npz(path) -> dict:
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
-
-
 class CachedText:
     """The text features of every token row of the benchmark's splits, computed once by the ``data`` worker with
     the Flax tower (what ``tasks.vmr_detr.TextFeatures`` caches per row); looked up per row."""
@@ -153,7 +149,7 @@ class CachedText:
     kind = "CLIP"
 
     def __init__(self, path):
-        z = _load_npz(path)
+        z = _load_weights(path)
         self.cache = {r.tobytes(): f for r, f in zip(z["ids"].astype(np.int32), z["feats"])}
 
     def __call__(self, ids):
@@ -222,7 +218,7 @@ def w_data(spec) -> dict:
     synthetic_mesm.write(DATASET, "C+SF_C", spec["data_root"], sizes={"train": spec["train_videos"],
                                                                        "test": spec["videos"]}, seed=0)
     cfg = _config(spec)
-    tower, cp = _jax_clip(cfg, _load_npz(spec["clip_weights"]))
+    tower, cp = _jax_clip(cfg, _load_weights(spec["clip_weights"]))
     run = jax.jit(lambda p, ids: tower.apply({"params": p}, ids)["hidden"].astype(jnp.float32))
     rows = {}
     info = {}
@@ -254,13 +250,8 @@ def _jax_setup(spec, split):
     cfg, ds = open_split(spec, split)
     model = build_model(cfg.model)
     mesh = shd.make_mesh(jax.devices()[:1])
-    params = torch_to_params(_load_npz(spec["weights"]), cfg.model)
+    params = torch_to_params(_load_weights(spec["weights"]), cfg.model)
     return cfg, ds, model, mesh, shd.replicate(params, mesh)
-
-
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _jax_train(spec):
@@ -285,7 +276,7 @@ def _jax_train(spec):
                                 (spec["variant"] == "clip" and k == "words_feat")}, mesh) for _, s in raw]
     extra = ()
     if spec["variant"] == "clip":
-        tower, cp = _jax_clip(cfg, _load_npz(spec["clip_weights"]))
+        tower, cp = _jax_clip(cfg, _load_weights(spec["clip_weights"]))
         cp = shd.replicate(cp, mesh)
         inner = step
 
@@ -324,43 +315,12 @@ def _fitted_static(ds, b) -> dict:
 def w_train_jax(spec) -> dict:
     import jax
 
-    from benchmarks.flops import count_flops
-    from jaxprvr.train import train_keys
-
     cfg, step, state, params, batches, extra, info = _jax_train(spec)
-    n_params = sum(int(x.size) for x in jax.tree.leaves(params))
-    keys = train_keys(0)
-    fc = count_flops(step, state, batches[0], keys, *extra)
-    _say(f"jax train ({spec['variant']}): {n_params} params, {fc.flops / 1e9:.1f} GFLOP per step; first call")
-    rss0 = _rss_now()
-    box = {"state": state}
-
-    def call(i):
-        box["state"], metrics = step(box["state"], batches[i % len(batches)], keys, *extra)
-        return metrics["loss"], box["state"]["step"]
-
-    clock = JaxCompileClock()
-    t0 = time.perf_counter()
-    jax.block_until_ready(call(0))
-    first = time.perf_counter() - t0
-    own, n_exec = clock.read()
-    _say(f"first call {first:.1f} s (compile events {own:.1f} s)")
-    jax.block_until_ready(call(1))
-    if spec.get("bucket"):  # one program per batch shape: all three compiled before the timed calls
-        jax.block_until_ready(call(2))
-    last = {}
-
-    def timed(i):
-        last["out"] = call(i + 2)
-        return last["out"]
-
-    med, times = _median_timed(timed, spec["repeats"], jax.block_until_ready)
-    return {**info, "seconds": med, "times": times, "compile_s": own, "compiled_executables": n_exec,
-            "first_calls_s": [first], "first_minus_steady_s": max(first - med, 0.0), "flops": fc.flops,
-            "jit_cache_entries": step._cache_size(), "params": n_params, "loss": float(last["out"][0]),
-            "tokens": int(batches[0]["words_mask"].shape[1]) if spec["variant"] == "clip" else None,
-            "peak_device_bytes": _jax_peak(jax.devices()[0]), "peak_rss_bytes": _peak_rss(), "rss_before": rss0,
-            "device_kind": jax.devices()[0].device_kind}
+    # bucket: one program per batch shape, all three compiled before the timed calls
+    timing, memory = time_jax_train_step(step, state, params, batches, spec["repeats"], extra,
+                                         2 if spec.get("bucket") else 1, f"jax train ({spec['variant']})")
+    return {**info, **timing, "tokens": int(batches[0]["words_mask"].shape[1]) if spec["variant"] == "clip" else None,
+            **memory, "device_kind": jax.devices()[0].device_kind}
 
 
 def _submission(d, b, s, logits, spans, sal, qs):
@@ -382,15 +342,7 @@ def w_eval_jax(spec) -> dict:
     cfg, ds, model, mesh, params = _jax_setup(spec, "test")
     ev = Evaluator(model, cfg, mesh)
     rss0 = _rss_now()
-    clock = JaxCompileClock()
-    t0 = time.perf_counter()
-    ev.evaluate(params, ds)
-    first = time.perf_counter() - t0
-    own, _ = clock.read()
-    _say(f"jax eval first pass {first:.1f} s (compile events {own:.1f} s)")
-    t0 = time.perf_counter()
-    res = ev.evaluate(params, ds)
-    e2e = time.perf_counter() - t0
+    res, timing, _, _ = jax_eval_passes(lambda: ev.evaluate(params, ds), lambda: ev.evaluate(params, ds))
     # the same work one stage at a time: batches (reader + collate + static + cached text), forward, post, metrics
     d = cfg.data
     fwd = ev._fwd(ds.max_item_rows)
@@ -411,8 +363,7 @@ def w_eval_jax(spec) -> dict:
     s0 = host[0][1]
     fl = count_flops(fwd, params, {k: s0[k] for k in BATCH_KEYS if k in s0}).flops * len(host)
     brief = {k: v for k, v in res.items() if k != "n_queries"}
-    return {"end_to_end_s": e2e, "first_end_to_end_s": first, "first_minus_steady_s": max(first - e2e, 0.0),
-            "compile_s": own, "data_s": data_s, "forward_s": fwd_s, "post_s": post_s, "metrics_s": metrics_s,
+    return {**timing, "data_s": data_s, "forward_s": fwd_s, "post_s": post_s, "metrics_s": metrics_s,
             "flops": fl, "metrics": brief, "stages_equal": dict(res2["brief"]) == brief, "videos": len(ds),
             "queries": res["n_queries"], "batches": len(host), "row_slots": int(s0["video_feat"].shape[0]),
             "frames": int(s0["video_feat"].shape[1]), "peak_device_bytes": _jax_peak(jax.devices()[0]),
@@ -430,23 +381,10 @@ def _torch_setup(spec, split, clip=False):
     _torch_cpu_setup(spec)
     cfg, ds = open_split(spec, split)
     dev = torch.device("cuda" if spec["device"] == "gpu" else "cpu")
-    enc = _torch_clip(cfg, _load_npz(spec["clip_weights"])).to(dev) if clip else None
+    enc = _torch_clip(cfg, _load_weights(spec["clip_weights"])).to(dev) if clip else None
     twin = build_mesm(cfg.model, cfg.loss, text_encoder=enc)
-    twin.load_state_dict({k: torch.from_numpy(v) for k, v in _load_npz(spec["weights"]).items()}, strict=True)
-    twin.to(dev)
-    compiled = spec["framework"] == "torch_compile"
-    run = twin
-    if compiled:
-        _torch_compile_setup()
-        run = torch.compile(twin)
-    sync = (lambda _: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda _: None)
-    return cfg, ds, twin, run, dev, compiled, sync
-
-
-def _torch_peak(dev):
-    import torch
-
-    return int(torch.cuda.max_memory_allocated()) if dev.type == "cuda" else None
+    compiled, sync = load_twin(twin, spec["weights"], dev, spec["framework"])
+    return cfg, ds, twin, torch.compile(twin) if compiled else twin, dev, compiled, sync
 
 
 def _official(b, dev, tokens=None) -> dict:
@@ -485,20 +423,10 @@ def w_train_torch(spec) -> dict:
 
     warm = 3 if compiled else 1
     _say(f"torch train ({spec['framework']}, {spec['variant']}): {n_params} params; {warm} warm-up call(s)")
-    rss0 = _rss_now()
-    firsts = warm_up(call, sync, warm)
-    own, frames = _torch_compile_clock() if compiled else (None, None)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    med, times = _median_timed(lambda i: call(i + warm), spec["repeats"], sync)
-    recompiled = (_torch_compile_clock()[1] - frames) if compiled else None
-    return {"seconds": med, "times": times, "compile_s": own, "compiled_frames": frames,
-            "recompiles_during_timing": recompiled, "first_calls_s": firsts,
-            "first_minus_steady_s": max(sum(firsts) - warm * med, 0.0), "params": int(n_params),
-            "loss": losses[-1], "tokens": (tokens or int(np.shape(raw[0][0].official["words_id"])[1])) if clip
-            else None, "frames": [int(np.shape(b.official["video_feat"])[1]) for b, _ in raw],
-            "peak_device_bytes": _torch_peak(dev), "peak_rss_bytes": _peak_rss(), "rss_before": rss0,
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    timing, memory = time_torch_steps(call, sync, dev, compiled, warm, spec["repeats"])
+    return {**timing, "params": int(n_params), "loss": losses[-1],
+            "tokens": (tokens or int(np.shape(raw[0][0].official["words_id"])[1])) if clip else None,
+            "frames": [int(np.shape(b.official["video_feat"])[1]) for b, _ in raw], **memory}
 
 
 def w_eval_torch(spec) -> dict:
@@ -577,13 +505,9 @@ def component_of(op_name: str) -> str:
 
 
 def w_profile_jax(spec) -> dict:
-    import collections
-    import glob
-    import gzip
-
     import jax
 
-    from benchmarks.profile_step import group_of, hlo_op_names
+    from benchmarks.profile_step import hlo_op_names, op_seconds, traced
     from jaxprvr.train import train_keys
 
     cfg, step, state, params, batches, extra, info = _jax_train(spec)
@@ -593,25 +517,8 @@ def w_profile_jax(spec) -> dict:
     for i in range(2):
         st, _ = step(st, batches[i % 3], keys, *extra)
     jax.block_until_ready(st)
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            t0 = time.perf_counter()
-            st, m = step(st, batches[0], keys, *extra)
-            jax.block_until_ready((st, m))
-            wall = time.perf_counter() - t0
-        trace = json.load(gzip.open(glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)[0]))
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    comp, kinds, ops = collections.Counter(), collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("ph") != "X":
-            continue
-        op = names.get(e["name"], "")
-        g = group_of(e["name"], op)
-        if g is None:
-            continue
-        comp[component_of(op)] += e.get("dur", 0) / 1e6
-        kinds[g] += e.get("dur", 0) / 1e6
-        ops[f"{e['name']} | {op[-120:]}"] += e.get("dur", 0) / 1e6
+    events, _, wall = traced(lambda: step(st, batches[0], keys, *extra))
+    comp, kinds, ops = op_seconds(events, names, component_of, 120)
     return {"traced_wall_s": wall, "components_s": dict(comp), "kinds_s": dict(kinds),
             "top_ops_s": dict(ops.most_common(10))}
 
@@ -619,7 +526,7 @@ def w_profile_jax(spec) -> dict:
 def w_profile_torch(spec) -> dict:
     import collections
 
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
     from torch_ref.mesm_loss import build_criterion, official_optimizer, official_step
 
@@ -638,12 +545,7 @@ def w_profile_torch(spec) -> dict:
         return official_step(run, crit, _official(b, dev), opt, t.max_grad_norm, dataset_name=DATASET,
                              words_feat=words)
 
-    call(1)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        call(0)
-        sync(None)
-        wall = time.perf_counter() - t0
+    prof, wall = torch_profiled(call, sync, [ProfilerActivity.CPU])
     groups, per_op = collections.Counter(), collections.Counter()
     for ev in prof.key_averages():
         k, v = ev.key, ev.self_cpu_time_total / 1e6
@@ -673,52 +575,12 @@ def worker(spec_json: str) -> int:
 
 
 # ================================================================================================ report
-def _mem(r) -> int | None:
-    return r.get("peak_device_bytes") or r.get("peak_rss_bytes")
-
-
-def _ratio_val(fws, key, ref="torch"):
-    j, t = fws.get("jax", {}), fws.get(ref, {})
-    if j.get("ok") and t.get("ok") and j.get(key):
-        return t[key] / j[key]
-    return None
-
-
-def _speed(fw, fws, key) -> str:
-    """JAX rows: torch eager's time / this row's (and torch.compile's); torch rows: this row's / JAX's."""
-    r, j = fws[fw], fws.get("jax", {})
-    if not fw.startswith("jax"):
-        return _ratio(r.get(key), j.get(key) if j.get("ok") else None)
-    t = fws.get("torch", {})
-    out = _ratio(t.get(key) if t.get("ok") else None, r.get(key))
-    c = fws.get("torch_compile", {})
-    if c.get("ok"):
-        out += f" ({_ratio(c.get(key), r.get(key))} vs compiled)"
-    return out
-
-
-def _target(results, section, value) -> str:
-    t = results.get("targets", {}).get(section)
-    if not t or value is None:
-        return "-"
-    return f"{'met' if value >= t else 'NOT met'} (target ≥ {t}×)"
-
-
-def _fail_row(fw, r, cols) -> str:
-    return f"| {FW_LABEL.get(fw, fw)} | failed: {_cell(r.get('error', '?'))} |" + " |" * (cols - 2) + f" {_load(r)} |"
-
-
 def eval_equal_lines(ev: dict) -> list[str]:
-    j = ev.get("jax", {})
-    if not j.get("ok"):
-        return ["eval metrics equal: not checked (no JAX evaluation)"]
+    diffs = metric_diffs(ev, "metrics")
+    if diffs is None:
+        return [NO_JAX_EVAL]
     lines = []
-    for fw in ("torch", "torch_compile", "jax_bf16"):
-        r = ev.get(fw, {})
-        if not r.get("ok"):
-            continue
-        a, b = j["metrics"], r["metrics"]
-        differ = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    for fw, a, differ in diffs:
         if fw == "jax_bf16":
             lines.append(f"eval metrics, JAX bf16 vs JAX float32 (not expected equal): {len(differ)} of {len(a)} "
                          f"values differ")
@@ -729,7 +591,7 @@ def eval_equal_lines(ev: dict) -> list[str]:
             lines.append(f"eval metrics equal (JAX vs {FW_LABEL.get(fw, fw)}): EQUAL: all {len(a)} values identical "
                          f"(MR-full-R1@0.5 {a.get('MR-full-R1@0.5')}, MR-full-mAP {a.get('MR-full-mAP')}, "
                          f"MR-full-miou {a.get('MR-full-miou')})")
-    if not j.get("stages_equal", True):
+    if not ev["jax"].get("stages_equal", True):
         lines.append("note: the JAX stage-by-stage rerun did not reproduce the Evaluator's metrics")
     return lines
 
@@ -759,19 +621,16 @@ def report(results: dict) -> str:
                   "| framework | CLIP tokens/row | step (median) | videos/s | JAX ÷ PyTorch speed | GFLOP/step (JAX) | "
                   "compile (compiler's own) | first call(s) − steady | peak memory | load |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for fw, r in train.items():
-            if not r.get("ok"):
-                lines.append(_fail_row(fw, r, 10))
-                continue
-            s = r["seconds"]
-            fl = r.get("flops")
-            lines.append(f"| {FW_LABEL.get(fw, fw)} | {r.get('tokens') or '-'} | {_fmt_s(s)} | "
-                         f"{j.get('videos', 12) / s:.2f} | {_speed(fw, train, 'seconds')} | "
-                         f"{f'{fl / 1e9:.1f}' if fl else '-'} | {_fmt_s(r.get('compile_s'))} | "
-                         f"{_fmt_s(r.get('first_minus_steady_s'))} | {_fmt_b(_mem(r))} | {_load(r)} |")
-        sp = _ratio_val(train, "seconds")
-        lines += ["", f"Train target ({variant}; JAX ÷ torch eager): {sp:.2f}× → {_target(results, 'train', sp)}"
-                  if sp else f"Train target ({variant}): not measured"]
+
+        def train_cells(fw, r, train=train, j=j):
+            s, fl = r["seconds"], r.get("flops")
+            return (f"{r.get('tokens') or '-'} | {_fmt_s(s)} | {j.get('videos', 12) / s:.2f} | "
+                    f"{_speed(fw, train, 'seconds')} | {f'{fl / 1e9:.1f}' if fl else '-'} | "
+                    f"{_fmt_s(r.get('compile_s'))} | {_fmt_s(r.get('first_minus_steady_s'))}")
+
+        lines += section_rows(train, 10, train_cells, FW_LABEL)
+        lines += ["", target_line(results, "train", _ratio_val(train, "seconds"), "Train target",
+                                  f"{variant}; JAX ÷ torch eager", f"Train target ({variant})")]
         sp16 = _ratio_val(train, "seconds", "torch_16")
         if sp16:
             lines.append(f"JAX ÷ torch eager on the same 16-token rows: {sp16:.2f}×")
@@ -790,20 +649,16 @@ def report(results: dict) -> str:
                   "| framework | batches (reader) | forward | post-processing | metrics | end to end, steady | "
                   "queries/s | JAX ÷ PyTorch | end to end, first pass | compile (compiler's own) | peak memory | load |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for fw, r in ev.items():
-            if not r.get("ok"):
-                lines.append(_fail_row(fw, r, 12))
-                continue
-            lines.append(f"| {FW_LABEL.get(fw, fw)} | {_fmt_s(r['data_s'])} | {_fmt_s(r['forward_s'])} | "
-                         f"{_fmt_s(r['post_s'])} | {_fmt_s(r['metrics_s'])} | {_fmt_s(r['end_to_end_s'])} | "
-                         f"{r['queries'] / r['end_to_end_s']:.0f} | {_speed(fw, ev, 'end_to_end_s')} | "
-                         f"{_fmt_s(r['first_end_to_end_s'])} | {_fmt_s(r.get('compile_s'))} | {_fmt_b(_mem(r))} | "
-                         f"{_load(r)} |")
-        sp = _ratio_val(ev, "end_to_end_s")
+        lines += section_rows(ev, 12, lambda fw, r: f"{_fmt_s(r['data_s'])} | {_fmt_s(r['forward_s'])} | "
+                                                    f"{_fmt_s(r['post_s'])} | {_fmt_s(r['metrics_s'])} | "
+                                                    f"{_fmt_s(r['end_to_end_s'])} | "
+                                                    f"{r['queries'] / r['end_to_end_s']:.0f} | "
+                                                    f"{_speed(fw, ev, 'end_to_end_s')} | "
+                                                    f"{_fmt_s(r['first_end_to_end_s'])} | {_fmt_s(r.get('compile_s'))}",
+                              FW_LABEL)
         lines += ["", "JAX stages: the same work one stage at a time after the two passes (the Evaluator's own "
                   "loop interleaves them); torch stages: timed inside the steady pass.", "",
-                  f"Eval target (JAX ÷ torch eager, end to end, steady): {sp:.2f}× → {_target(results, 'eval', sp)}"
-                  if sp else "Eval target: not measured", ""]
+                  target_line(results, "eval", _ratio_val(ev, "end_to_end_s"), *EVAL_TARGET), ""]
         lines += results.get("eval_equal", []) + [""]
     prof = results.get("profile")
     if prof:
@@ -838,12 +693,7 @@ def report(results: dict) -> str:
             for fw, r in ((results.get("train") or {}).get(variant) or {}).items():
                 rows.append((f"train ({variant})", fw, r))
         rows += [("eval", fw, r) for fw, r in (results.get("eval") or {}).items()]
-        for section, fw, r in rows:
-            if not r.get("ok"):
-                continue
-            above = (r["peak_rss_bytes"] - r["rss_before"]) if not r.get("peak_device_bytes") and \
-                r.get("rss_before") else None
-            lines.append(f"| {section} | {FW_LABEL.get(fw, fw)} | {_fmt_b(_mem(r))} | {_fmt_b(above)} |")
+        lines += [memory_row(section, fw, r, xla=False, labels=FW_LABEL) for section, fw, r in rows if r.get("ok")]
         if not rows:
             lines.append("| (no train/eval section in this run) | | | |")
         lines.append("")
@@ -881,30 +731,20 @@ def _run(args, sections, base, results, log, scratch) -> None:
         return s
 
     deferred = []
+    pending = "pending (runs after the other rows)"
     if "train" in sections:
         results["train"] = {}
         for variant in args.variants:
             results["train"][variant] = {}
             # cached: a diagnostic JAX row with each batch at its own shapes (what the static padding costs)
             extra = ["torch_16"] if variant == "clip" else ["jax_fitted"]
-            for fw in jax_fws + fws_torch + extra:
-                sp = spec("train", fw, variant=variant)
-                if fw == "torch_compile":  # Inductor's C++ builds: the longest runs go last
-                    results["train"][variant][fw] = {"ok": False, "error": "pending (runs after the other rows)"}
-                    deferred.append((("train", variant), sp))
-                    continue
-                results["train"][variant][fw] = run_worker(sp, args.timeout, log, module=MODULE)
-                _save_partial(args.out, results)
+            run_columns(results["train"][variant], jax_fws + fws_torch + extra,
+                        lambda fw, variant=variant: spec("train", fw, variant=variant), deferred, ("train", variant),
+                        args.timeout, log, args.out, results, module=MODULE, pending=pending)
     if "eval" in sections:
         results["eval"] = {}
-        for fw in jax_fws + fws_torch:
-            sp = spec("eval", fw)
-            if fw == "torch_compile":
-                results["eval"][fw] = {"ok": False, "error": "pending (runs after the other rows)"}
-                deferred.append((("eval",), sp))
-                continue
-            results["eval"][fw] = run_worker(sp, args.timeout, log, module=MODULE)
-            _save_partial(args.out, results)
+        run_columns(results["eval"], jax_fws + fws_torch, lambda fw: spec("eval", fw), deferred, ("eval",),
+                    args.timeout, log, args.out, results, module=MODULE, pending=pending)
         _eval_equal(results)
     if "profile" in sections:
         results["profile"] = {fw: run_worker({**base, "task": f"profile_{fw}", "framework": fw, "variant": "cached"},
@@ -930,35 +770,20 @@ def _run(args, sections, base, results, log, scratch) -> None:
 
 def _eval_equal(results) -> None:
     results["eval_equal"] = eval_equal_lines(results["eval"])
-    for line in results["eval_equal"]:
-        print(f"[{MODULE}] {line}", file=sys.stderr, flush=True)
+    announce(MODULE, results["eval_equal"])
 
 
 def main(args) -> int:
     """``python -m benchmarks.vmr --models mesm ...`` (``args``: benchmarks.vmr's parsed arguments)."""
-    import subprocess
-
-    device = args.device
-    if device is None:
-        probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
-                               capture_output=True, text=True, timeout=300)
-        device = "gpu" if probe.stdout.strip() in ("gpu", "cuda", "rocm") else "cpu"
-    size = args.size or ("official" if device == "gpu" else "cpu")
-    args.repeats = args.repeats or (20 if device == "gpu" else 3)
-    if args.precision is None:
-        args.precision = "highest" if device == "gpu" else "default"
+    device, size = device_defaults(args, 20, 600)
     if args.eval_videos is None:
         args.eval_videos = EVAL_VIDEOS[size]
-    if args.compile_timeout is None and device == "cpu":
-        args.compile_timeout = 600
     from benchmarks import vmr
 
     # benchmarks.vmr's --sections default is MRNet's list: not given means MESM's default sections
     raw = ",".join(DEFAULT_SECTIONS) if args.sections == ",".join(vmr.DEFAULT_SECTIONS) else args.sections
-    sections = [s for s in raw.split(",") if s]
-    bad = [s for s in sections if s not in SECTIONS]
-    if bad:
-        print(f"error: --sections (mesm): unknown {bad}; expected {list(SECTIONS)}", file=sys.stderr)
+    sections = parse_sections(raw, SECTIONS, "--sections (mesm)")
+    if sections is None:
         return 2
     args.variants = [v for v in args.variants.split(",") if v]
     if any(v not in VARIANTS for v in args.variants):
@@ -971,19 +796,13 @@ def main(args) -> int:
             "pos_tagger": None if _nltk_tagger() else "rule", "max_words_l": 16}
     if size == "cpu" and CPU_WIDTHS:
         base["widths"] = dict(CPU_WIDTHS)
-    if device == "cpu":
-        precision_desc = "float32 in both (CPU; the CLIP tower in float32 too)"
-    elif args.precision == "highest":
-        precision_desc = ("true float32 in both: JAX jax_default_matmul_precision=highest, torch allow_tf32=False; "
-                          "the CLIP tower in float32")
-    elif args.precision == "tf32":
-        precision_desc = "TF32 in both (JAX tensorfloat32, torch allow_tf32=True)"
-    else:
-        precision_desc = "each framework's default"
+    desc = precision_desc(device, args.precision, "true float32 in both: JAX jax_default_matmul_precision=highest, "
+                          "torch allow_tf32=False; the CLIP tower in float32",
+                          "float32 in both (CPU; the CLIP tower in float32 too)")
     log_path = args.log or tempfile.mkstemp(prefix="benchmarks-vmr-mesm-", suffix=".log")[1]
     results = {"model": "mesm", "device": device, "device_desc": _device_desc(device), "config": DATASET,
                "size": size, "widths": base.get("widths"), "precision": args.precision,
-               "precision_desc": precision_desc, "eval_videos": args.eval_videos, "repeats": args.repeats,
+               "precision_desc": desc, "eval_videos": args.eval_videos, "repeats": args.repeats,
                "sections": sections, "variants": args.variants, "pos_tagger": base["pos_tagger"] or "nltk",
                "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_start": os.getloadavg(), "log": log_path,
                "targets": {"train": 1.5, "eval": 2.0}}
