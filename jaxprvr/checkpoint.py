@@ -59,6 +59,7 @@ class Checkpoints:
                  cleanup_tmp: bool = False):
         self.directory = Path(directory).absolute()
         self._managers, self._pending = {}, None  # the slot of the save in flight
+        self.copies = sum((keep or {}).get(slot, 1) for slot in slots)  # the most steps the run holds on disk
         for slot in slots:
             self._managers[slot] = ocp.CheckpointManager(
                 self.directory / slot,

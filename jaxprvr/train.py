@@ -204,10 +204,11 @@ class _Run:
         if model_state:
             state["model_state"] = model_state
         self.state = shd.replicate(state, mesh)
-        # Room for the two checkpoints this run keeps, before the first is written (a full disk fails here, in
-        # one line, not in orbax's writer hours later).
+        # Room for the checkpoints this run keeps (latest's two steps, each best slot's one), before the first is
+        # written (a full disk fails here, in one line, not in orbax's writer hours later).
         size = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(self.state))
-        check_out_dir(self.out, 2 * size, f"two checkpoints of {_mb(size)}")
+        n = self.ckpts.copies
+        check_out_dir(self.out, n * size, f"{n} checkpoints of {_mb(size)}")
         self.meta = {"next_epoch": 0, "step_in_epoch": 0, "es_cnt": 0, **{k: None for k in self.best_keys.values()},
                      "best_epoch": -1, "stopped": False}
         if self.resumed:
@@ -439,7 +440,7 @@ def _log(enabled, text):
 # ----------------------------------------------------------------------------------------------
 
 # The least free space a run starts with (config.json, metrics.jsonl, logs, small checkpoints); once the training
-# state exists, the run also checks for room for two checkpoints of it (latest and best) before the first save.
+# state exists, the run also checks for room for the checkpoints it keeps (latest: 2, each best slot: 1).
 MIN_FREE_BYTES = 100 * 2**20
 
 
@@ -558,6 +559,10 @@ def run(args) -> dict:
         summary = train(cfg, root, out, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps,
                         init_from=args.init_from, tensorboard=tensorboard)
     distributed.shutdown()  # waits for the other processes (after a failure, the process just exits)
+    if args.demo:  # the plots of the run (docs/report.md): its evaluation artefacts, then the report
+        summary["report_command"] = (
+            f"python -m jaxprvr.evaluate --config {args.config} --model {cfg.model.name} --demo --ckpt {out} "
+            f"--save-outputs {out}/eval --no-progress && python -m jaxprvr.report {out} --out {out}/report --demo")
     return summary
 
 
@@ -567,6 +572,8 @@ def _report(summary: dict) -> None:
         from jaxprvr import registry
 
         print(registry.get(summary["model"]).task_instance().test_line(test), file=sys.stderr)
+    if summary.get("report_command"):
+        print(f"plots of this run: {summary['report_command']}", file=sys.stderr)
 
 
 def main(argv=None) -> int:

@@ -188,15 +188,15 @@ def test_a_full_disk_fails_in_one_line(tmp_path, capsys, no_run, monkeypatch):
                 str(tmp_path / "run"), "--no-progress"])
 
 
-def test_room_for_two_checkpoints_is_checked_before_the_first_save(tiny_data, tmp_path, monkeypatch):
-    """Once the state exists, the run wants twice its size free (latest + best) before writing anything."""
+def test_room_for_the_checkpoints_is_checked_before_the_first_save(tiny_data, tmp_path, monkeypatch):
+    """Once the state exists, the run wants room for the steps it keeps (latest's two + best) before writing."""
     from jaxprvr.errors import JaxprvrError
     from tests.conftest import tiny_config
 
     real = shutil.disk_usage
     monkeypatch.setattr(T, "MIN_FREE_BYTES", 0)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
-    with pytest.raises(JaxprvrError, match=r"expected a writable folder with at least \d+\.\d MB free \(two "
+    with pytest.raises(JaxprvrError, match=r"expected a writable folder with at least \d+\.\d MB free \(3 "
                                            r"checkpoints of \d+\.\d MB\), found 0\.0 MB free") as e:
         T.train(tiny_config("ms_sl"), tiny_data, tmp_path / "run", progress=False)
     assert str(tmp_path / "run") in str(e.value)
