@@ -129,7 +129,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            checkpoint_format="`model_<split>_best.ckpt`: {model, optimizer, lr_scheduler, epoch, opt} + `opt.json` "
                              "(the frozen text tower from `clip_text_encoder.pth`; AdamW moments not converted)",
            parity_status="small widths: QVHighlights 179/179, TACoS 182/182 (float32, float64); official size: "
-                         "QVHighlights 179/179 (float32, float64), TACoS float64 182/182, float32 177/182 (2 rows open)"),
+                         "QVHighlights 179/179, TACoS 182/182 (float32 with PReLU kink crossings re-judged, float64)"),
     # BackBone_tvr's CLIP ViT-B/32 + seqTransf + WTI: the demo trains a small CLIP from scratch (no weights can be
     # downloaded) on 32 x 32 frames, 2 + 2 layers, 64 wide.
     Family("clip_wti", "CLIP + seqTransf + WTI (BackBone_tvr)", "t2v", "jaxprvr.models.clip_wti:ClipWTI",
