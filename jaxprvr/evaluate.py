@@ -15,6 +15,7 @@ processes, every process prints the same metrics, and process 0 alone writes ``-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ import jax
 
 from jaxprvr.cli import add_compile_cache_args, enable_compile_cache, run_cli
 from jaxprvr.errors import JaxprvrError
+from jaxprvr.logs import third_party_output_to
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,10 +110,25 @@ def run(args) -> dict:
 
     enable_compile_cache(args)
     multi = distributed.initialize_from_args(args)  # before any JAX computation; a no-op for one process
-    with distributed.exit_on_lost_peer():
+    log = _log_path(args)
+    quiet = contextlib.nullcontext() if log is None else third_party_output_to(
+        log, header=f"jaxprvr.evaluate --ckpt {args.ckpt} --split {args.split}")
+    with distributed.exit_on_lost_peer(), quiet:
         res = _evaluate(args, multi)
     distributed.shutdown()
     return res
+
+
+def _log_path(args) -> Path | None:
+    """Where third-party warnings go instead of the terminal (as training's ``<out>/log.txt``): the
+    ``--save-outputs`` folder, else the run folder ``--ckpt`` names (the one holding ``config.json``); None (left
+    alone) for a bare checkpoint folder, whose layout orbax owns."""
+    pid = getattr(args, "process_id", None)
+    name = "evaluate.log.txt" if not pid else f"evaluate.log.{pid}.txt"
+    if args.save_outputs:
+        return Path(args.save_outputs) / name
+    ckpt = Path(args.ckpt)
+    return ckpt / name if (ckpt / "config.json").is_file() else None
 
 
 def _evaluate(args, multi: bool) -> dict:
