@@ -1230,20 +1230,20 @@ class MESMCheck(FamilyCheck):
         params = self.params(self.twin)
         args = (src, pad, qe, pos, g_tok, g_pos)
 
-        def spans_sum(c_, dt_, p_tr, p_sp, *a):
-            hs, refs, _, _, _ = fm.Transformer(c_, dt_).apply({"params": p_tr}, *a)
-            spans = jax.nn.sigmoid(fm.MLP(c_.hidden_dim, 2, 3, c_.hidden_dim, dt_).apply({"params": p_sp}, hs)
+        def spans_sum(p_tr, p_sp, *a):
+            hs, refs, _, _, _ = fm.Transformer(c, dt).apply({"params": p_tr}, *a)
+            spans = jax.nn.sigmoid(fm.MLP(c.hidden_dim, 2, 3, c.hidden_dim, dt).apply({"params": p_sp}, hs)
                                    + fm.inverse_sigmoid(refs))
             return (spans * w).sum()
 
         def make():
-            return jax.jit(jax.grad(lambda *a: spans_sum(c, dt, *a), argnums=(0, 1)))
+            return jax.jit(jax.grad(spans_sum, argnums=(0, 1)))
 
         def make_forced():
             def loss(p_tr, p_sp, br, *a):
                 crossed = {}
                 with nn.intercept_methods(_prelu_forcer(br, crossed)):
-                    val = spans_sum(c, dt, p_tr, p_sp, *a)
+                    val = spans_sum(p_tr, p_sp, *a)
                 return val, crossed
 
             return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
@@ -1299,7 +1299,7 @@ class MESMCheck(FamilyCheck):
                 n += 1
                 a, t = (to_torch(e.kind, np.asarray(flat_[e.flax])).astype(np.float64),
                         np.asarray(tg[e.torch], np.float64))
-                bad = nonfinite(e.torch, jax=a)
+                bad = nonfinite(e.torch, jax=a, torch=t)
                 d, nt = _norm(a - t), _norm(t)
                 r = d / nt if nt > 0 else (0.0 if d == 0 else float("inf"))
                 if r >= worst:
@@ -1310,28 +1310,21 @@ class MESMCheck(FamilyCheck):
                     t_64 = np.asarray(t64[e.torch], np.float64)
                     if self.f64 or not _arbiter_ok(_norm(a - t_64), _norm(t - t_64), rel * _norm(t_64)):
                         failing.append(f"{e.torch} (rel {r:.1e})")
-            return worst, worst_key, failing, n
+            return Row("block", f"d sum(w * pred_spans of every decoder layer) / d (transformer, span_embed) ({n} "
+                                f"tensors; the heads' reference not detached){suffix}", worst, worst,
+                       f"||d|| <= {rel:g} ||g||" + ("" if self.f64 else " or f64 arbiter"), not failing,
+                       join_notes(f"worst: {worst_key}", "failing: " + ", ".join(failing[:4]) if failing else ""))
 
-        worst, worst_key, failing, n = judge(flat)
-        stage = (f"d sum(w * pred_spans of every decoder layer) / d (transformer, span_embed) ({n} tensors; the heads' "
-                 f"reference not detached){suffix}")
-        kink = ""
-        if failing and not self.f64:
-            (g_tr, g_sp), crossed = _compiled(("block", "transformer_grad_forced", c), make_forced)(
-                params["transformer"], params["span_embed"], {k: jnp.asarray(v) for k, v in branches64().items()},
-                *args)
-            flips = _flips(crossed)
-            if not flips:
-                kink = "no PReLU input crosses 0 between float32 and float64"
-            else:
-                first = (worst, ", ".join(failing[:2]))
-                worst, worst_key, failing, n = judge(flat_of(*jax.device_get((g_tr, g_sp))))
-                stage += f" [float32 with float64's PReLU branch at the {sum(k for _, k, _ in flips)} inputs that cross 0]"
-                kink = (f"float32's own branches: FAIL ({first[0]:.2e}: {first[1]}); crossings: "
-                        + ", ".join(f"{k}: {m} (|x| <= {x:.1e})" for k, m, x in flips[:3]))
-        return Row("block", stage, worst, worst,
-                   f"||d|| <= {rel:g} ||g||" + ("" if self.f64 else " or f64 arbiter"), not failing,
-                   join_notes(kink, f"worst: {worst_key}", "failing: " + ", ".join(failing[:4]) if failing else ""))
+        row = judge(flat)
+        if row.passed or self.f64:
+            return row
+        (g_tr, g_sp), crossed = _compiled(("block", "transformer_grad_forced", c), make_forced)(
+            params["transformer"], params["span_embed"], {k: jnp.asarray(v) for k, v in branches64().items()}, *args)
+        flips = _flips(crossed)
+        if not flips:
+            return dataclasses.replace(row, note=join_notes("no PReLU input crosses 0 between float32 and float64",
+                                                            row.note))
+        return _rejudged(row, judge(flat_of(*jax.device_get((g_tr, g_sp)))), flips)
 
     def clip_rows(self) -> list[Row]:
         """The task's CLIP text tower (fp32; float64 in float64 mode) vs :class:`torch_ref.mesm.CLIPTextEncoder`
@@ -1700,13 +1693,7 @@ class MESMCheck(FamilyCheck):
         if not flips:
             return dataclasses.replace(row, note=join_notes(row.note, "no PReLU input crosses 0 between float32 "
                                                                       "and float64"))
-        again = self.grad_compare(jl, jg, tl_, tg, g32, g64, stage, cfg_nd)[1]
-        n = sum(c for _, c, _ in flips)
-        what = ", ".join(f"{k}: {c} (|x| <= {m:.1e})" for k, c, m in flips[:3])
-        return dataclasses.replace(again, stage=f"{stage} [float32 with float64's PReLU branch at the {n} inputs that "
-                                                f"cross 0]", note=join_notes(
-            f"float32's own branches: {'PASS' if row.passed else 'FAIL'} ({row.max_abs:.2e}, {row.max_rel:.2e}); "
-            f"crossings: {what}", again.note))
+        return _rejudged(row, self.grad_compare(jl, jg, tl_, tg, g32, g64, stage, cfg_nd)[1], flips)
 
     def grad_compare(self, jl, jg, tl_, tg, g32, g64, stage, cfg, group="grad", loss_stage="training loss") -> list:
         """:func:`parity.check._grad_rows` (per tensor ``||d|| <= rel ||g||``, float32: the bounded float64 arbiter)
@@ -1806,17 +1793,8 @@ class MESMCheck(FamilyCheck):
         if not crossings:
             return [dataclasses.replace(r, note=join_notes(r.note, "no PReLU input crosses 0 between float32 and "
                                                                    "float64 in any step")) for r in rows]
-        what = ", ".join(f"step {i + 1} {k}: {c} (|x| <= {m:.1e})" for i, k, c, m in crossings[:3])
-        out = []
-        for old, new in zip(rows, again):
-            if old.passed:
-                out.append(old)
-            else:
-                out.append(dataclasses.replace(new, stage=f"{new.stage} [float32 with float64's PReLU branch at the "
-                                                          f"{sum(c for _, _, c, _ in crossings)} inputs that cross 0]",
-                                               note=join_notes(f"float32's own branches: FAIL; crossings: {what}",
-                                                               new.note)))
-        return out
+        flips = [(f"step {i + 1} {k}", c, m) for i, k, c, m in crossings]
+        return [old if old.passed else _rejudged(old, new, flips) for old, new in zip(rows, again)]
 
     def train_run(self, kink: bool = False) -> tuple[list[Row], list]:
         """``steps`` steps of ``TASK.optimizer`` (``clip_grad_norm_`` + AdamW under StepLR, the ``trainable_mask``)
@@ -2127,6 +2105,17 @@ def _prelu_forcer(branches: Mapping, crossed: dict):
         return next_fun(*args, **kwargs)
 
     return icpt
+
+
+def _rejudged(old: Row, new: Row, flips: list) -> Row:
+    """``new`` (a float32 row recomputed with float64's PReLU branches) labelled as such: how many inputs crossed 0,
+    the first crossings (``(where, count, max |x|)``) and what ``old`` (float32's own branches) gave."""
+    n = sum(c for _, c, _ in flips)
+    what = ", ".join(f"{k}: {c} (|x| <= {m:.1e})" for k, c, m in flips[:3])
+    return dataclasses.replace(new, stage=f"{new.stage} [float32 with float64's PReLU branch at the {n} inputs that "
+                                          f"cross 0]", note=join_notes(
+        f"float32's own branches: {'PASS' if old.passed else 'FAIL'} ({old.max_abs:.2e}, {old.max_rel:.2e}); "
+        f"crossings: {what}", new.note))
 
 
 def _flips(crossed) -> list:
