@@ -274,7 +274,7 @@ class Spec(OwnStages, FamilySpec):
     def read_variables(self, path, cfg, overrides=()):
         """``jaxprvr.load``: MRNet's ``{model, optimizer, scheduler, epoch}`` ``.pth`` -> parameters and BatchNorm
         statistics."""
-        variables, _ = torch_to_variables(cfg.model, read_official(path)["model"], where=path)
+        variables, _ = torch_to_variables(cfg.model, read_official(path)["model"], where=str(path))
         return cfg, variables["params"], {"batch_stats": variables["batch_stats"]}
 
     def describe(self, cfg) -> str:

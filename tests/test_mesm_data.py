@@ -411,13 +411,16 @@ def test_plain_batches_merge_rule():
     assert mesm.plain_batches(list(range(25)), 12) == ([list(range(12)), list(range(12, 25))], 1)
     assert mesm.plain_batches(list(range(24)), 12) == ([list(range(12)), list(range(12, 24))], 0)
     assert mesm.plain_batches(list(range(14)), 12) == ([list(range(12)), [12, 13]], 0)
-    # the capacities' rule (a batch of one item more where the last merges) against the batches themselves,
-    # batch size 1 included (every batch one item: the last always merges)
+    # the merge rule (also the capacities': a batch of one item more where the last merges) against plain
+    # chunking, batch size 1 included (every batch one item: the last always merges)
     for bs in range(1, 6):
         for n in range(1, 30):
+            chunks = [list(range(n))[a:a + bs] for a in range(0, n, bs)]
+            single_last = len(chunks) > 1 and len(chunks[-1]) == 1
             batches, merged = mesm.plain_batches(list(range(n)), bs)
-            assert mesm.merges_last(n, bs) == bool(merged), (n, bs)
-            assert max(map(len, batches)) == bs + merged if n >= bs else n
+            assert mesm.merges_last(n, bs) == bool(merged) == single_last, (n, bs)
+            assert sorted(i for b in batches for i in b) == list(range(n)) and len(batches) == len(chunks) - merged
+            assert max(map(len, batches)) == (bs + merged if n >= bs else n), (n, bs)
 
 
 def test_tacos_chunks():

@@ -29,7 +29,6 @@ TINY = ["model.hidden_size=32", "model.n_heads=2", f"model.q_feat_size={TINY_QUE
         f"model.visual_feat_dim={TINY_VISUAL}", "model.max_ctx_l=32", "model.map_size=8",
         "data.eval_context_bsz=64", "data.eval_query_bsz=64"]
 EMA_ON = ["train.use_ema=true"]
-# XLA's cheap CPU pipeline for the compiled training gradient (IEEE float32 either way; tests/test_parity_train.py)
 METRICS = ("r1", "r5", "r10", "r100", "sumr")
 
 

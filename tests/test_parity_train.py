@@ -233,9 +233,6 @@ def test_single_query_batch_matching_raises_as_officially():
 # Shared model setup: one init converted both ways (parity.convert), batches, one compiled JAX loss+grad
 # ----------------------------------------------------------------------------------------------------
 
-# The loss+grad and the optimizer update are compiled once per model with XLA's cheap CPU pipeline (about half
-# the compile time); the numerics stay float32 IEEE, and the tolerances below hold with either pipeline.
-
 
 def by_torch_name(name, tree) -> dict[str, np.ndarray]:
     """A Flax-layout tree (params, grads) -> ``{official torch name: numpy array in torch layout}``."""

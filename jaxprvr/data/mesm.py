@@ -697,7 +697,7 @@ def plain_batches(order: Sequence[int], batch_size: int) -> tuple[list[list[int]
     crashes in ``sample_outclass_neg``, ``utils/data_utils.py`` L113-124: a row needs a row of another item).
     Returns the batches and the number of merges (0 or 1)."""
     batches = [list(order[a:a + batch_size]) for a in range(0, len(order), batch_size)]
-    if len(batches) > 1 and len(batches[-1]) == 1:
+    if merges_last(len(order), batch_size):
         batches[-2].extend(batches.pop())
         return batches, 1
     return batches, 0
