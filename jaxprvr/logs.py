@@ -12,7 +12,10 @@ Inside the block, every handler of the ``logging`` tree that writes to the termi
 own) is set aside and a file handler takes its place (on the root logger, and on any logger that does not
 propagate to it), and ``logging.captureWarnings`` routes
 ``warnings.warn`` through the ``py.warnings`` logger to that file; levels are not changed (what used to reach
-the terminal is what reaches the file). Leaving the block puts everything back. Output that C++ code writes to
+the terminal is what reaches the file). jaxprvr's own loggers (``jaxprvr.*``: "bad video, using zeros", NaN
+queries dropped, ...) keep the terminal: their handlers stay, and the ``jaxprvr`` logger gets the root's terminal
+handlers (or, when the root had no handler, ``logging.lastResort``, Python's stderr fallback), so their records
+reach the terminal as before and the file too. Leaving the block puts everything back. Output that C++ code writes to
 the process's stderr directly (XLA's own ``W0000 ...`` lines) does not pass through Python and is not moved.
 """
 
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+OWN = "jaxprvr"  # the package's loggers (``jaxprvr.data.video``, ...), whose records stay on the terminal
 
 
 def _to_terminal(handler: logging.Handler) -> bool:
@@ -64,8 +68,16 @@ def third_party_output_to(path: str | os.PathLike, header: str | None = None):
     handler = _FileHandler(path, header)
     loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
                                        if isinstance(lg, logging.Logger)]
-    removed, added = [], [logging.getLogger()]
+    root, own = logging.getLogger(), logging.getLogger(OWN)
+    # what a jaxprvr record reached on the terminal before the block (the root's terminal handlers, else Python's
+    # last resort when nothing handled it), re-attached to the jaxprvr logger for the block
+    own_terminal = [h for h in root.handlers if _to_terminal(h)]
+    if not root.handlers and logging.lastResort is not None:
+        own_terminal = [logging.lastResort]
+    removed, added = [], [root]
     for lg in loggers:
+        if lg.name == OWN or lg.name.startswith(OWN + "."):  # jaxprvr's own: left on the terminal
+            continue
         for h in list(lg.handlers):
             if _to_terminal(h):
                 lg.removeHandler(h)
@@ -74,6 +86,9 @@ def third_party_output_to(path: str | os.PathLike, header: str | None = None):
                     added.append(lg)
     for lg in added:
         lg.addHandler(handler)
+    own_terminal = [h for h in own_terminal if h not in own.handlers]
+    for h in own_terminal:
+        own.addHandler(h)
     captured = logging._warnings_showwarning is not None  # someone already captures warnings: leave it on
     logging.captureWarnings(True)
     try:
@@ -81,6 +96,8 @@ def third_party_output_to(path: str | os.PathLike, header: str | None = None):
     finally:
         if not captured:
             logging.captureWarnings(False)
+        for h in own_terminal:
+            own.removeHandler(h)
         for lg in added:
             lg.removeHandler(handler)
         handler.close()

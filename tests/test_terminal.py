@@ -92,12 +92,14 @@ def test_a_run_shows_only_its_own_lines_and_mirrors_its_metrics_to_tensorboard(t
 
 def test_third_party_output_goes_to_the_file_inside_the_block_only(tmp_path, capsys):
     """In-process: a terminal handler on the root logger, absl and warnings: inside the block the file gets them and
-    stderr nothing; after it (the mutant: no routing) they reach stderr again."""
+    stderr nothing; after it (the mutant: no routing) they reach stderr again. jaxprvr's own loggers (a bad video,
+    NaN queries dropped) keep the terminal inside the block."""
     from absl import logging as absl_logging
 
     term = logging.StreamHandler(sys.stderr)  # the test's stderr (capsys)
     root = logging.getLogger()
     root.addHandler(term)
+    own = logging.getLogger("jaxprvr.data.video")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
@@ -105,9 +107,10 @@ def test_third_party_output_goes_to_the_file_inside_the_block_only(tmp_path, cap
                 absl_logging.warning("inside-absl")
                 logging.getLogger("orbax").warning("inside-orbax")
                 warnings.warn("inside-warning")
+                own.warning("bad video, using zeros: inside-own")
                 assert term not in root.handlers
-            assert capsys.readouterr().err == ""
-            assert term in root.handlers
+            assert capsys.readouterr().err == "bad video, using zeros: inside-own\n"
+            assert term in root.handlers and term not in logging.getLogger("jaxprvr").handlers
             absl_logging.warning("outside-absl")
             with pytest.warns(UserWarning, match="outside-warning"):  # the plain warnings path again
                 warnings.warn("outside-warning")
@@ -117,7 +120,33 @@ def test_third_party_output_goes_to_the_file_inside_the_block_only(tmp_path, cap
     assert text.splitlines()[0].endswith(" hdr")
     assert "WARNING absl: inside-absl" in text and "WARNING orbax: inside-orbax" in text
     assert re.search(r"WARNING py\.warnings: .*UserWarning: inside-warning", text)
+    assert "WARNING jaxprvr.data.video: bad video, using zeros: inside-own" in text  # the file has it too
     assert "outside-absl" in capsys.readouterr().err and "outside" not in path.read_text()
+
+
+def test_own_warnings_reach_the_terminal_when_the_root_has_no_handler(tmp_path, capsys):
+    """The usual CLI case (no handler on the root logger: Python's last resort prints a warning to stderr): a
+    jaxprvr logger's warning inside the block still reaches stderr once, as before the block; a third-party one
+    does not."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    for h in saved:  # (pytest's own capture handlers)
+        root.removeHandler(h)
+    try:
+        with third_party_output_to(tmp_path / "log.txt") as path:
+            logging.getLogger("jaxprvr.metrics.t2v").warning("grouped t2v: 2 of 9 captions have a NaN positive score")
+            logging.getLogger("jaxprvr.metrics.t2v").info("an info line stays below the level")
+            logging.getLogger("orbax.checkpoint").warning("orbax-inside")
+        assert capsys.readouterr().err == "grouped t2v: 2 of 9 captions have a NaN positive score\n"
+        logging.getLogger("jaxprvr.metrics.t2v").warning("after")  # the last resort alone again: printed once
+        assert capsys.readouterr().err == "after\n"
+        assert logging.getLogger("jaxprvr").handlers == []
+    finally:
+        for h in saved:
+            root.addHandler(h)
+    text = path.read_text()
+    assert "WARNING jaxprvr.metrics.t2v: grouped t2v: 2 of 9" in text and "WARNING orbax.checkpoint: orbax-inside" in text
+    assert "info line" not in text
 
 
 # ---------------------------------------------------------------------------------------------- --out checks
