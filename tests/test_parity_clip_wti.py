@@ -208,6 +208,20 @@ def test_convert_torch2jax_jax2torch_bit_exact(tmp_path, capsys):
         assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
     fresh = BackBoneTVR(pw.twin_dims(cfg.model), "seqTransf", 1)
     fresh.load_state_dict({k: v.float() for k, v in got.items()}, strict=True)
+    # jaxprvr.load reads the official file in memory (parity SPEC.read_variables): the converted parameters bit for
+    # bit, the CLIP sizes from the file; a file missing a tensor is one error naming it
+    import jaxprvr
+    from jaxprvr.errors import JaxprvrError
+
+    mem = jaxprvr.load(src, config="msrvtt", model="clip_wti", overrides=TINY)
+    assert mem.config.model.vision_width == 32 and mem.config.model.clip == ""
+    assert jax.tree.structure(mem.params) == jax.tree.structure(params)
+    assert all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(jax.tree.leaves(mem.params),
+                                                                            jax.tree.leaves(params)))
+    key = next(k for k in sd if k.startswith("clip.visual"))
+    torch.save({k: v for k, v in sd.items() if k != key}, tmp_path / "cut.bin")
+    with pytest.raises(JaxprvrError, match=key.replace(".", r"\.")):
+        jaxprvr.load(tmp_path / "cut.bin", config="msrvtt", model="clip_wti", overrides=TINY)
 
 
 def test_convert_clip2jax_jax2clip_bit_exact_fp16(tmp_path, capsys):

@@ -91,6 +91,21 @@ def test_convert_both_ways_through_official_files(dataset, tmp_path):
     assert a["scheduler"] == b["scheduler"]
     fresh = Twin(cfg)
     load_official_checkpoint(back, fresh)  # strict
+    # jaxprvr.load reads the official file in memory (parity SPEC.read_variables): the converted folder's variables,
+    # BatchNorm statistics included, bit for bit; a file missing a tensor is one error naming it
+    import jaxprvr
+    from jaxprvr.errors import JaxprvrError
+
+    mem, disk = jaxprvr.load(src, config=dataset, model="mrnet", overrides=TINY), jaxprvr.load(out / "ckpt" / "latest")
+    for tree in ("params", "model_state"):
+        x, y = getattr(mem, tree), getattr(disk, tree)
+        assert jax.tree.structure(x) == jax.tree.structure(y) and jax.tree.leaves(x)
+        assert all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+    cut = dict(a)
+    cut["model"] = {k: v for k, v in a["model"].items() if k != "proposal_conv.bn.0.weight"}
+    torch.save(cut, tmp_path / "cut.pth")
+    with pytest.raises(JaxprvrError, match="proposal_conv.bn.0.weight"):
+        jaxprvr.load(tmp_path / "cut.pth", config=dataset, model="mrnet", overrides=TINY)
 
 
 def test_convert_rejects_a_wrong_config(tmp_path):
