@@ -28,6 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from jaxprvr.config import MESMLossConfig
 from jaxprvr.errors import JaxprvrError
 from jaxprvr.losses import mesm as M
+from tests.conftest import x64
 
 NQ = 5  # decoder queries
 D = 6  # feature width
@@ -38,10 +39,6 @@ CHARADES = MESMLossConfig()  # config/charades/C+SF_C.json: cost_class 4, salien
 TACOS = MESMLossConfig(set_cost_class=6.0, loss_label_coef=6.0, loss_saliency_coef=1.0, rank_coef=1.0,
                        use_triplet=True)
 QVH = MESMLossConfig(loss_saliency_coef=1.0, rank_coef=12.0, use_triplet=True, loss_recfw_coef=0.5)
-
-
-def x64():
-    return jax.enable_x64(True)
 
 
 def assert_close(a, b, rtol=RTOL, atol=ATOL):

@@ -17,6 +17,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jaxprvr.config import load_config
 from jaxprvr.models import mrnet as M
 from jaxprvr.models.mrnet import MRNet, official_key_table
+from tests.conftest import x64
 
 TINY = ["model.joint_space=32", "model.n_heads=4", "model.num_clips=16", "model.num_pre_clips=32",
         "model.featpool_kernel=2", "model.pooling_counts=[7,4]", "model.predictor_kernel=3",
@@ -89,15 +90,6 @@ def setup(cfg):
     evaluate = jax.jit(functools.partial(model.apply, train=False))
     train = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats", "dropout_keys"]))
     return model, variables, evaluate, train
-
-
-def enable_x64():
-    """jax.enable_x64(True) (jax >= 0.8) or the older jax.experimental context."""
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64 as ctx  # older jax
-
-    return ctx()
 
 
 MAIN = tiny_cfg()
@@ -285,7 +277,7 @@ def test_float64_under_x64():
     batch = make_batch()
     _, variables, evaluate, _ = setup(MAIN)
     ref, _ = evaluate(variables, batch)
-    with enable_x64():
+    with x64():
         cfg = tiny_cfg("model.compute_dtype=float64")
         v64 = jax.tree.map(lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, variables)
         out, aux = jax.jit(functools.partial(MRNet(cfg).apply, train=False))(v64, batch)
