@@ -29,8 +29,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxprvr.errors import JaxprvrError
-
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES, SEED = 2, 0
 PRVR = ["model.hidden_size=16", "model.n_heads=2", "model.q_feat_size=12", "train.batch_size=8", "train.n_epoch=2",
@@ -339,7 +337,7 @@ def test_mesm_ground_truth_and_the_unreadable_video(built):
     t2v = next(e for e in built["summary"]["evals"] if e["kind"] == "t2v")
     assert t2v["unreadable"] == [built["bad_video"]]
     html = (built["out"] / "index.html").read_text()
-    assert f"1 video(s) could not be read" in html and built["bad_video"] in html
+    assert "1 video(s) could not be read" in html and built["bad_video"] in html
 
 
 # ---------------------------------------------------------------------------------------------- no fixture

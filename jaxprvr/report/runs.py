@@ -8,7 +8,6 @@ GMMFormer v2, MTM), ``mrnet`` and ``mesm`` (moment retrieval), ``t2v`` (CLIP + W
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,10 +339,6 @@ def official_numbers(model: str, dataset: str) -> tuple[dict, str]:
     if not numbers:
         return {}, ""
     return parse_official(numbers, what, kind), f"{what}: {numbers}"
-
-
-def finite(x) -> bool:
-    return is_number(x) and math.isfinite(x)
 
 
 def sample_indices(n: int, samples: int, seed: int):
