@@ -207,7 +207,7 @@ def _load_folder(p: Path, config, model, ema: bool, overrides):
     if model is not None and saved_model is not None and model != saved_model:
         raise JaxprvrError(p, f"a checkpoint of model={model!r}", f"one of {saved_model!r}")
     if isinstance(config, Config):
-        cfg = config
+        cfg = _checkpoint_rule(config, saved, step_dir, overrides)
     elif config is None:
         if not saved:
             raise JaxprvrError(p, "a checkpoint with its config (meta or config.json)", "none",
@@ -232,6 +232,25 @@ def _load_folder(p: Path, config, model, ema: bool, overrides):
                                f"{type(opt).__name__} without 'shadow'", hint="pass ema=False for the raw weights")
         params = opt["shadow"]
     return cfg, jax.device_put(params), jax.device_put(model_state), use_ema
+
+
+def _checkpoint_rule(cfg, saved: dict, step_dir: Path, overrides):
+    """``jaxprvr.evaluate``'s rule (:func:`jaxprvr.evaluate.load_checkpoint_config`) on a given
+    :class:`jaxprvr.config.Config`: its sections, with the checkpoint's model section and the data fields that fix
+    the model's input (``task.checkpoint_data_fields``), then ``overrides``."""
+    from jaxprvr.config import apply_overrides, model_config_from_dict
+    from jaxprvr.evaluate import _literal
+    from jaxprvr.tasks import task_for
+
+    model, data = saved.get("model"), saved.get("data") or {}
+    if model is not None:
+        if model.get("name") != cfg.model.name:
+            raise JaxprvrError(step_dir, f"a checkpoint of the config's model {cfg.model.name!r}",
+                               f"one of {model.get('name')!r}")
+        cfg = dataclasses.replace(cfg, model=model_config_from_dict(model, where=str(step_dir)))
+        cfg = apply_overrides(cfg, [f"data.{k}={_literal(data[k])}" for k in task_for(cfg).checkpoint_data_fields
+                                    if k in data])
+    return apply_overrides(cfg, list(overrides))
 
 
 def _restore(step_dir: Path, item: str, what: str):

@@ -274,6 +274,14 @@ def test_checkpoint_folders_and_official_files_load(prvr, loaded, tmp_path):
     # config= named: jaxprvr.evaluate's rule (that config, the checkpoint's model section)
     m = api.load(prvr["run"], config="tvr", overrides=["data.eval_query_bsz=32"])
     assert m.config.model == cfg.model and m.config.data.eval_query_bsz == 32 and m.ema
+    # a Config object: the same rule (its sections, the checkpoint's model section, then the overrides)
+    from jaxprvr.config import load_config
+
+    c = api.load(prvr["run"], config=load_config("tvr", "ms_sl"), overrides=["data.eval_query_bsz=32"])
+    assert c.config == m.config and c.config.model.hidden_size == 16 and c.ema
+    assert _same_tree(c.params, prvr["shadow"])
+    with pytest.raises(JaxprvrError, match="a checkpoint of the config's model 'mtm'"):
+        api.load(prvr["run"], config=load_config("tvr", "mtm"))
     # an official MS-SL model.ckpt, converted in memory through the key table: bit-exact
     official = write_official(tmp_path / "model.ckpt", cfg, prvr["raw"])
     dims = [o for o in PRVR if o.startswith("model.")] + ["model.visual_feat_dim=16"]
