@@ -308,7 +308,7 @@ def test_prvr_recall_curve_and_final_table(built):
     assert f"<td>{test['sumr']:.2f}</td><td>172.30</td><td>{rows['sumr'].chance:.2f}</td>" in html
     # MRNet: fractions shown as percentages, the saved chance beside R1; text-video: chance computed (not saved)
     mr = json.loads((built["runs"][2] / "eval" / "metrics.json").read_text())
-    mrows = {r.metric: r for r in metric_rows("mrnet", mr)}
+    mrows = {r.metric: r for r in metric_rows("vmr", mr)}
     assert mrows["R1@0.5"].value == pytest.approx(100 * mr["R1@0.5"])
     assert mrows["R1@0.5"].chance == pytest.approx(100 * mr["chance_R1@0.5"]) and mrows["mIoU"].chance is None
     t2v = open_eval(built["runs"][3] / "eval")
@@ -342,6 +342,24 @@ def test_mesm_ground_truth_and_the_unreadable_video(built):
 
 # ---------------------------------------------------------------------------------------------- no fixture
 # (last: xdist's work stealing takes tests from the tail of a queue; these do not need the session's runs)
+def test_report_kinds_come_from_the_registry_task_objects(monkeypatch):
+    """A family's report kind is the module of its Task object: a family added with another task object is drawn
+    as that task, whatever its name."""
+    import dataclasses
+
+    from jaxprvr import registry
+    from jaxprvr.report.runs import families_of_kind, kind_of_model
+
+    want = {"ms_sl": "prvr", "gmmformer": "prvr", "gmmformer_v2": "prvr", "mtm": "prvr", "mrnet": "vmr",
+            "mesm": "vmr_detr", "clip_wti": "t2v"}
+    assert {n: kind_of_model(n) for n in registry.FAMILIES} == want
+    assert families_of_kind("vmr_detr") == ["mesm"] and kind_of_model("nope") is None
+    twin = dataclasses.replace(registry.FAMILIES["mesm"], name="detr2")
+    monkeypatch.setitem(registry.FAMILIES, "detr2", twin)
+    monkeypatch.setitem(registry.FAMILIES, "maps2", dataclasses.replace(registry.FAMILIES["mrnet"], name="maps2"))
+    assert kind_of_model("detr2") == "vmr_detr" and kind_of_model("maps2") == "vmr"
+
+
 def test_official_numbers_are_the_readme_table():
     from jaxprvr.report.runs import official_numbers
 

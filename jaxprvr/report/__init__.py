@@ -25,13 +25,15 @@ from pathlib import Path
 
 __all__ = ["build_report"]
 
-KIND_NAMES = {"prvr": "PRVR", "mrnet": "MRNet", "mesm": "MESM", "t2v": "text-video", "other": "other models"}
+# report kinds (jaxprvr.report.runs: the module of a family's Task object) as the page names them
+KIND_NAMES = {"prvr": "PRVR", "vmr": "moment retrieval (2-D proposal maps)",
+              "vmr_detr": "moment retrieval (DETR-style)", "t2v": "text-video", "other": "other models"}
 
 
 def _renderers():
     from jaxprvr.report import moments, prvr, t2v
 
-    return {"prvr": prvr.render, "mrnet": moments.render_mrnet, "mesm": moments.render_mesm, "t2v": t2v.render}
+    return {"prvr": prvr.render, "vmr": moments.render_vmr, "vmr_detr": moments.render_vmr_detr, "t2v": t2v.render}
 
 
 def build_report(runs=(), out="report", *, evals=(), samples: int = 8, seed: int = 0, data_root=None,
@@ -42,7 +44,7 @@ def build_report(runs=(), out="report", *, evals=(), samples: int = 8, seed: int
     from jaxprvr.report import html as H
     from jaxprvr.report.figures import mpl
     from jaxprvr.report.runs import (EvalDir, config_differences, evals_in_run, flatten, load_run, metric_rows,
-                                     official_numbers, open_eval, run_labels, unique_names)
+                                     official_numbers, open_eval, run_labels, slug, unique_names)
 
     mpl()  # before any work: without matplotlib, the one-line hint
     if not runs and not evals:
@@ -74,7 +76,7 @@ def build_report(runs=(), out="report", *, evals=(), samples: int = 8, seed: int
                 body += "<p>Config fields that differ between these runs:</p>" + H.table(
                     ["field"] + [H.esc(r.name) for r in group],
                     [[H.esc(k)] + [H.esc(f.get(k, "-")) for f in flat] for k in diff], len(group) + 1)
-            shown = curves.render(group, run_labels(group, diff), out, f"curves_{kind}")
+            shown = curves.render(group, run_labels(group, diff), out, f"curves_{slug(kind)}")
             shown_all += shown
             body += "".join(H.figure(x) for x in shown) or '<p class="muted">No records in metrics.jsonl.</p>'
         sections.append(("Training curves", body))
@@ -116,7 +118,7 @@ def build_report(runs=(), out="report", *, evals=(), samples: int = 8, seed: int
     eval_summaries = []
     body = ""
     for i, ev in enumerate(found):
-        res = render[ev.kind](ev, out, f"eval{i}_{ev.kind}", samples=samples, seed=seed, data_root=data_root,
+        res = render[ev.kind](ev, out, f"eval{i}_{slug(ev.kind)}", samples=samples, seed=seed, data_root=data_root,
                               demo=demo)
         shown_all += res["figures"]
         body += f"<h3>{H.esc(ev.name)} <span class='muted'>({H.esc(ev.kind)}: {H.esc(ev.path)})</span></h3>"

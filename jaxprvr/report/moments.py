@@ -159,7 +159,7 @@ def map_figure(items: list[dict]):
     return fig
 
 
-def render_mrnet(ev, out_dir: Path, prefix: str, samples: int, seed: int, **_) -> dict:
+def render_vmr(ev, out_dir: Path, prefix: str, samples: int, seed: int, **_) -> dict:
     data = load_mrnet(ev.path)
     qs = data["queries"]
     picked = sample_indices(len(qs), samples, seed)
@@ -191,7 +191,7 @@ def render_mrnet(ev, out_dir: Path, prefix: str, samples: int, seed: int, **_) -
     return {"figures": shown, "metrics": data["metrics"], "notes": notes}
 
 
-def render_mesm(ev, out_dir: Path, prefix: str, samples: int, seed: int, data_root=None, demo: bool = False,
+def render_vmr_detr(ev, out_dir: Path, prefix: str, samples: int, seed: int, data_root=None, demo: bool = False,
                 **_) -> dict:
     data = load_mesm(ev, data_root, demo)
     rows, gt = data["rows"], data["gt"] or {}

@@ -2,8 +2,10 @@
 outputs of ``python -m jaxprvr.evaluate --save-outputs`` and the facts beside them (official numbers, chance levels).
 No plotting here: numpy and the library's own readers only.
 
-Task kinds (how the figures and tables of a run or an evaluation folder are chosen): ``prvr`` (MS-SL, GMMFormer,
-GMMFormer v2, MTM), ``mrnet`` and ``mesm`` (moment retrieval), ``t2v`` (CLIP + WTI)."""
+Task kinds (how the figures and tables of a run or an evaluation folder are chosen): the module of the
+:class:`~jaxprvr.tasks.base.Task` object that trains and evaluates a family (its registry row's ``task_object``):
+``prvr``, ``vmr`` (moment retrieval on 2-D proposal maps), ``vmr_detr`` (DETR-style moment retrieval), ``t2v``. An
+evaluation folder's kind is read from its files (:data:`MARKERS`); nothing here names a model family."""
 
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ from pathlib import Path
 
 from jaxprvr.errors import JaxprvrError
 
-KINDS = ("prvr", "mrnet", "mesm", "t2v")
-SUBMISSION_SUFFIX = "_submission.jsonl"  # MESM: <dataset>_<split>_submission.jsonl (jaxprvr.tasks.vmr_detr)
-MARKERS = {"prvr": ("scores.npy", "query_ids.txt", "video_ids.txt"), "mrnet": ("predictions.json",),
+KINDS = ("prvr", "vmr", "vmr_detr", "t2v")
+SUBMISSION_SUFFIX = "_submission.jsonl"  # vmr_detr: <dataset>_<split>_submission.jsonl (MESMTask.save_outputs)
+MARKERS = {"prvr": ("scores.npy", "query_ids.txt", "video_ids.txt"), "vmr": ("predictions.json",),
            "t2v": ("sim.npy", "ids.json")}
 
 
@@ -83,15 +85,27 @@ class Run:
 
 
 def kind_of_model(name: str) -> str | None:
-    """The report kind of a model name (the task of its registry row; moment retrieval split by family)."""
+    """The report kind of a model name: the module of its registry row's Task object (``jaxprvr.tasks.vmr_detr``
+    -> ``vmr_detr``); ``None`` for a name outside the registry or a task the report does not draw."""
     from jaxprvr import registry
 
     if name not in registry.FAMILIES:
         return None
-    task = registry.FAMILIES[name].task
-    if task == "vmr":
-        return "mesm" if name == "mesm" else "mrnet"
-    return task if task in KINDS else None
+    kind = type(registry.FAMILIES[name].task_instance()).__module__.rsplit(".", 1)[-1]
+    return kind if kind in KINDS else None
+
+
+def families_of_kind(kind: str) -> list[str]:
+    """The registry's model names whose report kind is ``kind``, in registry order."""
+    from jaxprvr import registry
+
+    return [n for n in registry.FAMILIES if kind_of_model(n) == kind]
+
+
+def slug(kind: str) -> str:
+    """A kind as it appears in the report's file names (``vmr_detr`` -> ``vmr-detr``: one ``_`` between the parts
+    of ``eval<i>_<kind>_<figure>.png``)."""
+    return kind.replace("_", "-")
 
 
 def _split_results(obj: dict) -> dict:
@@ -181,7 +195,7 @@ class EvalDir:
     kind: str
     name: str
     config: dict  # the config of the run it sits in ({} if none is found)
-    submission: Path | None = None  # MESM
+    submission: Path | None = None  # vmr_detr: the submission file
 
 
 def eval_kind(path: Path) -> tuple[str, Path | None] | None:
@@ -190,7 +204,7 @@ def eval_kind(path: Path) -> tuple[str, Path | None] | None:
             return kind, None
     subs = sorted(path.glob(f"*{SUBMISSION_SUFFIX}"))
     if subs:
-        return "mesm", subs[0]
+        return "vmr_detr", subs[0]
     return None
 
 
@@ -211,8 +225,9 @@ def open_eval(path, name: str | None = None) -> EvalDir:
     found = eval_kind(p)
     if found is None:
         raise JaxprvrError(p, "evaluation outputs: scores.npy + query_ids.txt + video_ids.txt (PRVR), "
-                              "predictions.json (MRNet), <dataset>_<split>_submission.jsonl (MESM) or sim.npy + "
-                              "ids.json (text-video)", "none of them")
+                              "predictions.json (moment retrieval, proposal maps), "
+                              "<dataset>_<split>_submission.jsonl (moment retrieval, DETR-style) or sim.npy + ids.json "
+                              "(text-video)", "none of them")
     kind, sub = found
     return EvalDir(p, kind, name or p.resolve().name, _config_above(p), sub)
 
@@ -228,11 +243,11 @@ def _prvr_keys(res: dict) -> list[str]:
     return [k for k in ("r1", "r5", "r10", "r100", "sumr", "medr", "meanr") if is_number(res.get(k))]
 
 
-def _mrnet_keys(res: dict) -> list[str]:
+def _vmr_keys(res: dict) -> list[str]:
     return [k for k in res if re.fullmatch(r"R\d+@[\d.]+", k) or k == "mIoU"]
 
 
-def _mesm_keys(res: dict) -> list[str]:
+def _vmr_detr_keys(res: dict) -> list[str]:
     return [k for k in res if (k.startswith("MR-full-") or k.startswith("HL-min-")) and is_number(res[k])]
 
 
@@ -244,8 +259,8 @@ def _t2v_keys(res: dict) -> list[str]:
 # kind -> (metric keys of a result dict, chance key of a metric, scale to the printed unit)
 TABLES = {
     "prvr": (_prvr_keys, lambda k: "chance_sumr" if k == "sumr" else None, 1.0),
-    "mrnet": (_mrnet_keys, lambda k: f"chance_{k}" if k.startswith("R1@") else None, 100.0),
-    "mesm": (_mesm_keys, lambda k: ("chance_" + k[len("MR-full-"):]) if k.startswith("MR-full-R1@") or
+    "vmr": (_vmr_keys, lambda k: f"chance_{k}" if k.startswith("R1@") else None, 100.0),
+    "vmr_detr": (_vmr_detr_keys, lambda k: ("chance_" + k[len("MR-full-"):]) if k.startswith("MR-full-R1@") or
              k == "MR-full-miou" else None, 1.0),
     "t2v": (_t2v_keys, lambda k: "chance_t2v/R1" if k == "t2v/R1" else None, 1.0),
 }
@@ -275,7 +290,7 @@ class Row:
 
 def metric_rows(kind: str, res: dict, official: dict | None = None) -> list[Row]:
     """The final-metrics table of one split: the metric, its official number (if the config has one) and chance,
-    in the unit the run prints (MRNet's fractions as percentages)."""
+    in the unit the run prints (``vmr``'s fractions as percentages)."""
     keys_of, chance_of, scale = TABLES[kind]
     extra = computed_chance(kind, res)
     rows = []
