@@ -198,7 +198,7 @@ def config_from_dict(saved: dict, overrides: Sequence[str] = (), where: str = "c
 def _load_folder(p: Path, config, model, ema: bool, overrides):
     import jax
 
-    from jaxprvr.checkpoint import resolve_params_dir
+    from jaxprvr.checkpoint import load_ema_params, load_model_state, load_params, resolve_params_dir
     from jaxprvr.config import Config
 
     step_dir = resolve_params_dir(p)
@@ -220,17 +220,21 @@ def _load_folder(p: Path, config, model, ema: bool, overrides):
         cfg, _ = load_checkpoint_config(args)
     if model is not None and cfg.model.name != model:
         raise JaxprvrError("load(model=...)", f"a config of {model!r}", cfg.model.name)
-    # The arrays as saved (the model section that built them is the checkpoint's own): no trace of the model
-    params = _restore(step_dir, "params", "the parameters")
-    model_state = _restore(step_dir, "model_state", "the BatchNorm statistics") if (step_dir / "model_state").is_dir() \
-        else {}
+    # Restored by the readers jaxprvr.evaluate uses (a truncated file is one error line), then checked against the
+    # configured model's shapes (jax.eval_shape of its init; nothing is computed): orbax restores what was saved
+    from parity.convert import check_shapes
+
+    abstract, abstract_state = _abstract(cfg)
+    params, _ = load_params(step_dir, abstract)
+    model_state = load_model_state(step_dir, abstract_state) if abstract_state else {}
     use_ema = bool((saved.get("train") or {}).get("use_ema", False)) and ema
     if use_ema:  # as jaxprvr.evaluate: the EMA weights validation and test used (the optimizer state's shadow)
-        opt = _restore(step_dir, "opt_state", "a BertAdam state with EMA weights (train.use_ema)")
-        if not isinstance(opt, dict) or "shadow" not in opt:
-            raise JaxprvrError(step_dir / "opt_state", "an optimizer state with EMA weights (train.use_ema)",
-                               f"{type(opt).__name__} without 'shadow'", hint="pass ema=False for the raw weights")
-        params = opt["shadow"]
+        try:
+            params = load_ema_params(step_dir, abstract)
+        except JaxprvrError as e:
+            raise JaxprvrError(e.where, e.expected, e.found, hint="pass ema=False for the raw weights") from None
+    check_shapes(params, abstract, step_dir / ("opt_state" if use_ema else "params"))
+    check_shapes(model_state, abstract_state, step_dir / "model_state")
     return cfg, jax.device_put(params), jax.device_put(model_state), use_ema
 
 
@@ -251,19 +255,6 @@ def _checkpoint_rule(cfg, saved: dict, step_dir: Path, overrides):
         cfg = apply_overrides(cfg, [f"data.{k}={_literal(data[k])}" for k in task_for(cfg).checkpoint_data_fields
                                     if k in data])
     return apply_overrides(cfg, list(overrides))
-
-
-def _restore(step_dir: Path, item: str, what: str):
-    """An orbax item of a step folder, restored as saved (nested dicts of numpy arrays)."""
-    import orbax.checkpoint as ocp
-
-    path = step_dir / item
-    if not path.is_dir():
-        raise JaxprvrError(path, what, "no such folder")
-    try:
-        return ocp.StandardCheckpointer().restore(path)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise JaxprvrError(path, what, f"{type(e).__name__}: {e}") from None
 
 
 def _abstract(cfg):

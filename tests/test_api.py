@@ -294,6 +294,25 @@ def test_checkpoint_folders_and_official_files_load(prvr, loaded, tmp_path):
                                                                    "model.q_feat_size=12", "model.n_heads=2"])
     with pytest.raises(JaxprvrError, match="nothing there"):
         api.load(tmp_path / "missing")
+    # restored by jaxprvr.checkpoint's readers at the configured model's shapes: a checkpoint of other widths, a
+    # truncated file, a missing EMA state are one error line each
+    with pytest.raises(JaxprvrError, match=r"params: expected \S+ of shape \(32,\) \(Flax layout\) for the "
+                                           r"configured model, found shape \(16,\)") as e:
+        api.load(prvr["run"], ema=False, overrides=["model.hidden_size=32"])
+    assert "\n" not in str(e.value)
+    import shutil
+
+    cut = shutil.copytree(prvr["run"], tmp_path / "cut")
+    data = [f for f in (cut / "ckpt" / "best").rglob("*") if f.is_file() and f.parent.name == "d"
+            and "opt_state" in f.parts]
+    assert data
+    for f in data:
+        with open(f, "r+b") as fh:
+            fh.truncate(50)
+    assert _same_tree(api.load(cut, ema=False).params, prvr["raw"])  # the parameters are intact
+    with pytest.raises(JaxprvrError, match=r"opt_state: expected a BertAdam state with EMA weights .*ema=False") as e:
+        api.load(cut)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 600  # the first line of the cause, not tensorstore's spec
 
 
 def test_import_stays_cheap():
