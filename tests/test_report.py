@@ -334,6 +334,16 @@ def test_mesm_ground_truth_and_the_unreadable_video(built):
         assert (vid, sentence.strip()) == (row["vid"], row["query"])
         s, e = sorted((float(a), float(b)))
         assert gt[row["qid"]] == {"duration": length[vid], "relevant_windows": [[s, min(e, length[vid])]]}
+    # the saved metrics lack a chance level: computed as the test line prints it (chance_mr, 200 draws, seed 0) on
+    # the ground truth of the submission's rows
+    from jaxprvr.metrics.moments import chance_mr
+
+    saved = json.loads((ev.path / "metrics.json").read_text())
+    assert not any(k.startswith("chance_") for k in saved.get("brief", saved))
+    want = chance_mr([dict(qid=r["qid"], **gt[r["qid"]]) for r in rows], n_draws=200, seed=0,
+                     thresholds=(0.3, 0.5, 0.7))
+    got = moments.load_mesm(ev, built["mesm_root"], False)["metrics"]
+    assert {k: got[f"chance_{k}"] for k in want} == want and {"R1@0.3", "R1@0.5", "R1@0.7", "miou"} <= set(want)
     t2v = next(e for e in built["summary"]["evals"] if e["kind"] == "t2v")
     assert t2v["unreadable"] == [built["bad_video"]]
     html = (built["out"] / "index.html").read_text()

@@ -256,6 +256,16 @@ def trainable_mask(params, m) -> dict:
     return jax.tree_util.tree_map_with_path(lambda path, _: keep(path), params)
 
 
+def chance_fields(gt_rows) -> dict:
+    """The chance levels a test prints beside its metrics, ``{"chance_R1@0.3", ..., "chance_miou"}`` (percentages):
+    :func:`jaxprvr.metrics.moments.chance_mr` of the split's ground-truth rows (``qid, duration,
+    relevant_windows``), 200 draws per row, seed 0. The report computes them with this call where a run's outputs
+    lack them."""
+    from jaxprvr.metrics.moments import chance_mr
+
+    ch = chance_mr(gt_rows, n_draws=200, seed=0, thresholds=(0.3, 0.5, 0.7))
+    return {f"chance_{k}": v for k, v in ch.items()}
+
 
 class MESMTask(Task):
     name = "vmr"
@@ -398,14 +408,11 @@ class MESMTask(Task):
                         if isinstance(m.get(k), (int, float)))
 
     def test_fields(self, ds) -> dict:
-        from jaxprvr.metrics.moments import chance_mr
-
         try:
             gt = ds.ds.gt_rows()
         except JaxprvrError:
             return {}
-        ch = chance_mr(gt, n_draws=200, seed=0, thresholds=(0.3, 0.5, 0.7))
-        return {f"chance_{k}": v for k, v in ch.items()}
+        return chance_fields(gt)
 
     def test_line(self, t: dict) -> str:
         chance = t.get("chance_R1@0.5")
