@@ -23,7 +23,8 @@ On CPU the cross-process collectives are gloo's (JAX's default, ``jax_cpu_collec
 ``python -m jaxprvr.evaluate`` takes the same flags (:func:`add_args`): every process evaluates, process 0 writes.
 
 A process that dies: the others fail in their next collective (gloo: connection reset), print one line and exit
-with :data:`EXIT_PEER_LOST` at once (:func:`exit_on_lost_peer`), without waiting for their pending checkpoint
+with :data:`EXIT_PEER_LOST` at once (:func:`exit_on_lost_peer`; any other runtime error, e.g. a local out-of-memory,
+stays the error it is), without waiting for their pending checkpoint
 saves (they cannot finalise without the dead process; the previous checkpoint stays intact); restart every
 process with ``--resume``. A process that hangs instead of dying is declared dead by the coordination service
 after ``--heartbeat-timeout`` seconds, and when process 0 (which runs that service) dies, JAX aborts the others
@@ -155,15 +156,39 @@ def shutdown() -> None:
         jax.distributed.shutdown()
 
 
+# What a JAX runtime error says when another process of the run is gone (:func:`is_lost_peer`). The status codes
+# are the coordination service's (gRPC): a task that stopped answering, a barrier (orbax's, the shutdown's) that
+# timed out. The phrases are the transports': gloo (CPU collectives; what tests/test_multihost.py's killed peer
+# gives: "UNKNOWN: Gloo AllGather failed: [.../pair.cc:538] Read error [127.0.0.1]:29071: Connection reset by
+# peer"), NCCL ("remote process exited or there was a network error") and the coordination service's heartbeat.
+LOST_PEER_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+LOST_PEER_PHRASES = ("connection reset by peer", "connection closed by peer", "connection refused", "broken pipe",
+                     "socket closed", "heartbeat timeout", "stopped sending heartbeats",
+                     "coordination service has stopped", "barrier timed out", "remote process exited",
+                     "network error", "ncclremoteerror")
+GLOO_TRANSPORT_PHRASES = ("read error", "write error", "timed out")  # in a gloo collective's error
+
+
+def is_lost_peer(message: str) -> bool:
+    """Whether a JAX runtime error's message is a transport failure between the processes (another process died or
+    stopped answering), not a local error (out of memory, a failed XLA computation, ...)."""
+    code = message.lstrip().split(":", 1)[0].strip()
+    low = message.lower()
+    return code in LOST_PEER_CODES or any(p in low for p in LOST_PEER_PHRASES) or \
+        ("gloo" in low and any(p in low for p in GLOO_TRANSPORT_PHRASES))
+
+
 @contextlib.contextmanager
 def exit_on_lost_peer():
-    """In a multi-process run, a JAX runtime error (a collective whose peer died, or any other) ends the process
-    at once: one ``error:`` line and exit status :data:`EXIT_PEER_LOST`, skipping the waits at exit (pending
-    checkpoint saves and jax.distributed's shutdown barrier, which would wait for the dead process)."""
+    """In a multi-process run, a JAX runtime error that says another process is gone (:func:`is_lost_peer`: a
+    collective whose peer died, a barrier that timed out) ends the process at once: one ``error:`` line and exit
+    status :data:`EXIT_PEER_LOST`, skipping the waits at exit (pending checkpoint saves and jax.distributed's
+    shutdown barrier, which would wait for the dead process). Any other error (a local out-of-memory, ...) is
+    raised as it is."""
     try:
         yield
     except jax.errors.JaxRuntimeError as e:
-        if jax.process_count() == 1:
+        if jax.process_count() == 1 or not is_lost_peer(str(e)):
             raise
         first = (str(e).strip().splitlines() or [""])[0]
         print(f"error: process {jax.process_index()} of {jax.process_count()}: expected every process of the run to "

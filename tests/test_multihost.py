@@ -280,6 +280,63 @@ def test_flag_checks():
         parse_device_ids("0,a")
 
 
+# What a process sees when its peer is gone (the first from the kill test above, the others from jaxlib's and NCCL's
+# own messages) and local errors that must stay what they are.
+LOST_PEER = [
+    "UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:538] Read error [127.0.0.1]:29071: "
+    "Connection reset by peer",
+    "UNKNOWN: Gloo all-reduce failed: [external/gloo/gloo/transport/tcp/pair.cc:598] Connection closed by peer "
+    "[127.0.0.1]:41234",
+    "UNKNOWN: Gloo ReduceScatter failed: [external/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
+    "30000ms for recv operation to complete",
+    "UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):\n/job:jax_worker/replica:0/task:1",
+    "DEADLINE_EXCEEDED: Barrier timed out. Id: orbax_save_7. This usually happens because a task triggered the "
+    "barrier too early or too slowly.",
+    "INTERNAL: NCCL operation ncclAllReduce(...) failed: remote process exited or there was a network error. "
+    "Last NCCL warning(error) log entry (may be unrelated) 'socketProgress: Connection closed by remote peer'.",
+]
+LOCAL = [
+    "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8589934592 bytes.",
+    "INTERNAL: Failed to execute XLA Runtime executable: run time error in custom call 'xla.gpu.gemm'.",
+    "INVALID_ARGUMENT: Executable expected parameter 0 of size 4096 but got buffer with incompatible size 2048",
+    "UNKNOWN: CUDA error: an illegal memory access was encountered",
+]
+
+
+def test_only_a_transport_failure_counts_as_a_lost_peer(monkeypatch, capsys):
+    """A runtime error that says a peer is gone ends a multi-process run with exit 75 and the --resume line; a
+    local one (out of memory, a failed XLA computation) is raised as it is, as in a one-process run."""
+    from jaxprvr import distributed as D
+
+    assert [D.is_lost_peer(m) for m in LOST_PEER] == [True] * len(LOST_PEER)
+    assert [D.is_lost_peer(m) for m in LOCAL] == [False] * len(LOCAL)
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(D.os, "_exit", fake_exit)
+    monkeypatch.setattr(D.jax, "process_count", lambda: 2)
+    for msg in LOCAL:
+        with pytest.raises(jax.errors.JaxRuntimeError, match=msg.split(":")[0]):
+            with D.exit_on_lost_peer():
+                raise jax.errors.JaxRuntimeError(msg)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(Exited) as e:
+        with D.exit_on_lost_peer():
+            raise jax.errors.JaxRuntimeError(LOST_PEER[0])
+    assert e.value.args == (D.EXIT_PEER_LOST,) == (75,)
+    err = capsys.readouterr().err
+    assert err.startswith("error: process 0 of 2: expected every process of the run to answer, found "
+                          "JaxRuntimeError: UNKNOWN: Gloo AllGather failed") and "--resume" in err
+    monkeypatch.setattr(D.jax, "process_count", lambda: 1)  # one process: even a transport error is raised
+    with pytest.raises(jax.errors.JaxRuntimeError):
+        with D.exit_on_lost_peer():
+            raise jax.errors.JaxRuntimeError(LOST_PEER[0])
+
+
 def test_cli_rejects_inconsistent_flags(tmp_path):
     r = subprocess.run([sys.executable, "-m", "jaxprvr.train", "--config", "tvr", "--demo", "--out", str(tmp_path),
                         "--num-processes", "2", "--process-id", "2", "--coordinator-address", "localhost:1"],
