@@ -350,6 +350,34 @@ def test_mesm_ground_truth_and_the_unreadable_video(built):
     assert "1 video(s) could not be read" in html and built["bad_video"] in html
 
 
+def test_the_run_config_is_read_with_config_from_dict(built, tmp_path):
+    """An evaluation folder inside a run: its Config is the run's saved one (every field, through
+    jaxprvr.api.config_from_dict), the outputs' dataset where it differs; the ground truth read with it is the
+    annotation's."""
+    import shutil
+
+    from jaxprvr.config import load_config
+    from jaxprvr.report import moments
+    from jaxprvr.report.runs import eval_config, open_eval
+
+    saved = load_config("charades", "mesm", ["data.feat_dims=(8,8)", "model.hidden_dim=16", "data.val_seed=3"])
+    run = tmp_path / "run"
+    shutil.copytree(built["mesm_eval"], run / "eval")
+    (run / "config.json").write_text(json.dumps(saved.to_dict()))
+    ev = open_eval(run / "eval")
+    assert ev.kind == "vmr_detr" and eval_config(ev) == saved
+    other = eval_config(ev, "charades_cd")
+    assert other.data.dataset == "charades_cd" and (other.data.feat_dims, other.data.val_seed) == ((8, 8), 3)
+    assert eval_config(open_eval(built["mesm_eval"]), "charades") == load_config("charades", "mesm")  # no config
+    assert eval_config(open_eval(built["runs"][3] / "eval")).model == load_config("msrvtt", "clip_wti", T2V).model
+    want = moments.load_mesm(open_eval(built["mesm_eval"]), built["mesm_root"], False)["gt"]
+    assert want and moments.load_mesm(ev, built["mesm_root"], False)["gt"] == want
+    # a saved config whose model section this version cannot read: the figure without ground truth, and why
+    (run / "config.json").write_text(json.dumps({**saved.to_dict(), "model": {"name": "mesm", "nope": 1}}))
+    data = moments.load_mesm(open_eval(run / "eval"), built["mesm_root"], False)
+    assert data["gt"] is None and "no ground truth drawn" in data["note"] and "nope" in data["note"]
+
+
 # ---------------------------------------------------------------------------------------------- no fixture
 # (last: xdist's work stealing takes tests from the tail of a queue; these do not need the session's runs)
 def test_report_kinds_come_from_the_registry_task_objects(monkeypatch):

@@ -63,21 +63,18 @@ def _mesm_split(sub: Path, config: dict) -> tuple[str, str]:
     raise JaxprvrError(sub, "a file named <dataset>_<split>_submission.jsonl", repr(sub.name))
 
 
-def mesm_ground_truth(sub: Path, config: dict, data_root) -> dict:
+def mesm_ground_truth(ev, data_root) -> dict:
     """``{qid: {"duration", "relevant_windows"}}`` of the submission's split, from the annotation under ``data_root``
-    (``None``: the demo dataset of the run's config)."""
-    from jaxprvr.config import apply_overrides, load_config
+    (``None``: the demo dataset of the run's config), read with the run's config (:func:`~jaxprvr.report.runs.
+    eval_config`)."""
     from jaxprvr.data.mesm import read_split
+    from jaxprvr.report.runs import eval_config
+    from jaxprvr.tasks import task_for
     from jaxprvr.tasks.vmr_detr import facts_of
 
-    dataset, split = _mesm_split(sub, config)
-    saved = config.get("data", {})
-    keep = {f"data.{k}": repr(tuple(saved[k])) if isinstance(saved[k], list) else str(saved[k])
-            for k in ("variant", "val_seed", "clip_len", "feat_dims") if saved.get(k) not in (None, "", [])}
-    cfg = apply_overrides(load_config(dataset, "mesm"), keep)
+    dataset, split = _mesm_split(ev.submission, ev.config)
+    cfg = eval_config(ev, dataset)
     if data_root is None:
-        from jaxprvr.tasks import task_for
-
         data_root = task_for(cfg).demo_root(cfg)
     queries, _, _ = read_split(facts_of(cfg), Path(data_root), split, val_seed=cfg.data.val_seed)
     out = {}
@@ -94,7 +91,7 @@ def load_mesm(ev, data_root, use_demo: bool) -> dict:
     gt, note = None, ""
     if data_root is not None or use_demo:
         try:
-            gt = mesm_ground_truth(ev.submission, ev.config, data_root)
+            gt = mesm_ground_truth(ev, data_root)
         except JaxprvrError as e:  # e.g. one --data-root for runs of several datasets: the figure, without GT
             gt, note = None, f"no ground truth drawn: {e}"
         absent = sum(r["qid"] not in gt for r in rows) if gt is not None else 0

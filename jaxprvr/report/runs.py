@@ -232,6 +232,24 @@ def open_eval(path, name: str | None = None) -> EvalDir:
     return EvalDir(p, kind, name or p.resolve().name, _config_above(p), sub)
 
 
+def eval_config(ev: EvalDir, dataset: str | None = None):
+    """The :class:`jaxprvr.config.Config` of an evaluation folder: its run's saved config
+    (:func:`jaxprvr.api.config_from_dict`; ``dataset``: the outputs' own dataset where it is not the run's). Only
+    without a saved config (``{}``): the config file of ``dataset`` for the first registry family of the folder's
+    kind."""
+    from jaxprvr.api import config_from_dict
+    from jaxprvr.config import load_config
+
+    if ev.config:
+        saved = ev.config
+        if dataset and (saved.get("data") or {}).get("dataset") != dataset:
+            saved = {**saved, "data": {**(saved.get("data") or {}), "dataset": dataset}}
+        return config_from_dict(saved, where=f"{ev.path} (the config of its run)")
+    if not dataset:
+        raise JaxprvrError(ev.path, "a run config (config.json in the folder or up to two levels up)", "none")
+    return load_config(dataset, families_of_kind(ev.kind)[0])
+
+
 def evals_in_run(run: Run) -> list[Path]:
     """The evaluation folders a run holds: the run folder itself and its sub-folders (``ckpt`` aside)."""
     cands = [run.path] + sorted(c for c in run.path.iterdir() if c.is_dir() and c.name != "ckpt")

@@ -60,10 +60,10 @@ def video_files(ev, wanted, data_root, demo: bool, frames: dict) -> dict:
     if root is None:  # --demo: the demo dataset of the run's config
         if dataset not in DATASETS:
             raise JaxprvrError(ev.path, "a run config naming a text-video dataset (for --demo)", repr(dataset))
-        from jaxprvr.config import load_config
+        from jaxprvr.report.runs import eval_config
         from jaxprvr.tasks import task_for
 
-        cfg = load_config(dataset, "clip_wti")
+        cfg = eval_config(ev)
         root = task_for(cfg).demo_root(cfg)
     search = root
     if dataset in DATASETS:
