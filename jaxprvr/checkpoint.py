@@ -59,7 +59,9 @@ class Checkpoints:
                  cleanup_tmp: bool = False):
         self.directory = Path(directory).absolute()
         self._managers, self._pending = {}, None  # the slot of the save in flight
-        self.copies = sum((keep or {}).get(slot, 1) for slot in slots)  # the most steps the run holds on disk
+        # the steps the run keeps on disk; while a save is written (one at a time), one more: orbax deletes the step
+        # it replaces only after the new one is finalised
+        self.copies = sum((keep or {}).get(slot, 1) for slot in slots)
         for slot in slots:
             self._managers[slot] = ocp.CheckpointManager(
                 self.directory / slot,
@@ -93,6 +95,14 @@ class Checkpoints:
 
     def steps(self, slot: str) -> list[int]:
         return sorted(self._managers[slot].all_steps())
+
+    def bytes_on_disk(self) -> int:
+        """The size of the files in the finalised step folders of every slot (a resumed run's checkpoints)."""
+        total = 0
+        for slot in self._managers:
+            for step_dir in _steps(self.directory / slot) if (self.directory / slot).is_dir() else []:
+                total += sum(f.stat().st_size for f in step_dir.rglob("*") if f.is_file())
+        return total
 
     def restore(self, slot: str, abstract_params, abstract_opt_state=None, step: int | None = None):
         """Returns ``(params, opt_state or None, meta)`` of the slot's newest step (or of ``step``). An unreadable step

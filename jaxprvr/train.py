@@ -204,11 +204,15 @@ class _Run:
         if model_state:
             state["model_state"] = model_state
         self.state = shd.replicate(state, mesh)
-        # Room for the checkpoints this run keeps (latest's two steps, each best slot's one), before the first is
-        # written (a full disk fails here, in one line, not in orbax's writer hours later).
+        # Room for the checkpoints this run keeps (latest's two steps, each best slot's one) and the one being written
+        # (orbax deletes the step it replaces only after the new one is finalised), less what the run's step folders
+        # already hold (--resume), before the first is written: a full disk fails here, in one line, not in orbax's
+        # writer hours later.
         size = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(self.state))
-        n = self.ckpts.copies
-        check_out_dir(self.out, n * size, f"{n} checkpoints of {_mb(size)}")
+        n, have = self.ckpts.copies, self.ckpts.bytes_on_disk()
+        check_out_dir(self.out, max(size, (n + 1) * size - have),
+                      f"{n + 1} checkpoints of {_mb(size)}: {n} kept, 1 being written"
+                      + (f"; less {_mb(have)} already saved" if have else ""))
         self.meta = {"next_epoch": 0, "step_in_epoch": 0, "es_cnt": 0, **{k: None for k in self.best_keys.values()},
                      "best_epoch": -1, "stopped": False}
         if self.resumed:
@@ -440,7 +444,8 @@ def _log(enabled, text):
 # ----------------------------------------------------------------------------------------------
 
 # The least free space a run starts with (config.json, metrics.jsonl, logs, small checkpoints); once the training
-# state exists, the run also checks for room for the checkpoints it keeps (latest: 2, each best slot: 1).
+# state exists, the run also checks for room for the checkpoints it keeps (latest: 2, each best slot: 1) and the one
+# being written, less those already saved.
 MIN_FREE_BYTES = 100 * 2**20
 
 

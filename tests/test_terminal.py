@@ -218,15 +218,36 @@ def test_a_full_disk_fails_in_one_line(tmp_path, capsys, no_run, monkeypatch):
 
 
 def test_room_for_the_checkpoints_is_checked_before_the_first_save(tiny_data, tmp_path, monkeypatch):
-    """Once the state exists, the run wants room for the steps it keeps (latest's two + best) before writing."""
+    """Once the state exists, the run wants room for the steps it keeps (latest's two + best) and the one being
+    written (orbax deletes the old step after the new one is finalised) before writing; on --resume, less the bytes
+    its step folders already hold."""
     from jaxprvr.errors import JaxprvrError
     from tests.conftest import tiny_config
 
     real = shutil.disk_usage
     monkeypatch.setattr(T, "MIN_FREE_BYTES", 0)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
-    with pytest.raises(JaxprvrError, match=r"expected a writable folder with at least \d+\.\d MB free \(3 "
-                                           r"checkpoints of \d+\.\d MB\), found 0\.0 MB free") as e:
+    with pytest.raises(JaxprvrError, match=r"expected a writable folder with at least \d+\.\d MB free \(4 "
+                                           r"checkpoints of \d+\.\d MB: 3 kept, 1 being written\), found 0\.0 MB "
+                                           r"free") as e:
         T.train(tiny_config("ms_sl"), tiny_data, tmp_path / "run", progress=False)
     assert str(tmp_path / "run") in str(e.value)
     assert not (tmp_path / "run" / "ckpt" / "latest").exists() or not any((tmp_path / "run" / "ckpt" / "latest").iterdir())
+
+    # What is asked for, fresh and on --resume (latest/0 on disk, written by train(max_steps=0): nothing compiles)
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    asked = []
+    real_check = T.check_out_dir
+    monkeypatch.setattr(T, "check_out_dir", lambda out, need=0, why="": (asked.append((need, why)),
+                                                                        real_check(out, need, why))[1])
+    run = tmp_path / "run2"
+    T.train(tiny_config("ms_sl"), tiny_data, run, progress=False, max_steps=0)
+    state_bytes = asked[-1][0] // 4
+    assert asked[-1][0] == 4 * state_bytes > 0 and "already saved" not in asked[-1][1]
+    on_disk = sum(f.stat().st_size for f in (run / "ckpt" / "latest" / "0").rglob("*") if f.is_file())
+    assert [p.name for p in (run / "ckpt").rglob("*") if p.parent.parent == run / "ckpt"] == ["0"]
+    assert 0 < on_disk < 4 * state_bytes  # one saved state (orbax compresses: less than its bytes in memory)
+    T.train(tiny_config("ms_sl"), tiny_data, run, progress=False, max_steps=0, resume=True)
+    need, why = asked[-1]
+    assert need == 4 * state_bytes - on_disk, (need, state_bytes, on_disk)
+    assert why.endswith(f"3 kept, 1 being written; less {T._mb(on_disk)} already saved")
