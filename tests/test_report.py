@@ -404,6 +404,25 @@ def test_report_kinds_come_from_the_registry_task_objects(monkeypatch):
                                for n in ast.walk(ast.parse('k = "mesm" if name == "mesm" else "mrnet"')))
 
 
+def test_t2v_ranks_are_the_metric_ranks():
+    """The caption's rank in the figure title is the metric's (NaN similarities first, ties to the lower column),
+    and the top-5 panels are drawn in the same order."""
+    from jaxprvr.report.t2v import top_columns, true_ranks
+
+    nan = float("nan")
+    sim = np.array([[0.5, nan, 0.9, 0.5, 0.1],   # true column 3: beaten by 0.9, the NaN and the tie at column 0
+                    [0.2, 0.3, nan, 0.1, 0.0],   # true column 2 is NaN: the metric drops the caption
+                    [0.1, 0.2, 0.3, 0.4, 0.5]])
+    assert true_ranks(sim, [3, 2, 4], [0, 1, 2]) == [4, None, 1]
+    assert list(top_columns(sim[0])) == [1, 2, 0, 3, 4] and list(top_columns(sim[2], 2)) == [4, 3]
+    rng = np.random.default_rng(0)  # random ties and NaNs: the rank is the true column's place in the drawn order
+    sim = rng.integers(0, 4, (40, 12)).astype(float)
+    sim[rng.random(sim.shape) < 0.1] = nan
+    gt = rng.integers(0, 12, 40)
+    ok = [i for i in range(40) if np.isfinite(sim[i, gt[i]])]
+    assert true_ranks(sim, gt, ok) == [list(top_columns(sim[i], 12)).index(gt[i]) + 1 for i in ok]
+
+
 def test_official_numbers_are_the_readme_table():
     from jaxprvr.report.runs import official_numbers
 

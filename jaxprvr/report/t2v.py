@@ -42,8 +42,21 @@ def load(path: Path) -> dict:
 
 
 def top_columns(sim_row: np.ndarray, k: int = TOP) -> np.ndarray:
-    """The ``k`` best columns of one text, best first (ties in column order)."""
-    return np.argsort(-np.asarray(sim_row, np.float64), kind="stable")[:k]
+    """The ``k`` best columns of one text, best first, in the order of the metric's ranks
+    (:func:`jaxprvr.metrics.t2v.grouped_t2v_ranks`: NaN first, as torch sorts it, ties in column order)."""
+    x = np.asarray(sim_row, np.float64)
+    return np.argsort(np.where(np.isnan(x), -np.inf, -x), kind="stable")[:k]
+
+
+def true_ranks(sim: np.ndarray, gt, rows) -> list:
+    """The 1-based rank of each of ``rows``' true column, as the metric ranks it
+    (:func:`jaxprvr.metrics.t2v.grouped_t2v_ranks`); ``None`` where the true column's similarity is not finite
+    (the metric drops that text)."""
+    from jaxprvr.metrics.t2v import grouped_t2v_ranks
+
+    rows = np.asarray(rows, np.int64)
+    ranks, valid = grouped_t2v_ranks(sim[rows], np.asarray(gt, np.int64)[rows])
+    return [int(r) + 1 if ok else None for r, ok in zip(ranks, valid)]
 
 
 def video_files(ev, wanted, data_root, demo: bool, frames: dict) -> dict:
@@ -107,8 +120,8 @@ def render(ev, out_dir: Path, prefix: str, samples: int, seed: int, data_root=No
     if len(picked):
         fig = new_figure(2.0 * (TOP + 1), 2.1 * len(picked), layout="constrained")
         subs = fig.subfigures(len(picked), 1, squeeze=False)[:, 0]
-        for sf, i, row in zip(subs, picked, panels):
-            rank = list(top_columns(sim[i], sim.shape[1])).index(int(gt[i])) + 1
+        for sf, i, row, rank in zip(subs, picked, panels, true_ranks(sim, gt, picked)):
+            rank = "-" if rank is None else rank
             sf.suptitle(plain(textwrap.shorten(f"“{data['captions'][i]}” (true video {vids[gt[i]]}, rank {rank})",
                                                110)), fontsize=8, x=0.01, ha="left")
             for k, ax in enumerate(sf.subplots(1, TOP + 1)):
