@@ -290,48 +290,18 @@ def _load_official(p: Path, config, model, ema: bool, overrides):
         raise JaxprvrError("load(model=...)", f"a config of {model!r}", cfg.model.name)
     spec = registry.get(cfg.model.name).parity_module().SPEC
     if spec.read_variables is None:
-        if spec.convert_torch2jax is not None:
-            raise JaxprvrError(p, "a family with an in-memory reader (parity SPEC.read_variables) or the PRVR "
-                               "families' generic one", cfg.model.name,
-                               hint="convert it with python -m parity.convert torch2jax, then load the folder")
-        cfg, params, model_state, used_ema = _read_prvr(p, cfg, spec, ema, overrides)
-    else:
-        try:
-            cfg, params, model_state = spec.read_variables(p, cfg, list(overrides))
-        except JaxprvrError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad input file
-            raise _bad_file(p, f"an official {cfg.model.name} checkpoint file", e) from None
-        check_shapes(params, _abstract(cfg)[0], p, spec.table_for(cfg.model))
-        used_ema = False
-    return cfg, jax.device_put(params), jax.device_put(model_state), used_ema
-
-
-def _bad_file(p, what, e):
-    return JaxprvrError(p, what, f"{type(e).__name__}: {e}")
-
-
-def _read_prvr(p, cfg, spec, ema, overrides):
-    """MS-SL ``model.ckpt`` / GMMFormer, v2, MTM ``best.ckpt`` (parity.convert's generic path); MTM's
-    ``ema_shadow`` with ``train.use_ema`` and ``ema``."""
-    from parity.convert import check_shapes, model_table, shadow_to_jax, torch_to_flax
-
+        raise JaxprvrError(p, "a family with an in-memory reader (parity SPEC.read_variables)", cfg.model.name,
+                           hint="convert it with python -m parity.convert torch2jax, then load the folder")
     try:
-        ck = spec.read_official(p)
+        cfg, params, model_state, *rest = spec.read_variables(p, cfg, list(overrides))
     except JaxprvrError:
         raise
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad input file
-        raise _bad_file(p, "an official checkpoint file (model.ckpt / best.ckpt)", e) from None
-    if ck.model_name is not None and ck.model_name != cfg.model.name:
-        raise JaxprvrError(p, f"a {cfg.model.name} checkpoint", f"the keys of a {ck.model_name} checkpoint",
-                           hint=f"pass model={ck.model_name!r}")
-    tab = model_table(cfg.model)
-    params = torch_to_flax(tab, ck.state_dict, where=p)
-    check_shapes(params, _abstract(cfg)[0], p, tab)
-    shadow = getattr(ck, "ema_shadow", None)
-    if ema and cfg.train.use_ema and shadow is not None:
-        return cfg, shadow_to_jax(tab, shadow, params, where=f"{p} (ema_shadow)"), {}, True
-    return cfg, params, {}, False
+        raise JaxprvrError(p, f"an official {cfg.model.name} checkpoint file", f"{type(e).__name__}: {e}") from None
+    check_shapes(params, _abstract(cfg)[0], p, spec.table_for(cfg.model))
+    shadow = rest[0] if rest else None  # the file's EMA weights (MTM's ema_shadow with train.use_ema)
+    used_ema = bool(ema and shadow is not None)
+    return cfg, jax.device_put(shadow if used_ema else params), jax.device_put(model_state), used_ema
 
 
 __all__ = ["load", "Loaded", "bucket", "pad_rows", "config_from_dict"]

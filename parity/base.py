@@ -12,7 +12,7 @@ optimizer differ in kind (moment retrieval: BatchNorm statistics in ``batch_stat
 * :meth:`convert_torch2jax` / :meth:`convert_jax2torch`: the two ``parity.convert`` directions (``None``: the
   generic BertAdam-state conversion of :mod:`parity.convert`);
 * :meth:`read_variables`: an official checkpoint file read into Flax variables in memory (``jaxprvr.load``;
-  ``None``: the generic PRVR path of :mod:`jaxprvr.api`).
+  the PRVR families share :meth:`parity.prvr.PRVRSpec.read_variables`).
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ class FamilySpec:
     # parity.convert: ``convert_torch2jax(args, cfg) -> dict`` and ``convert_jax2torch(args, cfg) -> dict``.
     convert_torch2jax = None
     convert_jax2torch = None
-    # jaxprvr.load: ``read_variables(path, cfg, overrides) -> (cfg, params, model_state)`` (the config as the file
-    # fixes it; the caller checks the shapes against the configured model).
+    # jaxprvr.load: ``read_variables(path, cfg, overrides) -> (cfg, params, model_state[, ema])`` (the config as the
+    # file fixes it; the caller checks the shapes against the configured model). An optional fourth item holds the
+    # file's EMA weights (a params tree, MTM's ``ema_shadow`` with ``train.use_ema``) or None: ``jaxprvr.load``
+    # returns them with ``ema=True``.
     read_variables = None
 
     def table_for(self, model_cfg):

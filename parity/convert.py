@@ -336,6 +336,25 @@ def write_official(path, cfg, params, *, opt_state=None, epoch: int = 0, model_v
 # ------------------------------------------------------------------------------------------ CLI
 
 
+def read_official_params(fam, src, model_cfg, hint: str = "pass --model {}"):
+    """An official PRVR file (MS-SL ``model.ckpt``, GMMFormer / v2 / MTM ``best.ckpt``) read by ``fam.read_official``
+    -> ``(OfficialCheckpoint, key table, Flax params)``, the parameters converted through the key table of
+    ``model_cfg``. An unreadable file and a file of another family are one error each (``hint`` names the family
+    the file holds: ``--model`` here, ``model=`` for ``jaxprvr.load``). Shapes are the caller's to check."""
+    try:
+        ck = fam.read_official(src)
+    except JaxprvrError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad input file
+        raise JaxprvrError(src, "an official checkpoint file (model.ckpt / best.ckpt)",
+                           f"{type(e).__name__}: {e}") from None
+    if ck.model_name is not None and ck.model_name != model_cfg.name:
+        raise ConversionError(src, f"a {model_cfg.name} checkpoint", f"the keys of a {ck.model_name} checkpoint",
+                              hint=hint.format(ck.model_name))
+    tab = model_table(model_cfg)
+    return ck, tab, torch_to_flax(tab, ck.state_dict, where=src)
+
+
 def _load_config(args):
     from jaxprvr.config import load_config
 
@@ -394,17 +413,8 @@ def torch2jax(args) -> dict:
                            f"checkpoint (a model.clip field)", f"--model {args.model}, which has none")
     if fam.convert_torch2jax is not None:  # a family with its own file layout (parity.base.FamilySpec)
         return fam.convert_torch2jax(args, _load_config(args))
-    try:
-        ck = fam.read_official(src)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad input file
-        raise JaxprvrError(src, "an official checkpoint file (model.ckpt / best.ckpt)",
-                           f"{type(e).__name__}: {e}") from None
-    if ck.model_name is not None and ck.model_name != args.model:
-        raise ConversionError(src, f"a {args.model} checkpoint", f"the keys of a {ck.model_name} checkpoint",
-                              hint=f"pass --model {ck.model_name}")
     cfg = _load_config(args)
-    tab = model_table(cfg.model)
-    params = torch_to_flax(tab, ck.state_dict, where=src)
+    ck, tab, params = read_official_params(fam, src, cfg.model, hint="pass --model {}")
     abstract = _abstract_params(cfg)
     check_shapes(params, abstract, src, tab)
     opt_state = None

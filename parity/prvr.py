@@ -278,6 +278,18 @@ class PRVRSpec(FamilySpec):
 
         return load_official(path)
 
+    def read_variables(self, path, cfg, overrides=()):
+        """``jaxprvr.load``: ``model.ckpt`` / ``best.ckpt`` -> ``(cfg, params, {}, EMA weights or None)``, the
+        parameters through the key table (:func:`parity.convert.read_official_params`, as ``parity.convert
+        torch2jax``); the EMA weights are MTM's ``ema_shadow`` when the file has one and ``train.use_ema`` is on."""
+        from parity.convert import read_official_params, shadow_to_jax
+
+        ck, tab, params = read_official_params(self, path, cfg.model, hint="pass model={!r}")
+        shadow = getattr(ck, "ema_shadow", None)
+        if not cfg.train.use_ema or shadow is None:
+            return cfg, params, {}, None
+        return cfg, params, {}, shadow_to_jax(tab, shadow, params, where=f"{path} (ema_shadow)")
+
     def official_best(self, ck) -> tuple[str, float | None]:
         """The selection metric's name and the value the official file records for it (``model_val[4]``, SumR)."""
         try:
