@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxprvr.errors import JaxprvrError
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES, SEED = 2, 0
 PRVR = ["model.hidden_size=16", "model.n_heads=2", "model.q_feat_size=12", "train.batch_size=8", "train.n_epoch=2",
@@ -454,6 +456,28 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
         assert main([*argv, "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and where in err[0], err
+
+
+def test_metrics_jsonl_is_read_by_the_shared_reader(tmp_path):
+    """runs.read_jsonl is metrics.moments.load_jsonl with an empty file allowed, plus the object check."""
+    from jaxprvr.metrics.moments import load_jsonl
+    from jaxprvr.report.runs import read_jsonl
+
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("")
+    assert read_jsonl(f) == [] and load_jsonl(f, allow_empty=True) == []
+    with pytest.raises(JaxprvrError, match="an empty file"):  # the default stays: a submission needs rows
+        load_jsonl(f)
+    f.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.0}\n\n')
+    assert read_jsonl(f) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}]
+    for text, where in (('{"step": 1}\n[1, 2]\n', ":2"), ('{"step": 1}\n\n{"step": 2}\n', ":2"),
+                        ('{"step": 1}\n{"step": \n', ":2")):
+        f.write_text(text)
+        with pytest.raises(JaxprvrError, match=re.escape(f"{f}{where}")):
+            read_jsonl(f)
+    f.write_bytes(b'{"step": 1, "loss": "\xff"}\n')
+    with pytest.raises(JaxprvrError, match="readable"):
+        read_jsonl(f)
 
 
 def test_without_matplotlib_one_line_with_the_install_hint(tmp_path, monkeypatch, capsys):

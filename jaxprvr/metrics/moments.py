@@ -596,9 +596,10 @@ def chance_mr(ground_truth, n_draws: int = 1000, seed: int = 0, thresholds: Sequ
 
 
 # ----------------------------------------------------------------------------------------------- files
-def load_jsonl(path, kind: str | None = None) -> list:
+def load_jsonl(path, kind: str | None = None, *, allow_empty: bool = False) -> list:
     """One JSON value per line (a final empty line is allowed). ``kind`` = "submission" or "gt" checks each row
-    (qid, windows, finite numbers); a bad line raises :class:`JaxprvrError` naming ``path:line``."""
+    (qid, windows, finite numbers); a bad line raises :class:`JaxprvrError` naming ``path:line``. A file without a
+    row is an error unless ``allow_empty`` (then ``[]``: e.g. a run's ``metrics.jsonl`` before its first record)."""
     checks = {"submission": _check_sub_row, "gt": _check_gt_row, None: None}
     if kind not in checks:
         raise JaxprvrError("load_jsonl kind", "'submission', 'gt' or None", repr(kind))
@@ -619,7 +620,7 @@ def load_jsonl(path, kind: str | None = None) -> list:
         if checks[kind] is not None:
             checks[kind](row, where)
         rows.append(row)
-    if not rows:
+    if not rows and not allow_empty:
         raise JaxprvrError(path, "at least one row", "an empty file")
     return rows
 

@@ -35,22 +35,17 @@ def read_json(path: Path, what: str):
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """One JSON object per line (blank lines skipped); a bad line is an error naming ``path:line``."""
+    """A run's ``metrics.jsonl``: :func:`jaxprvr.metrics.moments.load_jsonl` (an empty file allowed), each row an
+    object; a bad line is an error naming ``path:line``."""
+    from jaxprvr.metrics.moments import load_jsonl
+
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise JaxprvrError(path, "a readable metrics.jsonl", str(e)) from None
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise JaxprvrError(f"{path}:{i}", "one JSON object per line", f"{e.msg} ({line[:40]!r})") from None
+        rows = load_jsonl(path, allow_empty=True)
+    except UnicodeDecodeError as e:  # load_jsonl reports OSError only
+        raise JaxprvrError(path, "a readable jsonl file", str(e)) from None
+    for i, row in enumerate(rows, 1):  # load_jsonl refuses blank lines before the last row: row i is line i
         if not isinstance(row, dict):
             raise JaxprvrError(f"{path}:{i}", "one JSON object per line", type(row).__name__)
-        rows.append(row)
     return rows
 
 
