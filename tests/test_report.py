@@ -299,6 +299,10 @@ def test_prvr_recall_curve_and_final_table(built):
                      for i, q in enumerate(qids)])
     np.testing.assert_allclose(rk, [100.0 * np.mean(rank <= k) for k in range(1, len(vids) + 1)], rtol=1e-12)
     assert (rk[0], rk[4], rk[-1]) == (test["r1"], test["r5"], 100.0) and test["r10"] == test["r100"] == 100.0
+    # the section's metrics, from the same ranks: the run's own test metrics
+    shown = prvr.metrics(data, prvr.ranks(data))
+    keys = ("r1", "r5", "r10", "r100", "sumr", "medr", "meanr")
+    assert {k: shown[k] for k in keys} == {k: test[k] for k in keys} and shown["n_videos"] == test["n_videos"]
     # the table: the run's test numbers, the README's official numbers of ms_sl on TVR, chance = the task's formula
     official, source = official_numbers("ms_sl", "tvr")
     rows = {r.metric: r for r in metric_rows("prvr", test, official)}

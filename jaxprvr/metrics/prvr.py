@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxprvr.errors import JaxprvrError
 
-__all__ = ["KS", "gt_ranks", "eval_q2m", "chance_sumr"]
+__all__ = ["KS", "gt_ranks", "eval_q2m", "q2m_from_ranks", "chance_sumr"]
 
 KS = (1, 5, 10, 100)
 _TIES = ("stable", "optimistic", "pessimistic")
@@ -68,7 +68,12 @@ def eval_q2m(scores, gt, *, ties: str = "stable", chunk_rows: int = 2048) -> dic
     ``mean`` of the ranks; ``map`` (MS-SL's ``t2v_map``, in [0, 1]) is ``mean(1/rank)``.
     ``scores`` may be numpy or jax, any float dtype; ``gt[i]`` is the column of query i's video.
     """
-    ranks = gt_ranks(scores, gt, ties=ties, chunk_rows=chunk_rows)
+    return q2m_from_ranks(gt_ranks(scores, gt, ties=ties, chunk_rows=chunk_rows))
+
+
+def q2m_from_ranks(ranks) -> dict[str, float]:
+    """:func:`eval_q2m`'s metrics from the 1-based ranks :func:`gt_ranks` gives (one per query)."""
+    ranks = np.asarray(ranks)
     n_q = ranks.shape[0]
     if n_q == 0:
         raise JaxprvrError("eval_q2m scores", "at least one query", "0 queries")

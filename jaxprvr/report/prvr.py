@@ -1,7 +1,8 @@
 """PRVR figures from ``--save-scores DIR`` (:func:`jaxprvr.tasks.prvr.save_scores`): ``scores.npy`` (queries x
 videos, fused), ``query_ids.txt``, ``video_ids.txt``. The ground truth of a query is its video, ``cap_id``'s part
 before ``#`` (the official ``getVideoId``); ranks are :func:`jaxprvr.metrics.prvr.gt_ranks` (the evaluation's own
-rule, ties included): the R@K curve for K = 1..100 and the histogram of the ranks."""
+rule, ties included), computed once: the metrics (:func:`jaxprvr.metrics.prvr.q2m_from_ranks`, as ``eval_q2m``),
+the R@K curve for K = 1..100 and the histogram of the ranks."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from jaxprvr.errors import JaxprvrError
+from jaxprvr.metrics.prvr import KS
 from jaxprvr.report.figures import grid, save
-
-KS = (1, 5, 10, 100)
 
 
 def load(path: Path) -> dict:
@@ -48,10 +48,11 @@ def recall_curve(r: np.ndarray, n_videos: int, k_max: int = 100) -> tuple[np.nda
     return ks, 100.0 * (r[None, :] <= ks[:, None]).sum(axis=1) / len(r)  # eval_q2m's arithmetic
 
 
-def metrics(data: dict) -> dict:
-    from jaxprvr.metrics.prvr import chance_sumr, eval_q2m
+def metrics(data: dict, r: np.ndarray) -> dict:
+    """``eval_q2m``'s metrics of the ranks ``r`` (:func:`ranks`), the counts and the chance SumR."""
+    from jaxprvr.metrics.prvr import chance_sumr, q2m_from_ranks
 
-    out = eval_q2m(data["scores"], data["gt"])
+    out = q2m_from_ranks(r)
     out.update(n_queries=len(data["query_ids"]), n_videos=len(data["video_ids"]),
                chance_sumr=chance_sumr(len(data["video_ids"])))
     return out
@@ -97,4 +98,4 @@ def render(ev, out_dir: Path, prefix: str, **_) -> dict:
     ax.grid(alpha=0.3)
     shown.append(save(fig, out_dir, f"{prefix}_rank_histogram.png", "Rank histogram",
                       f"median rank {np.median(r):g}, mean rank {r.mean():.2f}"))
-    return {"figures": shown, "metrics": metrics(data), "notes": []}
+    return {"figures": shown, "metrics": metrics(data, r), "notes": []}
