@@ -249,6 +249,29 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
+def check_saved_model(path: str | Path, model: str | None, expected: str | None = None, hint: str | None = None, *,
+                      unreadable_ok: bool = False) -> dict:
+    """The meta of the checkpoint at ``path`` (:func:`read_meta`); one whose saved config names a model other than
+    ``model`` raises one :class:`JaxprvrError` at ``path``: ``expected`` (default "a checkpoint of model <model>"),
+    found "one of <saved>", ``hint`` (``{saved}`` in it: the saved model's name). No check for ``model=None`` or a meta without a model name (nothing says which
+    model wrote it: the parameter tree is checked when read). ``unreadable_ok``: a meta (or a step folder) that
+    cannot be read gives ``{}`` instead of its error, for a caller whose next read names the failure better
+    (``--resume`` names the last readable step)."""
+    try:
+        meta = read_meta(path)
+    except JaxprvrError:
+        if unreadable_ok:
+            return {}
+        raise
+    cfg = meta.get("config")
+    section = cfg.get("model") if isinstance(cfg, dict) else None
+    name = section.get("name") if isinstance(section, dict) else None
+    if model is not None and name is not None and name != model:
+        raise JaxprvrError(path, expected or f"a checkpoint of model {model}", f"one of {name}",
+                           hint=hint.replace("{saved}", str(name)) if hint else None)
+    return meta
+
+
 def load_params(path: str | Path, abstract_params):
     """Restores only the parameters (and the JSON meta if present) from any accepted checkpoint path."""
     step_dir = resolve_params_dir(path)
@@ -296,11 +319,3 @@ def load_ema_params(path: str | Path, abstract_params):
 def abstract_tree(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
-
-def saved_model_name(step_dir: str | Path) -> str | None:
-    """The model name in a step folder's meta, ``None`` when it cannot be told (no meta, unreadable meta)."""
-    try:
-        meta = json.loads((Path(step_dir) / "meta" / "metadata").read_text())
-        return meta["config"]["model"]["name"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-        return None

@@ -72,17 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
 def load_checkpoint_config(args):
     """The config of ``--config``/``--model`` with the checkpoint's model section (the architecture it was
     trained with, e.g. a demo's width), then ``--set``; and the checkpoint's saved config dict."""
-    from jaxprvr.checkpoint import read_meta
+    from jaxprvr.checkpoint import check_saved_model
     from jaxprvr.config import apply_overrides, load_config, model_config_from_dict
     from jaxprvr.tasks import task_for
 
-    saved_cfg = read_meta(args.ckpt).get("config", {})
+    saved_cfg = check_saved_model(args.ckpt, args.model, f"a checkpoint of --model {args.model}").get("config", {})
     saved = saved_cfg.get("model")
     model = args.model if args.model is not None or saved is None else saved.get("name")
     cfg = load_config(args.config, model)
     if saved is not None:
-        if args.model is not None and saved.get("name") != args.model:
-            raise JaxprvrError(args.ckpt, f"a checkpoint of --model {args.model}", f"one of {saved.get('name')}")
         cfg = dataclasses.replace(cfg, model=model_config_from_dict(saved, where=str(args.ckpt)))
         # data fields that fix the model's input (e.g. a feature variant and its widths) come from the checkpoint
         keep = {k: saved_cfg.get("data", {})[k] for k in task_for(cfg).checkpoint_data_fields

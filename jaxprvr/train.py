@@ -228,13 +228,13 @@ class _Run:
             self.save("latest")  # from here on, a kill at any moment leaves a checkpoint to --resume from
 
     def _check_resumed_model(self) -> None:
-        from jaxprvr.checkpoint import saved_model_name
+        """Another model's ``latest``: one line naming both. An unreadable step is left to the restore that follows
+        (it names the slot's last readable step)."""
+        from jaxprvr.checkpoint import check_saved_model
 
         step_dir = self.ckpts.directory / "latest" / str(self.ckpts.latest_step("latest"))
-        name = saved_model_name(step_dir)
-        if name is not None and name != self.cfg.model.name:
-            raise JaxprvrError(step_dir, f"a checkpoint of model {self.cfg.model.name} to --resume", f"one of {name}",
-                               hint=f"pass --model {name} to continue that run, or --out for a new run")
+        check_saved_model(step_dir, self.cfg.model.name, f"a checkpoint of model {self.cfg.model.name} to --resume",
+                          hint="pass --model {saved} to continue that run, or --out for a new run", unreadable_ok=True)
 
     @property
     def global_step(self) -> int:
@@ -410,12 +410,9 @@ def train(cfg, data_root, out_dir, *, resume: bool = False, progress: bool = Tru
 
 
 def _init_from(path, cfg, abstract, abstract_model_state, mesh):
-    from jaxprvr.checkpoint import load_model_state, load_params, read_meta
+    from jaxprvr.checkpoint import check_saved_model, load_model_state, load_params
 
-    saved = read_meta(path).get("config", {}).get("model", {})
-    if saved and saved.get("name") != cfg.model.name:
-        raise JaxprvrError(path, f"a checkpoint of model {cfg.model.name}", f"one of {saved.get('name')}",
-                           hint="pass the matching --model")
+    check_saved_model(path, cfg.model.name, hint="pass the matching --model")
     params, _ = load_params(path, abstract)
     model_state = load_model_state(path, abstract_model_state) if abstract_model_state else {}
     return shd.replicate(params, mesh), shd.replicate(model_state, mesh)

@@ -156,15 +156,13 @@ def checkpoint_config(step_dir, cfg, overrides):
     with), then ``overrides``; a checkpoint of another model is an error."""
     import dataclasses
 
-    from jaxprvr.checkpoint import read_meta
+    from jaxprvr.checkpoint import check_saved_model
     from jaxprvr.config import apply_overrides, model_config_from_dict
-    from jaxprvr.errors import JaxprvrError
 
-    saved = read_meta(step_dir).get("config", {}).get("model")
+    meta = check_saved_model(step_dir, cfg.model.name, f"a checkpoint of --model {cfg.model.name}")
+    saved = meta.get("config", {}).get("model")
     if saved is None:
         return cfg
-    if saved.get("name") != cfg.model.name:
-        raise JaxprvrError(step_dir, f"a checkpoint of --model {cfg.model.name}", f"one of {saved.get('name')}")
     return apply_overrides(dataclasses.replace(cfg, model=model_config_from_dict(saved, where=str(step_dir))),
                            list(overrides))
 

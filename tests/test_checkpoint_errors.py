@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from jaxprvr.checkpoint import Checkpoints, abstract_tree
+from jaxprvr.errors import JaxprvrError
 from tests.conftest import TINY_OVERRIDES, TINY_VISUAL, tiny_config
 
 RUN_SETS = [f"--set={o}" for o in TINY_OVERRIDES]
@@ -162,6 +163,16 @@ def test_truncated_meta(run, tiny_root, capfd):
     assert code == 2
     assert _one_error_line(err).startswith(f"error: {meta}: expected the checkpoint's JSON meta (config, epoch, ...), "
                                            "found JSONDecodeError: ")
+    # --resume on a truncated latest meta: the model check leaves it to the restore, which names the step before
+    latest = run / "ckpt" / "latest" / "1" / "meta" / "metadata"
+    latest.write_text(latest.read_text()[:40])
+    code, err = _main("jaxprvr.train", ["--model", "ms_sl", "--out", str(run), "--resume", *RUN_SETS], tiny_root, capfd)
+    assert code == 2
+    line = _one_error_line(err)
+    assert line.startswith(f"error: {run}/ckpt/latest/1: expected a readable checkpoint (params, opt_state, meta), "
+                           "found "), line
+    assert line.endswith(f"(the last readable step is latest/0: move {run}/ckpt/latest/1 out of {run}/ckpt/latest "
+                         "to go back to it)"), line
 
 
 def test_another_models_checkpoint(run, tiny_root, capfd):
@@ -182,6 +193,13 @@ def test_another_models_checkpoint(run, tiny_root, capfd):
     assert _one_error_line(err) == (f"error: {run}/ckpt/latest/1: expected a checkpoint of model gmmformer to "
                                     "--resume, found one of ms_sl (pass --model ms_sl to continue that run, or --out "
                                     "for a new run)")
+    # parity.convert / parity.check read a step folder through parity.base.checkpoint_config: the same check
+    from parity.base import checkpoint_config
+
+    with pytest.raises(JaxprvrError) as e:
+        checkpoint_config(run / "ckpt" / "best" / "1", tiny_config("gmmformer"), [])
+    assert str(e.value) == f"{run}/ckpt/best/1: expected a checkpoint of --model gmmformer, found one of ms_sl"
+    assert checkpoint_config(run / "ckpt" / "best" / "1", tiny_config("ms_sl"), []).model.name == "ms_sl"
     shutil.rmtree(run / "ckpt" / "best" / "1" / "meta")
     code, err = _main("jaxprvr.evaluate", ["--model", "gmmformer", "--ckpt", str(run), *RUN_SETS], tiny_root, capfd)
     assert code == 2
