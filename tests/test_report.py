@@ -410,6 +410,44 @@ def test_report_kinds_come_from_the_registry_task_objects(monkeypatch):
                                for n in ast.walk(ast.parse('k = "mesm" if name == "mesm" else "mrnet"')))
 
 
+def test_prvr_figures_of_a_150_video_gallery(tmp_path):
+    """Beyond 100 videos (the fixture's 8-video gallery saturates at R@10): R@K for K = 1..100 against a brute-force
+    ranking, the metrics against eval_q2m, and the log-binned histogram's bars against the ranks counted here."""
+    from jaxprvr.metrics.prvr import eval_q2m
+    from jaxprvr.report import prvr
+    from jaxprvr.report.runs import EvalDir
+
+    rng = np.random.default_rng(0)
+    nq, nv = 300, 150
+    gt = rng.integers(0, nv, nq)
+    scores = rng.normal(size=(nq, nv)).astype(np.float32)
+    scores[0, gt[0]], scores[1, gt[1]] = 10.0, -10.0  # ranks 1 and 150: both ends of the histogram
+    d = tmp_path / "eval"
+    d.mkdir()
+    np.save(d / "scores.npy", scores)
+    (d / "query_ids.txt").write_text("".join(f"v{g}#enc#{i}\n" for i, g in enumerate(gt)))
+    (d / "video_ids.txt").write_text("".join(f"v{j}\n" for j in range(nv)))
+    data = prvr.load(d)
+    r = prvr.ranks(data)
+    brute = np.array([list(np.argsort(-scores[i], kind="stable")).index(gt[i]) + 1 for i in range(nq)])
+    assert r.tolist() == brute.tolist() and (brute.min(), brute.max()) == (1, nv)
+    ks, rk = prvr.recall_curve(r, nv)
+    assert ks.tolist() == list(range(1, 101))
+    np.testing.assert_allclose(rk, [100.0 * np.mean(brute <= k) for k in range(1, 101)], rtol=1e-12)
+    assert 0 < rk[0] < rk[9] < rk[99] < 100
+    shown, want = prvr.metrics(data, r), eval_q2m(scores, gt)
+    assert {k: shown[k] for k in want} == want and shown["r100"] == rk[99]
+
+    ax = prvr.histogram_figure(r, nv).axes[0]
+    bars = [(p.get_x(), p.get_x() + p.get_width(), p.get_height()) for p in ax.patches]
+    assert ax.get_xscale() == "log" and 10 < len(bars) < 45  # log bins, not one per rank
+    assert all(b[1] == pytest.approx(c[0]) for b, c in zip(bars, bars[1:]))  # contiguous
+    assert [h for _, _, h in bars] == [np.sum((brute > lo) & (brute < hi)) for lo, hi, _ in bars]
+    assert sum(h for _, _, h in bars) == nq  # every rank, 1 and 150 included, in a bar
+    res = prvr.render(EvalDir(d, "prvr", "eval", {}), tmp_path, "e0_prvr")
+    assert [png_size(tmp_path / f.file) for f in res["figures"]] == [(640, 360), (640, 360)]
+
+
 def test_t2v_ranks_are_the_metric_ranks():
     """The caption's rank in the figure title is the metric's (NaN similarities first, ties to the lower column),
     and the top-5 panels are drawn in the same order."""

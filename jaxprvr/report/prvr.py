@@ -58,12 +58,9 @@ def metrics(data: dict, r: np.ndarray) -> dict:
     return out
 
 
-def render(ev, out_dir: Path, prefix: str, **_) -> dict:
-    data = load(ev.path)
-    r = ranks(data)
-    nv = len(data["video_ids"])
+def recall_figure(r: np.ndarray, nv: int):
+    """R@K for K = 1..min(100, nv) (log K), R@1/5/10/100 marked, the chance curve ``100 K / nv`` dotted."""
     ks, rk = recall_curve(r, nv)
-    shown = []
     fig, (ax,) = grid(1, 1, 6.4, 3.6)
     ax.plot(ks, rk, color="C0", linewidth=1.5, label="R@K")
     ax.plot(ks, 100.0 * np.minimum(ks, nv) / nv, color="0.5", linestyle=":", label="chance (100 K / videos)")
@@ -81,8 +78,11 @@ def render(ev, out_dir: Path, prefix: str, **_) -> dict:
     ax.set_ylim(0, 102)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    shown.append(save(fig, out_dir, f"{prefix}_recall_at_k.png", "R@K, K = 1..100",
-                      f"{len(r)} queries over {nv} videos"))
+    return fig
+
+
+def histogram_figure(r: np.ndarray, nv: int):
+    """The ranks' histogram: one bin per rank up to 100 videos, about 40 log-spaced bins (log x axis) above."""
     fig, (ax,) = grid(1, 1, 6.4, 3.6)
     if nv <= 100:
         bins = np.arange(1, nv + 2) - 0.5
@@ -96,6 +96,15 @@ def render(ev, out_dir: Path, prefix: str, **_) -> dict:
     ax.set_xlabel("rank of the ground-truth video")
     ax.set_ylabel("queries")
     ax.grid(alpha=0.3)
-    shown.append(save(fig, out_dir, f"{prefix}_rank_histogram.png", "Rank histogram",
-                      f"median rank {np.median(r):g}, mean rank {r.mean():.2f}"))
+    return fig
+
+
+def render(ev, out_dir: Path, prefix: str, **_) -> dict:
+    data = load(ev.path)
+    r = ranks(data)
+    nv = len(data["video_ids"])
+    shown = [save(recall_figure(r, nv), out_dir, f"{prefix}_recall_at_k.png", "R@K, K = 1..100",
+                  f"{len(r)} queries over {nv} videos"),
+             save(histogram_figure(r, nv), out_dir, f"{prefix}_rank_histogram.png", "Rank histogram",
+                  f"median rank {np.median(r):g}, mean rank {r.mean():.2f}")]
     return {"figures": shown, "metrics": metrics(data, r), "notes": []}
