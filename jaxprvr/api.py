@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import types
 from pathlib import Path
@@ -224,7 +225,7 @@ def _load_folder(p: Path, config, model, ema: bool, overrides):
     # configured model's shapes (jax.eval_shape of its init; nothing is computed): orbax restores what was saved
     from parity.convert import check_shapes
 
-    abstract, abstract_state = _abstract(cfg)
+    abstract, abstract_state = abstract_variables(cfg)
     params, _ = load_params(step_dir, abstract)
     model_state = load_model_state(step_dir, abstract_state) if abstract_state else {}
     use_ema = bool((saved.get("train") or {}).get("use_ema", False)) and ema
@@ -257,8 +258,16 @@ def _checkpoint_rule(cfg, saved: dict, step_dir: Path, overrides):
     return apply_overrides(cfg, list(overrides))
 
 
-def _abstract(cfg):
-    """Shapes of ``(params, model_state)`` of ``cfg``'s model (nothing is computed)."""
+def abstract_variables(cfg):
+    """Shapes of ``(params, model_state)`` of ``cfg``'s model (``jax.eval_shape`` of its init on the task's dummy
+    batch: nothing is computed), memoised per config and ``jax_enable_x64`` (a trace costs about a second)."""
+    import jax
+
+    return _abstract_variables(cfg, bool(jax.config.jax_enable_x64))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_variables(cfg, x64: bool):
     import jax
 
     from jaxprvr.models import build_model
@@ -298,7 +307,7 @@ def _load_official(p: Path, config, model, ema: bool, overrides):
         raise
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad input file
         raise JaxprvrError(p, f"an official {cfg.model.name} checkpoint file", f"{type(e).__name__}: {e}") from None
-    check_shapes(params, _abstract(cfg)[0], p, spec.table_for(cfg.model))
+    check_shapes(params, abstract_variables(cfg)[0], p, spec.table_for(cfg.model))
     shadow = rest[0] if rest else None  # the file's EMA weights (MTM's ema_shadow with train.use_ema)
     used_ema = bool(ema and shadow is not None)
     return cfg, jax.device_put(shadow if used_ema else params), jax.device_put(model_state), used_ema

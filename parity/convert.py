@@ -365,13 +365,10 @@ def _load_config(args):
 
 
 def _abstract_params(cfg):
-    import jax
+    """The parameter shapes of ``cfg``'s model (:func:`jaxprvr.api.abstract_variables`)."""
+    from jaxprvr.api import abstract_variables
 
-    from jaxprvr.models import build_model
-    from jaxprvr.train import init_params
-
-    model = build_model(cfg.model)
-    return jax.eval_shape(lambda: init_params(model, cfg, jax.random.PRNGKey(0)))
+    return abstract_variables(cfg)[0]
 
 
 def _abstract_opt_state(params, ema: bool = False):

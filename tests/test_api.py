@@ -94,7 +94,7 @@ def _write_run(cfg, out: Path, slot: str, seed: int, ema: bool = False):
     from jaxprvr.checkpoint import Checkpoints
     from jaxprvr.optim import BertAdamState, EmaState
 
-    abstract, abstract_state = api._abstract(cfg)
+    abstract, abstract_state = api.abstract_variables(cfg)
     params, state = _random_tree(abstract, seed), _random_tree(abstract_state, seed + 1)
     opt, shadow = None, None
     if ema:
