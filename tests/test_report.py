@@ -467,6 +467,23 @@ def test_t2v_ranks_are_the_metric_ranks():
     assert true_ranks(sim, gt, ok) == [list(top_columns(sim[i], 12)).index(gt[i]) + 1 for i in ok]
 
 
+def test_t2v_demo_without_a_run_config_is_a_note_not_an_abort(tmp_path):
+    """--demo for text-video outputs outside a run (no config.json, no frames.json): the report is still written,
+    the frames are placeholders counted as unreadable, and the page says why."""
+    from jaxprvr.report import build_report
+
+    d = tmp_path / "eval"
+    d.mkdir()
+    np.save(d / "sim.npy", np.array([[0.9, 0.1, 0.2], [0.3, 0.8, 0.1], [0.2, 0.4, 0.7]], np.float32))
+    (d / "ids.json").write_text(json.dumps({"captions": ["a", "b", "c"], "video_ids": ["x", "y", "z"], "gt": [0, 1, 2]}))
+    summary = build_report(out=tmp_path / "out", evals=[d], samples=2, seed=0, demo=True)
+    (ev,) = summary["evals"]
+    assert ev["kind"] == "t2v" and ev["unreadable"] == ["x", "y", "z"] and len(ev["figures"]) == 1
+    assert any("video files not searched" in n and "a run config naming a text-video dataset" in n for n in ev["notes"])
+    html = (tmp_path / "out" / "index.html").read_text()
+    assert "video files not searched" in html and "3 video(s) could not be read" in html
+
+
 def test_official_numbers_are_the_readme_table():
     from jaxprvr.report.runs import official_numbers
 

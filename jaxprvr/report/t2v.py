@@ -59,12 +59,24 @@ def true_ranks(sim: np.ndarray, gt, rows) -> list:
     return [int(r) + 1 if ok else None for r, ok in zip(ranks, valid)]
 
 
-def video_files(ev, wanted, data_root, demo: bool, frames: dict) -> dict:
-    """``{video id: path}`` for the wanted ids that can be located (see the module docstring)."""
+def video_files(ev, wanted, data_root, demo: bool, frames: dict) -> tuple[dict, str]:
+    """``({video id: path}, why)`` for the wanted ids that can be located (see the module docstring); ``why``: the
+    error that kept the videos missing from ``frames.json`` from being searched (``""`` when they were, or when
+    neither ``--data-root`` nor ``--demo`` asked for it)."""
     out = {v: Path(frames[v]["path"]) for v in wanted if isinstance(frames.get(v), dict) and frames[v].get("path")}
     rest = [v for v in wanted if v not in out]
     if not rest or (data_root is None and not demo):
-        return out
+        return out, ""
+    try:
+        out.update(_search(ev, rest, data_root))
+    except JaxprvrError as e:  # e.g. --demo without a run config: the frames as placeholders, the page says why
+        return out, str(e)
+    return out, ""
+
+
+def _search(ev, rest, data_root) -> dict:
+    """The video files of ``rest`` in the dataset's video folder under ``data_root`` (``None``: the demo dataset of
+    the run's config)."""
     from jaxprvr.data.t2v import DATASETS, layout, walk_videos
 
     data = ev.config.get("data", {})
@@ -82,8 +94,7 @@ def video_files(ev, wanted, data_root, demo: bool, frames: dict) -> dict:
     if dataset in DATASETS:
         video_dir = layout(dataset, root, data.get("anno_path") or None, data.get("video_path") or None)[1]
         search = video_dir if video_dir.is_dir() else root
-    out.update(walk_videos(search, rest))
-    return out
+    return walk_videos(search, rest)
 
 
 def middle_frame(path: Path) -> np.ndarray:
@@ -106,17 +117,19 @@ def render(ev, out_dir: Path, prefix: str, samples: int, seed: int, data_root=No
             top.append(("true", int(gt[i])))
         panels.append(top)
     wanted = list(dict.fromkeys(vids[c] for p in panels for _, c in p))
-    files = video_files(ev, wanted, data_root, demo, data["frames"])
+    files, unsearched = video_files(ev, wanted, data_root, demo, data["frames"])
     thumbs, bad = {}, {}
     for v in wanted:
         if v not in files:
-            bad[v] = "video file not found" + ("" if data_root is not None or demo else " (pass --data-root)")
+            bad[v] = ("video file not searched (see the note above)" if unsearched else "video file not found"
+                      + ("" if data_root is not None or demo else " (pass --data-root)"))
             continue
         try:
             thumbs[v] = middle_frame(files[v])
         except JaxprvrError as e:
             bad[v] = str(e)
-    shown, notes = [], []
+    shown = []
+    notes = [f"video files not searched: {unsearched}"] if unsearched else []
     if len(picked):
         fig = new_figure(2.0 * (TOP + 1), 2.1 * len(picked), layout="constrained")
         subs = fig.subfigures(len(picked), 1, squeeze=False)[:, 0]
