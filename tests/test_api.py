@@ -11,7 +11,8 @@ and ``jaxprvr.evaluate`` (in process) evaluates it on a synthetic split. Then, o
 * MESM: ``predict_many`` over the CLI's own batches (``eval_batches.json``) and ``predict`` per video give the
   submission rows;
 * text-video: ``similarity(encode_text, encode_video)`` is the CLI's ``sim.npy``;
-* an official PyTorch file (MS-SL ``model.ckpt``, written by ``parity.convert``) loads bit-exactly in memory;
+* official PyTorch files load bit-exactly in memory: MS-SL ``model.ckpt`` and MTM ``best.ckpt`` with its
+  ``ema_shadow`` (written by ``parity.convert``), MESM's ``{model, ..., opt}`` (by ``parity.mesm``);
 * the README's "Python API" examples run against these runs and print the CLI's numbers.
 
 Each equality has a planted mutant (an input prepared differently) that the same comparison rejects.
@@ -315,6 +316,35 @@ def test_checkpoint_folders_and_official_files_load(prvr, loaded, tmp_path):
     assert "\n" not in str(e.value) and len(str(e.value)) < 600  # the first line of the cause, not tensorstore's spec
 
 
+def test_official_mtm_file_gives_its_ema_shadow(tmp_path):
+    """An official MTM ``best.ckpt`` with ``ema_shadow`` (parity.convert's writer): ``train.use_ema`` and ``ema=True``
+    give the shadow bit for bit, ``ema=False`` or ``train.use_ema`` off the raw weights; a shadow missing a tensor
+    is one error naming it."""
+    import torch
+
+    from jaxprvr.config import load_config
+    from parity.convert import write_official
+    from torch_ref.checkpoints import RESTRICTED
+
+    dims = ["model.hidden_size=16", "model.n_heads=2", "model.q_feat_size=12", "model.visual_feat_dim=16",
+            "model.max_ctx_l=8", "model.map_size=4", "train.use_ema=true"]
+    cfg = load_config("tvr", "mtm", dims)
+    abstract = api.abstract_variables(cfg)[0]
+    raw, shadow = _random_tree(abstract, 11), _random_tree(abstract, 12)
+    f = write_official(tmp_path / "best.ckpt", cfg, raw, ema_shadow=shadow)
+    m = api.load(f, config="tvr", model="mtm", overrides=dims)
+    assert m.ema and _same_tree(m.params, shadow) and not _same_tree(m.params, raw)
+    for kw in (dict(overrides=dims, ema=False), dict(overrides=dims[:-1])):
+        r = api.load(f, config="tvr", model="mtm", **kw)
+        assert not r.ema and _same_tree(r.params, raw)
+    ck = torch.load(f, map_location="cpu", pickle_module=RESTRICTED, weights_only=False)
+    key = next(iter(ck["ema_shadow"]))
+    ck["ema_shadow"].pop(key)
+    torch.save(ck, tmp_path / "cut.ckpt", pickle_module=RESTRICTED)
+    with pytest.raises(JaxprvrError, match=r"\(ema_shadow\).*1 missing: " + re.escape(key)):
+        api.load(tmp_path / "cut.ckpt", config="tvr", model="mtm", overrides=dims)
+
+
 def test_import_stays_cheap():
     code = ("import sys, jaxprvr; jaxprvr.JaxprvrError; "
             "print(sorted(m for m in ('jax', 'flax', 'orbax') if m in sys.modules))")
@@ -464,6 +494,27 @@ def test_mesm_predictions_and_readme_are_the_cli_submission(mesm, loaded, monkey
                                                   "QUERIES": [queries[q].sentence for q in it]}, loaded, monkeypatch)
     assert out.splitlines() == [queries[q].sentence + " " + " ".join(
         f"{s:g}-{e:g}s:{p:.4f}" for s, e, p in mesm["rows"][q]["pred_relevant_windows"][:3]) for q in it]
+
+
+def test_official_mesm_file_loads_bit_exactly(mesm, loaded, tmp_path):
+    """The run's parameters written as an official MESM checkpoint (``{model, ..., opt}`` + ``opt.json``,
+    parity.mesm's writer): ``jaxprvr.load`` reads them back bit for bit with the model the file's options fix; a
+    file missing a tensor is one error naming it."""
+    from parity import mesm_keys
+    from parity.mesm import save_official
+
+    run = loaded(mesm["run"], data_root=mesm["root"])
+    cfg = run.config
+    sd = mesm_keys.params_to_torch(jax.device_get(run.params), cfg.model)
+    f = save_official(tmp_path / "model_best.ckpt", cfg, sd)
+    own = ["model.clip=clip_tiny", "model.t2v_mask=per_row", "model.ss_slots=8"]  # not official options
+    m = api.load(f, config="charades", model="mesm", overrides=own, data_root=mesm["root"])
+    assert isinstance(m, api_tasks.MESMModel) and m.config.model == cfg.model
+    assert _same_tree(m.params, run.params)
+    key = next(iter(sd))
+    save_official(tmp_path / "cut.ckpt", cfg, {k: v for k, v in sd.items() if k != key})
+    with pytest.raises(JaxprvrError, match=re.escape(key)):
+        api.load(tmp_path / "cut.ckpt", config="charades", model="mesm", data_root=mesm["root"])
 
 
 # ---------------------------------------------------------------------------------------------- text-video
