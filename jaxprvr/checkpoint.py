@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -179,17 +180,20 @@ def _quiet_abandoned_reads() -> None:
     into orbax's closed asyncio loop, and their tasks are collected later, each report a traceback printed after the
     one-line error (``RuntimeError: Event loop is closed`` and ``Exception ignored in: <coroutine ...>`` through
     ``sys.unraisablehook``, ``Task exception was never retrieved`` through the ``asyncio`` logger). Installed before
-    the first read (a report may come before the error reaches us), the filters drop those reports; every other one
-    still prints."""
+    the first read (a report may come before the error reaches us), the filters drop those reports when they come
+    from orbax or tensorstore (:func:`_from_orbax`); every other one still prints."""
+    asyncio_log = logging.getLogger("asyncio")
+    if _abandoned_task_record not in asyncio_log.filters:
+        asyncio_log.addFilter(_abandoned_task_record)
     previous = sys.unraisablehook
     if getattr(previous, "jaxprvr_quiet", False):
         return
 
     def abandoned(u) -> bool:
         if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
-            return True
+            return _from_orbax(u.exc_traceback)
         code = getattr(u.object, "cr_code", None)  # a coroutine of orbax's reader, closed unfinished
-        return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        return code is not None and _orbax_file(code.co_filename)
 
     def hook(u):
         if not abandoned(u):
@@ -197,7 +201,36 @@ def _quiet_abandoned_reads() -> None:
 
     hook.jaxprvr_quiet = True
     sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(lambda r: "exception was never retrieved" not in r.getMessage())
+
+
+def _orbax_file(filename: str) -> bool:
+    return f"{os.sep}orbax{os.sep}" in filename or f"{os.sep}tensorstore{os.sep}" in filename
+
+
+def _from_orbax(tb) -> bool:
+    """Whether a traceback passes through orbax's or tensorstore's Python code, or is a callback that tensorstore
+    scheduled: ``loop.call_soon_threadsafe(callback, <tensorstore.Future>, ...)`` called from tensorstore's C++
+    thread (no Python frame of its own: what its completed reads raise into orbax's closed loop)."""
+    while tb is not None:
+        frame = tb.tb_frame
+        if _orbax_file(frame.f_code.co_filename):
+            return True
+        args = frame.f_locals.get("args")
+        if isinstance(args, tuple) and any(type(a).__module__.partition(".")[0] == "tensorstore" for a in args):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _abandoned_task_record(record: logging.LogRecord) -> bool:
+    """The ``asyncio`` logger's filter: False (dropped) for "Task exception was never retrieved" of a task of orbax
+    or tensorstore (its coroutine defined there, or its exception raised there)."""
+    if "exception was never retrieved" not in record.getMessage():
+        return True
+    exc = record.exc_info[1] if record.exc_info else None
+    from_orbax = any(_orbax_file(w) for w in re.findall(r"defined at ([^>]*?):\d+>", record.getMessage())) or \
+        (exc is not None and _from_orbax(exc.__traceback__))
+    return not from_orbax
 
 
 def _steps(slot_dir: Path) -> list[Path]:

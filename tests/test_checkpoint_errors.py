@@ -9,6 +9,7 @@ run has ``latest/{0,1}`` and ``best/1``. Each test corrupts a copy of it.
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -227,3 +228,61 @@ def test_async_saves(tmp_path):
     ck.close()  # waits: step 7 is on disk, and latest keeps two steps
     assert sorted(int(p.name) for p in (tmp_path / "ckpt" / "latest").iterdir() if p.name.isdigit()) == [6, 7]
     assert not [p for p in (tmp_path / "ckpt").rglob("*") if "tmp" in p.name]
+
+
+def test_abandoned_read_reports_are_dropped_only_from_orbax_and_tensorstore(monkeypatch, caplog):
+    """The filters of a failed read (checkpoint._quiet_abandoned_reads) drop "Event loop is closed" raised by a
+    callback tensorstore scheduled (what a truncated checkpoint gives, test_truncated_files_give_one_line) and
+    "Task exception was never retrieved" of an orbax task; the same reports from any other code still come through."""
+    import asyncio
+    import gc
+    import logging
+    import types
+
+    import tensorstore as ts
+
+    from jaxprvr import checkpoint as C
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    C._quiet_abandoned_reads()
+    assert sys.unraisablehook is not seen.append
+
+    def closed_loop_error(*args):
+        loop = asyncio.new_event_loop()
+        loop.close()
+        try:
+            loop.call_soon_threadsafe(print, *args)
+        except RuntimeError as e:
+            return types.SimpleNamespace(exc_type=RuntimeError, exc_value=e, exc_traceback=e.__traceback__,
+                                         err_msg=None, object=None)
+        raise AssertionError("a closed loop took a callback")
+
+    _, ts_future = ts.Promise.new()
+    ours = closed_loop_error(ts_future)
+    theirs = closed_loop_error("a plain argument")
+    assert str(ours.exc_value) == str(theirs.exc_value) == "Event loop is closed"
+    sys.unraisablehook(ours)
+    sys.unraisablehook(theirs)
+    assert seen == [theirs]
+
+    async def boom():
+        raise ValueError("not orbax's")
+
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(boom())
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    del task
+    gc.collect()  # the task's exception was never retrieved: asyncio logs it
+    got = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert len(got) == 1 and "Task exception was never retrieved" in got[0] and "boom()" in got[0], got
+    orbax_task = ("Task exception was never retrieved\nfuture: <Task finished name='Task-7' coro=<_read() done, "
+                  f"defined at {os.sep}venv{os.sep}site-packages{os.sep}orbax{os.sep}checkpoint{os.sep}x.py:12> "
+                  "exception=ValueError('OUT_OF_RANGE')>")
+    assert not C._abandoned_task_record(logging.LogRecord("asyncio", logging.ERROR, "", 0, orbax_task, None, None))
+    assert C._abandoned_task_record(logging.LogRecord("asyncio", logging.ERROR, "", 0, got[0], None, None))
+    assert logging.getLogger("asyncio").filters.count(C._abandoned_task_record) == 1
+    C._quiet_abandoned_reads()  # installed once
+    assert logging.getLogger("asyncio").filters.count(C._abandoned_task_record) == 1
