@@ -376,6 +376,10 @@ def test_the_run_config_is_read_with_config_from_dict(built, tmp_path):
     assert other.data.dataset == "charades_cd" and (other.data.feat_dims, other.data.val_seed) == ((8, 8), 3)
     assert eval_config(open_eval(built["mesm_eval"]), "charades") == load_config("charades", "mesm")  # no config
     assert eval_config(open_eval(built["runs"][3] / "eval")).model == load_config("msrvtt", "clip_wti", T2V).model
+    # an evaluation folder inside a run reads that run's config.json (build_report sets nothing on top)
+    from jaxprvr.report.runs import load_run
+
+    assert all(open_eval(r / "eval").config == load_run(r).config != {} for r in built["runs"][2:])
     want = moments.load_mesm(open_eval(built["mesm_eval"]), built["mesm_root"], False)["gt"]
     assert want and moments.load_mesm(ev, built["mesm_root"], False)["gt"] == want
     # a saved config whose model section this version cannot read: the figure without ground truth, and why

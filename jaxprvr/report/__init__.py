@@ -92,13 +92,15 @@ def build_report(runs=(), out="report", *, evals=(), samples: int = 8, seed: int
                 body += f'<p class="muted">Unknown model {H.esc(r.model)!s}: no table.</p>'
                 continue
             official, source = official_numbers(r.model, r.dataset)
+            computed = False
             for split, res in r.results.items():
                 table_rows = metric_rows(r.kind, res, official if split == "test" else None)
+                computed = computed or any(row.chance_computed for row in table_rows)
                 body += f"<p>split <code>{H.esc(split)}</code> ({H.esc(r.results_source)})</p>"
                 body += H.metrics_table(table_rows, with_official=bool(official) and split == "test")
             body += (f'<p class="muted">Official: {H.esc(source)} (configs/{H.esc(r.model)}/{H.esc(r.dataset)}.py)'
                      f"</p>" if source else '<p class="muted">The config quotes no official numbers.</p>')
-            if any(row.chance_computed for res in r.results.values() for row in metric_rows(r.kind, res)):
+            if computed:
                 body += '<p class="muted">* chance computed here with the task\'s function (not saved).</p>'
         sections.append(("Final metrics", body))
 
@@ -106,9 +108,7 @@ def build_report(runs=(), out="report", *, evals=(), samples: int = 8, seed: int
     found: list[EvalDir] = []
     for r in loaded:
         for d in evals_in_run(r):
-            ev = open_eval(d, r.name if d == r.path else f"{r.name}/{d.name}")
-            ev.config = r.config or ev.config
-            found.append(ev)
+            found.append(open_eval(d, r.name if d == r.path else f"{r.name}/{d.name}"))  # its config: the run's
     seen = {e.path.resolve() for e in found}
     for d in evals:
         if Path(d).resolve() not in seen:
