@@ -145,17 +145,11 @@ def load(path, *, config=None, model: str | None = None, ema: bool = True, overr
 
 
 def _class_for(task):
-    from jaxprvr import api_tasks
-    from jaxprvr.tasks.prvr import PRVRTask
-    from jaxprvr.tasks.t2v import T2VTask
-    from jaxprvr.tasks.vmr import VMRTask
-    from jaxprvr.tasks.vmr_detr import MESMTask
+    """The :class:`Loaded` subclass of ``task`` (its ``api_class``, ``"module:Class"``); a task without one gets
+    :class:`Loaded` itself (the model, its parameters and config)."""
+    from jaxprvr.registry import _load
 
-    for kind, cls in ((PRVRTask, api_tasks.PRVRModel), (VMRTask, api_tasks.MRNetModel),
-                      (MESMTask, api_tasks.MESMModel), (T2VTask, api_tasks.T2VModel)):
-        if isinstance(task, kind):
-            return cls
-    return Loaded  # a task without calls here: the model, its parameters and config
+    return _load(task.api_class) if task.api_class else Loaded
 
 
 def _saved_config(p: Path, step_dir: Path) -> dict:
@@ -290,7 +284,7 @@ def _load_official(p: Path, config, model, ema: bool, overrides):
 
     if config is None:
         raise JaxprvrError(p, "config= naming the config of this official file (a dataset or <model>/<dataset>)",
-                           "config=None", hint="e.g. jaxprvr.load(path, config='tvr', model='gmmformer_v2')")
+                           "config=None", hint="e.g. config='<dataset>', with model='<family>' when it is not the config's default")
     if isinstance(config, Config):
         cfg = apply_overrides(config, list(overrides))
     else:

@@ -345,6 +345,20 @@ def test_official_mtm_file_gives_its_ema_shadow(tmp_path):
         api.load(tmp_path / "cut.ckpt", config="tvr", model="mtm", overrides=dims)
 
 
+def test_every_family_has_its_calls():
+    """Each family's task names its jaxprvr.load class (``Task.api_class``); a task without one gets a plain Loaded."""
+    from jaxprvr import registry
+    from jaxprvr.tasks.base import Task
+
+    want = {"ms_sl": api_tasks.PRVRModel, "gmmformer": api_tasks.PRVRModel, "gmmformer_v2": api_tasks.PRVRModel,
+            "mtm": api_tasks.PRVRModel, "mrnet": api_tasks.MRNetModel, "mesm": api_tasks.MESMModel,
+            "clip_wti": api_tasks.T2VModel}
+    assert sorted(registry.names()) == sorted(want)
+    for name, cls in want.items():
+        assert api._class_for(registry.get(name).task_instance()) is cls, name
+    assert api._class_for(Task()) is api.Loaded
+
+
 def test_import_stays_cheap():
     code = ("import sys, jaxprvr; jaxprvr.JaxprvrError; "
             "print(sorted(m for m in ('jax', 'flax', 'orbax') if m in sys.modules))")

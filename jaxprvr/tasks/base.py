@@ -42,6 +42,7 @@ class Task:
     selection_metric: str = ""  # the validation metric that selects the best checkpoint
     selection_mode: str = "max"  # "max" or "min"
     demo_overrides: dict[str, str] = {}  # what --demo changes on top of a config (the family adds its own)
+    api_class: str = ""  # "module:Class" of its jaxprvr.load object (jaxprvr.api_tasks); "" gives a plain Loaded
 
     # -- data
     def demo_root(self, cfg) -> Path:

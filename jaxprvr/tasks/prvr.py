@@ -38,6 +38,7 @@ MAX_SCORE_ROWS = 1024
 
 class PRVRTask(Task):
     name = "prvr"
+    api_class = "jaxprvr.api_tasks:PRVRModel"
     batch_keys = VIDEO_KEYS + QUERY_KEYS + ("query_labels",)
     selection_metric = "sumr"
     selection_mode = "max"

@@ -174,6 +174,7 @@ def train_batches(ds: T2VSet, cfg, epoch: int, skip: int = 0, pool=None):
 
 class T2VTask(Task):
     name = "t2v"
+    api_class = "jaxprvr.api_tasks:T2VModel"
     splits = ("train", "val", "test")
     batch_keys = BATCH_KEYS
     selection_metric = "t2v/R1"

@@ -33,6 +33,7 @@ BATCH_KEYS = ("feats", "video_valid", "queries", "query_mask", "n_queries", "mom
 
 class VMRTask(Task):
     name = "vmr"
+    api_class = "jaxprvr.api_tasks:MRNetModel"
     splits = ("train", "val", "test")
     batch_keys = BATCH_KEYS
     selection_metric = "R1@0.5"

@@ -269,6 +269,7 @@ def chance_fields(gt_rows) -> dict:
 
 class MESMTask(Task):
     name = "vmr"
+    api_class = "jaxprvr.api_tasks:MESMModel"
     splits = SPLITS
     batch_keys = BATCH_KEYS
     selection_metric = "MR-full-mAP"
