@@ -86,7 +86,7 @@ class Loaded:
     source: str = ""
     data_root: str | None = None
     traces: collections.Counter = dataclasses.field(default_factory=collections.Counter, repr=False)
-    _fns: dict = dataclasses.field(default_factory=dict, repr=False)
+    _fns: dict = dataclasses.field(default_factory=dict, repr=False)  # name -> jitted function (:meth:`jit`)
 
     def __repr__(self) -> str:
         c = self.config
@@ -97,7 +97,7 @@ class Loaded:
     def name(self) -> str:
         return self.config.model.name
 
-    def jit(self, name: str, fn: Callable, **jit_kw) -> Callable:
+    def jit(self, name: str, fn: Callable) -> Callable:
         """``jax.jit(fn)`` kept under ``name`` (one per loaded model); every trace of it adds 1 to
         ``traces[name]``."""
         if name not in self._fns:
@@ -107,12 +107,8 @@ class Loaded:
                 self.traces[name] += 1  # runs while tracing only: one count per compiled shape
                 return fn(*args)
 
-            self._fns[name] = jax.jit(counted, **jit_kw)
+            self._fns[name] = jax.jit(counted)
         return self._fns[name]
-
-    @property
-    def variables(self) -> dict:
-        return {"params": self.params, **self.model_state}
 
 
 # ---------------------------------------------------------------------------------------------- load

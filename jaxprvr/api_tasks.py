@@ -13,6 +13,7 @@ theirs), so one program is compiled per bucket.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -258,16 +259,16 @@ class MESMModel(Loaded):
         """The variant's video feature files, relative to the data root (one array per file per video)."""
         return tuple(self.facts.feat_files)
 
+    @functools.cached_property
     def _text_tools(self):
-        if "text" not in self._fns:
-            from jaxprvr.data.mesm import make_tokenizer
-            from jaxprvr.tasks.vmr_detr import TextFeatures
+        """``(tokenizer, TextFeatures)`` of the config, built on first use."""
+        from jaxprvr.data.mesm import make_tokenizer
+        from jaxprvr.tasks.vmr_detr import TextFeatures
 
-            f, d = self.facts, self.config.data
-            options = {} if f.tokenizer_type == "CLIP" else {"sentence_split": d.sentence_split}
-            tok = make_tokenizer(f, self.data_root, recfw=False, pos_tagger="none", **options)
-            self._fns["text"] = (tok, TextFeatures(self.config, self.data_root, tok))
-        return self._fns["text"]
+        f, d = self.facts, self.config.data
+        options = {} if f.tokenizer_type == "CLIP" else {"sentence_split": d.sentence_split}
+        tok = make_tokenizer(f, self.data_root, recfw=False, pos_tagger="none", **options)
+        return tok, TextFeatures(self.config, self.data_root, tok)
 
     def _video(self, v, i: int) -> np.ndarray:
         """One video's model input ``(L, v_feat_dim + 2)`` from its feature files (a list of ``(T, D_k)`` arrays in
@@ -294,7 +295,7 @@ class MESMModel(Loaded):
         """``(TextRow list, sentences)`` of one video's queries (strings)."""
         from jaxprvr.data.mesm import text_row
 
-        tok, _ = self._text_tools()
+        tok, _ = self._text_tools
         sentences = [q] if isinstance(q, str) else list(q)
         if not sentences or not all(isinstance(s, str) for s in sentences):
             raise JaxprvrError(f"queries[{i}]", "sentences (str) or words_feat arrays (n, max_words_l, t_feat_dim)",
@@ -385,7 +386,7 @@ class MESMModel(Loaded):
                           contra=0)
         s = to_static(official, caps)
         if "words_id" in s:
-            _, text = self._text_tools()
+            _, text = self._text_tools
             feat = text(s.pop("words_id"))
             feat[np.asarray(s["row_group"]) < 0] = 0.0
             s["words_feat"] = feat.astype(F32)
