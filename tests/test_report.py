@@ -452,6 +452,34 @@ def test_prvr_figures_of_a_150_video_gallery(tmp_path):
     assert [png_size(tmp_path / f.file) for f in res["figures"]] == [(640, 360), (640, 360)]
 
 
+def test_mrnet_cells_lie_in_the_proposal_mask():
+    """A window is marked at the valid cell of highest IoU (brute force here), never outside the mask; a top-1
+    moment (a proposal span) at its own cell."""
+    from jaxprvr.ops.proposals import mask2d
+    from jaxprvr.report.moments import _cell
+
+    n, dur = 16, 40.0
+    valid = mask2d(n, (7, 4))
+    step = dur / n
+
+    def brute(s, e):
+        best, at = -1.0, None
+        for i, j in zip(*np.nonzero(valid)):
+            a, b = i * step, (j + 1) * step
+            iou = max(0.0, min(b, e) - max(a, s)) / (max(b, e) - min(a, s))
+            if iou > best + 1e-6:
+                best, at = iou, (int(i), int(j))
+        return at
+
+    assert not valid[1, 11] and _cell([2.5, 30.0], dur, valid) == brute(2.5, 30.0)  # clips 1..11: not a proposal
+    assert valid[_cell([2.5, 30.0], dur, valid)]
+    rng = np.random.default_rng(0)
+    for s, e in np.sort(rng.uniform(0, dur, (50, 2)), axis=1):
+        assert _cell([s, e], dur, valid) == brute(s, e), (s, e)
+    assert _cell([4 * step, 12 * step, 0.9], dur, valid) == (4, 11) and valid[4, 11]
+    assert _cell([0.0, 1.0], dur, np.zeros((n, n), bool)) is None
+
+
 def test_t2v_ranks_are_the_metric_ranks():
     """The caption's rank in the figure title is the metric's (NaN similarities first, ties to the lower column),
     and the top-5 panels are drawn in the same order."""

@@ -4,7 +4,8 @@ predicted windows with their scores, and (MRNet) the 2-D score maps.
 * MRNet (``--save-predictions DIR``, :func:`jaxprvr.tasks.vmr.save_predictions`): ``predictions.json`` holds per
   query ``vid, query_id, query_rank, duration, gt, pred`` (ranked ``[start, end, score]`` in seconds) and
   ``score_maps.npz`` the ``<vid>/contrastive`` and ``<vid>/iou`` maps (queries in rank order, N x N, zero outside
-  the proposal mask; cell (i, j) is the moment ``[i D / N, (j + 1) D / N]``).
+  the proposal mask; cell (i, j) is the moment ``[i D / N, (j + 1) D / N]``). A window is marked on the map at the
+  cell inside the mask of highest IoU with it.
 * MESM (:meth:`jaxprvr.tasks.vmr_detr.MESMTask.save_outputs`): ``<dataset>_<split>_submission.jsonl``, the official
   rows ``qid, query, vid, pred_relevant_windows`` (ranked, seconds). They carry neither the ground truth nor the
   duration: with ``--data-root`` (or ``--demo``) both are read from the split's annotation
@@ -41,12 +42,20 @@ def load_mrnet(path: Path) -> dict:
     return {"queries": queries, "maps": maps, "metrics": metrics}
 
 
-def _cell(window, duration: float, n: int) -> tuple[int, int]:
-    """The proposal cell (start clip i, end clip j) nearest to ``window`` on an ``n``-clip grid."""
-    s, e = float(window[0]), float(window[1])
-    i = int(np.clip(np.floor(s / duration * n + 1e-6), 0, n - 1))
-    j = int(np.clip(np.ceil(e / duration * n - 1e-6) - 1, i, n - 1))
-    return i, j
+def _cell(window, duration: float, valid: np.ndarray) -> tuple[int, int] | None:
+    """The proposal cell (start clip i, end clip j) among ``valid`` (``(n, n)`` bool: the map's cells inside the
+    proposal mask) whose span has the highest IoU with ``window`` (seconds; the training target's IoU,
+    :func:`jaxprvr.ops.proposals.moment_to_iou2d`; the first maximum in row-major order); ``None`` without a valid
+    cell."""
+    from jaxprvr.ops.proposals import moment_to_iou2d
+
+    valid = np.asarray(valid, bool)
+    if not valid.any():
+        return None
+    iou = moment_to_iou2d(np.asarray(window[:2], np.float32), duration, valid.shape[-1])
+    iou = np.where(valid, np.nan_to_num(iou, nan=-1.0), -2.0)
+    i, j = np.unravel_index(int(np.argmax(iou)), iou.shape)
+    return int(i), int(j)
 
 
 # ---------------------------------------------------------------------------------------------- MESM
@@ -170,10 +179,10 @@ def render_vmr(ev, out_dir: Path, prefix: str, samples: int, seed: int, **_) -> 
         if maps is not None and key in maps.files:
             rank = int(q.get("query_rank", 0))
             c, u = maps[key][rank], maps[f"{q['vid']}/iou"][rank]
-            n = c.shape[-1]
+            valid = (c != 0) | (u != 0)  # the saved maps are zero outside the proposal mask
             dur = float(q["duration"])
-            maps_items.append({"title": title, "contrastive": c, "iou": u, "gt_cell": _cell(q["gt"], dur, n),
-                               "pred_cell": _cell(q["pred"][0], dur, n) if q["pred"] else None})
+            maps_items.append({"title": title, "contrastive": c, "iou": u, "gt_cell": _cell(q["gt"], dur, valid),
+                               "pred_cell": _cell(q["pred"][0], dur, valid) if q["pred"] else None})
     shown = []
     if items:
         shown.append(save(timeline_figure(items), out_dir, f"{prefix}_timelines.png",
