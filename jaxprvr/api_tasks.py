@@ -130,6 +130,8 @@ class PRVRModel(Loaded):
         of every query against every video; with ``branches`` a dict of the per-branch matrices and ``"fused"``.
         ``queries``: :meth:`encode_queries`; ``videos``: :meth:`encode_videos` of the whole gallery (MTM's video
         branch refines each query over all the videos given)."""
+        import jax
+
         from jaxprvr.tasks.prvr import MAX_SCORE_ROWS, SCORE_ELEMENTS
 
         q = np.asarray(queries, F32)
@@ -145,16 +147,20 @@ class PRVRModel(Loaded):
         gallery = {k: pad_rows(np.asarray(v), size_v) for k, v in videos.items()}
         gallery["video_valid"] = pad_rows(np.ones((nv,), F32), size_v)
         # query rows per call: a power of two keeping the (queries, videos, rows per video) similarity tensor near
-        # the evaluator's SCORE_ELEMENTS (rows are independent: the block changes the speed, never a score)
+        # the evaluator's SCORE_ELEMENTS (rows are independent: the block changes the speed, and a score by float
+        # rounding only). Evaluator.score_matrix is not reused: it marks every given video valid and sizes its
+        # blocks by data.eval_query_bsz, where the API pads the gallery to a bucket (invalid videos, which MTM's
+        # refiner skips) and compiles once per bucket.
         per_video = sum(int(np.prod(v.shape[1:-1])) for v in gallery.values() if np.ndim(v) >= 3) or 1
         cap = max(int(min(SCORE_ELEMENTS // (size_v * per_video), MAX_SCORE_ROWS)), 1)
         size_q = min(bucket(len(q)), max(BUCKET_MIN, 1 << (cap.bit_length() - 1)))
         fn = self.jit("score", lambda p, qb, g: self.model.apply({"params": p}, qb, g, method=self.model.score))
+        gallery = jax.device_put(gallery)  # once: every query block scores against the same device arrays
+        outs = [(fn(self.params, pad_rows(q[lo:hi], size_q), gallery), hi - lo) for lo, hi in _chunks(len(q), size_q)]
         mats: dict = {}
-        for lo, hi in _chunks(len(q), size_q):
-            out = fn(self.params, pad_rows(q[lo:hi], size_q), gallery)
-            for k, v in out.items():
-                mats.setdefault(k, []).append(np.asarray(v)[: hi - lo, :nv])
+        for out, n in outs:  # fetched after every block is dispatched
+            for k, v in jax.device_get(out).items():
+                mats.setdefault(k, []).append(np.asarray(v)[:n, :nv])
         mats = {k: np.concatenate(v, 0) for k, v in mats.items()}
         weights = self.model.branch_weights()
         mats["fused"] = sum(weights[k] * mats[k] for k in weights)

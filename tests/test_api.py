@@ -221,6 +221,11 @@ def test_prvr_scores_weights_and_readme_are_the_cli_evaluation(prvr, loaded, mon
     got = eval_q2m(s, ds.query_video_index)
     for k in ("r1", "r5", "r10", "r100", "sumr", "medr", "meanr"):
         assert got[k] == prvr["res"][k], k
+    import jaxprvr.tasks.prvr as prvr_task
+
+    with monkeypatch.context() as mp:  # queries in blocks of 8 (two calls, the last one padded): the same matrix
+        mp.setattr(prvr_task, "MAX_SCORE_ROWS", 8)
+        np.testing.assert_allclose(m.scores(q, v), s, rtol=1e-6, atol=1e-7, equal_nan=False)  # another program
     branches = m.scores(q, v, branches=True)
     w = m.model.branch_weights()
     assert set(branches) == {"clip", "frame", "fused"} and np.array_equal(branches["fused"], s)
