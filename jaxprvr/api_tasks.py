@@ -438,7 +438,7 @@ class T2VModel(Loaded):
         ids, mask, _ = clip_sequences(texts, self.config.model.max_words)
         ids, mask = ids.astype(np.int32), mask.astype(np.int32)
         fn = self.jit("text", lambda p, x: self.model.apply({"params": p}, x, method="text_features"))
-        return {"features": self._blocks(fn, [ids], len(ids), copy_last=False), "mask": mask}
+        return {"features": self._blocks(fn, [ids], len(ids)), "mask": mask}
 
     def _clip(self, v, i: int):
         """One video as ``(float32 [max_frames, 3, R, R], int32 mask)``: a file (decoded, sampled and preprocessed as
@@ -476,48 +476,46 @@ class T2VModel(Loaded):
         video = np.stack([c[0] for c in clips])
         mask = np.stack([c[1] for c in clips]).astype(np.int32)
         fn = self.jit("video", lambda p, x, mk: self.model.apply({"params": p}, x, mk, method="video_features"))
-        return {"features": self._blocks(fn, [video, mask], len(items), copy_last=True), "mask": mask}
+        return {"features": self._blocks(fn, [video, mask], len(items)), "mask": mask}
 
-    def _blocks(self, fn, arrays, n, copy_last):
-        """``fn(params, *arrays)`` in bucket-padded blocks; float inputs padded with copies of the last row (finite
-        norms), others with zeros, as the evaluator pads its blocks."""
+    def _blocks(self, fn, arrays, n):
+        """``fn(params, *arrays)`` in bucket-padded blocks, padded as the evaluator pads its blocks
+        (:func:`jaxprvr.tasks.t2v._pad`: float rows with copies of the last row, for finite norms; others with
+        zeros)."""
+        from jaxprvr.tasks.t2v import _pad
+
         outs = []
         size = bucket(min(n, MAX_ROWS))
         for lo, hi in _chunks(n, size):
-            args = [_pad_copy(a[lo:hi], size) if copy_last and a.dtype.kind == "f" else pad_rows(a[lo:hi], size)
-                    for a in arrays]
-            outs.append(np.asarray(fn(self.params, *args))[: hi - lo])
+            outs.append(np.asarray(fn(self.params, *[_pad(a[lo:hi], size) for a in arrays]))[: hi - lo])
         return np.concatenate(outs, 0)
 
     def similarity(self, text, video) -> np.ndarray:
-        """``(Nt, Nv)`` float32 WTI logits of :meth:`encode_text` against :meth:`encode_video` outputs (in
-        bucket-padded blocks; each entry depends on its pair only)."""
+        """``(Nt, Nv)`` float32 WTI logits of :meth:`encode_text` against :meth:`encode_video` outputs, in blocks of
+        at most ``data.sim_block`` rows a side (bucket-padded as :func:`jaxprvr.tasks.t2v._pad` pads the
+        evaluator's: copies of the last row, masks with 1; each entry depends on its pair only)."""
+        import jax
+
+        from jaxprvr.tasks.t2v import _pad
+
         for name, x in (("text", text), ("video", video)):
             if not isinstance(x, dict) or set(x) != {"features", "mask"}:
                 raise JaxprvrError(f"similarity({name})", f"the dict of encode_{name}", type(x).__name__)
         tf, tm = np.asarray(text["features"], F32), np.asarray(text["mask"], np.int32)
         vf, vm = np.asarray(video["features"], F32), np.asarray(video["mask"], np.int32)
         nt, nv = len(tf), len(vf)
-        bt, bv = bucket(min(nt, BLOCK)), bucket(min(nv, BLOCK))
+        blk = max(int(self.config.data.sim_block), 1)
+        bt, bv = (min(bucket(min(n, blk)), blk) for n in (nt, nv))
         fn = self.jit("similarity", lambda p, a, am, b, bm: self.model.apply({"params": p}, a, am, b, bm,
                                                                              method="similarity"))
+        videos = [(b0, b1, jax.device_put((_pad(vf[b0:b1], bv), _pad(vm[b0:b1], bv, fill=1))))
+                  for b0, b1 in _chunks(nv, bv)]  # padded and sent once, not once per text block
         out = np.zeros((nt, nv), F32)
         for a0, a1 in _chunks(nt, bt):
-            ta, ma = _pad_copy(tf[a0:a1], bt), pad_rows(tm[a0:a1], bt, 1)
-            for b0, b1 in _chunks(nv, bv):
-                s = np.asarray(fn(self.params, ta, ma, _pad_copy(vf[b0:b1], bv), pad_rows(vm[b0:b1], bv, 1)))
-                out[a0:a1, b0:b1] = s[: a1 - a0, : b1 - b0]
+            ta, ma = jax.device_put((_pad(tf[a0:a1], bt), _pad(tm[a0:a1], bt, fill=1)))
+            for b0, b1, (vb, mb) in videos:
+                out[a0:a1, b0:b1] = np.asarray(fn(self.params, ta, ma, vb, mb))[: a1 - a0, : b1 - b0]
         return out
-
-
-BLOCK = 64  # rows of each side per similarity call
-
-
-def _pad_copy(a: np.ndarray, size: int) -> np.ndarray:
-    """``a`` padded to ``size`` rows with copies of its last row."""
-    if len(a) == size:
-        return a
-    return np.concatenate([a, np.repeat(a[-1:], size - len(a), axis=0)], 0)
 
 
 __all__ = ["PRVRModel", "MRNetModel", "MESMModel", "T2VModel"]

@@ -572,6 +572,15 @@ def test_t2v_similarity_and_readme_are_the_cli_similarity(t2v, loaded, monkeypat
     sim = m.similarity(t, v)
     cols = [ds.video_ids.index(c) for c in t2v["ids"]["video_ids"]]  # the CLI's columns (pairs protocol)
     np.testing.assert_allclose(sim[:, cols], t2v["sim"], rtol=1e-5, atol=1e-6)
+    # data.sim_block 2: 3 x 3 calls on blocks of 2 texts x 2 videos (the last ones padded), the same matrix
+    import dataclasses
+
+    small = dataclasses.replace(m, config=dataclasses.replace(m.config, data=dataclasses.replace(
+        m.config.data, sim_block=2)), _fns={})
+    real, calls = jax.jit(lambda p, *a: m.model.apply({"params": p}, *a, method="similarity")), []
+    small._fns["similarity"] = lambda p, *a: calls.append(tuple(len(x) for x in a)) or real(p, *a)
+    np.testing.assert_allclose(small.similarity(t, v), sim, rtol=1e-6, atol=1e-6, equal_nan=False)
+    assert calls == [(2, 2, 2, 2)] * 9
     frames = [ds.video(i)[0][: int(ds.video(i)[1].sum())] for i in range(ds.n_videos)]  # preprocessed frames
     np.testing.assert_allclose(m.similarity(t, m.encode_video(frames))[:, cols], t2v["sim"], rtol=1e-5, atol=1e-6)
     # mutant: the frames in reverse order (seqTransf's positions) -> another similarity
