@@ -190,8 +190,8 @@ class MRNetModel(Loaded):
         """One video: per query a ``(k, 3)`` float32 array ``[start, end, score]`` (seconds), best first, ``k <=
         topk`` (default ``data.topk``). ``video_feats``: the stored ``(T, input_size)`` features (each row
         L2-normalised, then averaged to ``num_pre_clips`` rows, as :meth:`jaxprvr.data.mmn_format.MMNDataset.
-        video_features`); ``queries``: ``(n, text_dim)`` query features (``python -m jaxprvr.preprocess.vmr
-        text`` computes them from sentences). The queries of a video are encoded together (MRNet's retention runs
+        video_features`); ``queries``: ``(n, text_dim)`` query features, or one query ``(text_dim,)`` (``python -m
+        jaxprvr.preprocess.vmr text`` computes them from sentences). The queries of a video are encoded together (MRNet's retention runs
         over ``[queries ; clips]``, the query's position its rank), so a query's windows depend on the others
         given and their order, as officially (the evaluation orders them by start time)."""
         return self.predict_many([video_feats], [queries], [duration], topk=topk)[0]
@@ -222,7 +222,12 @@ class MRNetModel(Loaded):
             v = np.asarray(v)
             v = v.astype(F32) if v.dtype == np.float16 else v
             _check_width([v], m.input_size, f"video_feats[{i}]", "model.input_size")
-            q = np.asarray(q, F32).reshape(-1, m.text_dim) if np.size(q) % m.text_dim == 0 else np.asarray(q)
+            q = np.asarray(q, F32)
+            if q.ndim == 1:  # one query
+                q = q[None]
+            if q.ndim != 2:
+                raise JaxprvrError(f"queries[{i}]", f"query features (n, {m.text_dim}) or one query ({m.text_dim},)",
+                                   f"shape {q.shape}")
             _check_width([q], m.text_dim, f"queries[{i}]", "model.text_dim")
             feats.append(avgfeats(l2_normalize_rows(v), m.num_pre_clips).astype(F32))
             qs.append(q)

@@ -408,7 +408,15 @@ def test_mrnet_predictions_and_readme_are_the_cli_predictions(mrnet, loaded, mon
             np.testing.assert_allclose(g[:, 2], want[:, 2], rtol=1e-5, atol=1e-6)
             n += 1
     assert n == len(mrnet["preds"])
-    r = ds.record(0)  # mutant: the queries in another order (MRNet's positions are the ranks)
+    r = ds.record(0)  # one query: (text_dim,) is (1, text_dim); other shapes are one error line
+    one = m.predict(ds.raw_video(r.vid), r.queries[0], duration=r.duration)
+    assert len(one) == 1 and np.array_equal(one[0], m.predict(ds.raw_video(r.vid), r.queries[:1],
+                                                              duration=r.duration)[0])
+    with pytest.raises(JaxprvrError, match=r"queries\[0\]\[0\]: expected features of width 16"):
+        m.predict(ds.raw_video(r.vid), np.ones(32, np.float32), duration=r.duration)  # not two queries
+    with pytest.raises(JaxprvrError, match=r"queries\[0\]: expected query features \(n, 16\)"):
+        m.predict(ds.raw_video(r.vid), np.ones((2, 2, 16), np.float32), duration=r.duration)
+    # mutant: the queries in another order (MRNet's positions are the ranks)
     got = m.predict(ds.raw_video(r.vid), r.queries[::-1], duration=r.duration)[::-1]
     assert any(not np.array_equal(g, np.asarray(mrnet["preds"][q]["pred"], np.float32)) for q, g in
                zip(r.query_ids, got))
