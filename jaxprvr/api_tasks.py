@@ -198,7 +198,8 @@ class MRNetModel(Loaded):
 
     def predict_many(self, videos: Sequence, queries: Sequence, durations: Sequence[float],
                      topk: int | None = None) -> list:
-        """:meth:`predict` for several videos in one batch (videos do not interact): a list per video."""
+        """:meth:`predict` for several videos, batched (videos do not interact): at most ``data.eval_batch_size``
+        videos a call (rounded down to a bucket: 1, 2, 4, ... 64, then multiples of 64). A list per video."""
         import jax
 
         from jaxprvr.data.mmn_format import avgfeats, l2_normalize_rows
@@ -231,25 +232,29 @@ class MRNetModel(Loaded):
             _check_width([q], m.text_dim, f"queries[{i}]", "model.text_dim")
             feats.append(avgfeats(l2_normalize_rows(v), m.num_pre_clips).astype(F32))
             qs.append(q)
-        b, slots = bucket(len(feats), minimum=1), bucket(max(len(q) for q in qs))
-        batch = {"feats": np.zeros((b, m.num_pre_clips, m.input_size), F32), "video_valid": np.zeros((b,), F32),
-                 "queries": np.zeros((b, slots, m.text_dim), F32), "query_mask": np.zeros((b, slots), F32),
-                 "n_queries": np.zeros((b,), np.int32)}
-        for i, (f, q) in enumerate(zip(feats, qs)):
-            batch["feats"][i], batch["video_valid"][i], batch["n_queries"][i] = f, 1.0, len(q)
-            batch["queries"][i, :len(q)], batch["query_mask"][i, :len(q)] = q, 1.0
-
         def forward(p, state, bt):
             out, _ = self.model.apply({"params": p, **state}, bt, train=False)
             return out["contrastive_scores"], out["iou_scores"]
 
-        c, u = jax.device_get(self.jit("forward", forward)(self.params, self.model_state, batch))
+        fn = self.jit("forward", forward)
         mask = np.asarray(mask2d(m.num_clips, m.pooling_counts), bool)
         out = []
-        for i, q in enumerate(qs):
-            p, _ = predict_moments_padded(c[i, :len(q)], u[i, :len(q)], mask, F32(durs[i]), d.contrastive_score_pow,
-                                          d.nms_thresh, topk)
-            out.append([row[~np.isnan(row[:, 0])] for row in p])
+        # at most data.eval_batch_size videos per call (what the evaluation holds at once), rounded down to a bucket
+        most = max(int(d.eval_batch_size), 1)
+        most = 1 << (most.bit_length() - 1) if most <= 64 else most // 64 * 64
+        for lo, hi in _chunks(len(feats), most):
+            b, slots = bucket(hi - lo, minimum=1), bucket(max(len(q) for q in qs[lo:hi]))
+            batch = {"feats": np.zeros((b, m.num_pre_clips, m.input_size), F32), "video_valid": np.zeros((b,), F32),
+                     "queries": np.zeros((b, slots, m.text_dim), F32), "query_mask": np.zeros((b, slots), F32),
+                     "n_queries": np.zeros((b,), np.int32)}
+            for r, (f, q) in enumerate(zip(feats[lo:hi], qs[lo:hi])):
+                batch["feats"][r], batch["video_valid"][r], batch["n_queries"][r] = f, 1.0, len(q)
+                batch["queries"][r, :len(q)], batch["query_mask"][r, :len(q)] = q, 1.0
+            c, u = jax.device_get(fn(self.params, self.model_state, batch))
+            for r, q in enumerate(qs[lo:hi]):
+                p, _ = predict_moments_padded(c[r, :len(q)], u[r, :len(q)], mask, F32(durs[lo + r]),
+                                              d.contrastive_score_pow, d.nms_thresh, topk)
+                out.append([row[~np.isnan(row[:, 0])] for row in p])
         return out
 
 

@@ -408,6 +408,22 @@ def test_mrnet_predictions_and_readme_are_the_cli_predictions(mrnet, loaded, mon
             np.testing.assert_allclose(g[:, 2], want[:, 2], rtol=1e-5, atol=1e-6)
             n += 1
     assert n == len(mrnet["preds"])
+    # every video in one predict_many: calls of at most data.eval_batch_size (4) videos, the same windows
+    recs = [ds.record(i) for i in range(len(ds))]
+    assert len(recs) > m.config.data.eval_batch_size == 4
+    real, calls = m._fns["forward"], []
+    m._fns["forward"] = lambda p, st, b: calls.append(len(b["feats"])) or real(p, st, b)
+    try:
+        many = m.predict_many([ds.raw_video(r.vid) for r in recs], [r.queries for r in recs],
+                              [r.duration for r in recs])
+    finally:
+        m._fns["forward"] = real
+    assert calls == [4, 1] and len(many) == len(recs)
+    for r, got in zip(recs, many):
+        for qid, g in zip(r.query_ids, got):
+            want = np.asarray(mrnet["preds"][qid]["pred"], np.float32)
+            assert g.shape == want.shape and np.array_equal(g[:, :2], want[:, :2]), qid
+            np.testing.assert_allclose(g[:, 2], want[:, 2], rtol=1e-5, atol=1e-6, equal_nan=False)
     r = ds.record(0)  # one query: (text_dim,) is (1, text_dim); other shapes are one error line
     one = m.predict(ds.raw_video(r.vid), r.queries[0], duration=r.duration)
     assert len(one) == 1 and np.array_equal(one[0], m.predict(ds.raw_video(r.vid), r.queries[:1],
