@@ -217,7 +217,7 @@ def test_prvr_scores_weights_and_readme_are_the_cli_evaluation(prvr, loaded, mon
     ds, qf, vf = _prvr_inputs(prvr, m)
     q, v = m.encode_queries(qf), m.encode_videos(vf)
     s = m.scores(q, v)
-    np.testing.assert_allclose(s, prvr["scores"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s, prvr["scores"], rtol=1e-5, atol=1e-6, equal_nan=False)
     got = eval_q2m(s, ds.query_video_index)
     for k in ("r1", "r5", "r10", "r100", "sumr", "medr", "meanr"):
         assert got[k] == prvr["res"][k], k
@@ -229,7 +229,8 @@ def test_prvr_scores_weights_and_readme_are_the_cli_evaluation(prvr, loaded, mon
     branches = m.scores(q, v, branches=True)
     w = m.model.branch_weights()
     assert set(branches) == {"clip", "frame", "fused"} and np.array_equal(branches["fused"], s)
-    np.testing.assert_allclose(s, w["clip"] * branches["clip"] + w["frame"] * branches["frame"], rtol=1e-6)
+    np.testing.assert_allclose(s, w["clip"] * branches["clip"] + w["frame"] * branches["frame"], rtol=1e-6,
+                               equal_nan=False)
     # mutant: query tokens not L2-normalised -> not the CLI's scores
     import jaxprvr.data.sampling as sampling
 
@@ -266,7 +267,8 @@ def test_calls_compile_once_per_bucket(prvr, loaded):
     assert m.traces["encode_query"] == 1
     m.encode_queries(qf[:9])  # a bucket of 16
     assert m.traces == {"encode_query": 2}
-    np.testing.assert_allclose(np.concatenate([a, b]), full.encode_queries(qf)[:8], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate([a, b]), full.encode_queries(qf)[:8], rtol=1e-5, atol=1e-6,
+                               equal_nan=False)
 
 
 def test_checkpoint_folders_and_official_files_load(prvr, loaded, tmp_path):
@@ -405,7 +407,7 @@ def test_mrnet_predictions_and_readme_are_the_cli_predictions(mrnet, loaded, mon
         for qid, g in zip(r.query_ids, got):
             want = np.asarray(mrnet["preds"][qid]["pred"], np.float32)
             assert g.shape == want.shape and np.array_equal(g[:, :2], want[:, :2]), qid  # the same windows
-            np.testing.assert_allclose(g[:, 2], want[:, 2], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(g[:, 2], want[:, 2], rtol=1e-5, atol=1e-6, equal_nan=False)
             n += 1
     assert n == len(mrnet["preds"])
     # every video in one predict_many: calls of at most data.eval_batch_size (4) videos, the same windows
@@ -595,7 +597,7 @@ def test_t2v_similarity_and_readme_are_the_cli_similarity(t2v, loaded, monkeypat
     v = m.encode_video([str(ds.data.video_path(x)) for x in ds.video_ids])  # files, decoded by the API
     sim = m.similarity(t, v)
     cols = [ds.video_ids.index(c) for c in t2v["ids"]["video_ids"]]  # the CLI's columns (pairs protocol)
-    np.testing.assert_allclose(sim[:, cols], t2v["sim"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sim[:, cols], t2v["sim"], rtol=1e-5, atol=1e-6, equal_nan=False)
     # data.sim_block 2: 3 x 3 calls on blocks of 2 texts x 2 videos (the last ones padded), the same matrix
     import dataclasses
 
@@ -606,7 +608,8 @@ def test_t2v_similarity_and_readme_are_the_cli_similarity(t2v, loaded, monkeypat
     np.testing.assert_allclose(small.similarity(t, v), sim, rtol=1e-6, atol=1e-6, equal_nan=False)
     assert calls == [(2, 2, 2, 2)] * 9
     frames = [ds.video(i)[0][: int(ds.video(i)[1].sum())] for i in range(ds.n_videos)]  # preprocessed frames
-    np.testing.assert_allclose(m.similarity(t, m.encode_video(frames))[:, cols], t2v["sim"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m.similarity(t, m.encode_video(frames))[:, cols], t2v["sim"], rtol=1e-5, atol=1e-6,
+                               equal_nan=False)
     # mutant: the frames in reverse order (seqTransf's positions) -> another similarity
     rev = m.similarity(t, m.encode_video([f[::-1] for f in frames]))[:, cols]
     assert not np.allclose(rev, t2v["sim"], rtol=1e-5, atol=1e-6)
