@@ -280,7 +280,8 @@ def _load_official(p: Path, config, model, ema: bool, overrides):
 
     if config is None:
         raise JaxprvrError(p, "config= naming the config of this official file (a dataset or <model>/<dataset>)",
-                           "config=None", hint="e.g. config='<dataset>', with model='<family>' when it is not the config's default")
+                           "config=None",
+                           hint="e.g. config='<dataset>', with model='<family>' when it is not the config's default")
     if isinstance(config, Config):
         cfg = apply_overrides(config, list(overrides))
     else:

@@ -191,9 +191,9 @@ class MRNetModel(Loaded):
         topk`` (default ``data.topk``). ``video_feats``: the stored ``(T, input_size)`` features (each row
         L2-normalised, then averaged to ``num_pre_clips`` rows, as :meth:`jaxprvr.data.mmn_format.MMNDataset.
         video_features`); ``queries``: ``(n, text_dim)`` query features, or one query ``(text_dim,)`` (``python -m
-        jaxprvr.preprocess.vmr text`` computes them from sentences). The queries of a video are encoded together (MRNet's retention runs
-        over ``[queries ; clips]``, the query's position its rank), so a query's windows depend on the others
-        given and their order, as officially (the evaluation orders them by start time)."""
+        jaxprvr.preprocess.vmr text`` computes them from sentences). The queries of a video are encoded together
+        (MRNet's retention runs over ``[queries ; clips]``, the query's position its rank), so a query's windows
+        depend on the others given and their order, as officially (the evaluation orders them by start time)."""
         return self.predict_many([video_feats], [queries], [duration], topk=topk)[0]
 
     def predict_many(self, videos: Sequence, queries: Sequence, durations: Sequence[float],
