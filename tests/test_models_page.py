@@ -63,13 +63,38 @@ def test_the_page_is_current_complete_and_read_from_its_sources(capsys):
     assert page.count(cell) == 1 and page.replace(cell, f"{cell[:-2]}9)") != DOC.read_text()
 
 
-def _real_count(cfg) -> int:
+def _real_counts(cfg) -> dict[str, int]:
+    """The element count of every collection of a real initialisation (``params``, ``batch_stats``, ...). The
+    values do not matter: an rbg key compiles the init about twice as fast as threefry."""
     from jaxprvr.models import build_model
     from jaxprvr.tasks import task_for
 
     model, batch = build_model(cfg.model), task_for(cfg).dummy_batch(cfg)
-    variables = jax.jit(lambda k: model.init({"params": k}, batch, train=False))(jax.random.PRNGKey(0))
-    return sum(int(np.asarray(x).size) for x in jax.tree_util.tree_leaves(variables["params"]))
+    key = jax.random.key(0, impl="unsafe_rbg")
+    variables = jax.jit(lambda k: model.init({"params": k}, batch, train=False))(key)
+    return {c: sum(int(np.asarray(x).size) for x in jax.tree_util.tree_leaves(v)) for c, v in variables.items()}
+
+
+def _real_count(cfg) -> int:
+    return _real_counts(cfg)["params"]
+
+
+def _twin_count(cfg) -> tuple[int, int]:
+    """``(parameters, buffers)`` of the family's PyTorch twin (torch_ref: the official module tree, where BatchNorm
+    statistics are buffers and MESM's text encoder is kept outside the tree)."""
+    from torch_ref import build_model
+
+    twin = build_model(cfg.model)
+    return sum(p.numel() for p in twin.parameters()), sum(b.numel() for b in twin.buffers())
+
+
+MRNET_TINY = ["model.joint_space=16", "model.n_heads=4", "model.featpool_hidden=16", "model.predictor_hidden=8",
+              "model.ffn_dim=32", "model.input_size=24", "model.text_dim=20", "model.num_pre_clips=32",
+              "model.num_clips=16", "model.featpool_kernel=2", "model.pooling_counts=(7,4)",
+              "model.predictor_kernel=3", "model.predictor_layers=2", "model.trans_layers=1"]
+MESM_TINY = ["data.feat_dims=(16,16)", "model.hidden_dim=16", "model.nheads=2", "model.dim_feedforward=32",
+             "model.clip_width=16", "model.clip_layers=1", "model.clip_heads=2", "model.t_feat_dim=16",
+             "model.num_recfw_layers=1", "model.t2v_layers=1", "model.enc_layers=1", "model.num_recss_layers=1"]
 
 
 def test_param_count_equals_a_real_init():
@@ -78,3 +103,18 @@ def test_param_count_equals_a_real_init():
     cfg = tiny_config("ms_sl")
     assert param_count(cfg) == _real_count(cfg)
     assert param_count(tiny_config("ms_sl", extra=["model.hidden_size=34"])) != param_count(cfg)
+
+
+def test_param_count_leaves_out_batchnorm_statistics_and_the_frozen_text_tower():
+    """MRNet: the page's count is a real init's ``params`` and the PyTorch twin's parameters, the BatchNorm
+    statistics (``batch_stats``; buffers in torch) left out. MESM: the twin's parameters (its text encoder outside
+    the module tree; a real MESM init compiles for about 10 s, too long here), and the text tower's depth does not
+    change the count."""
+    mrnet = load_config("activitynet", "mrnet", MRNET_TINY)
+    real = _real_counts(mrnet)
+    twin, buffers = _twin_count(mrnet)
+    assert param_count(mrnet) == real["params"] == twin
+    assert real["batch_stats"] > 0 and buffers >= real["batch_stats"]  # present, and not counted
+    mesm = load_config("charades", "mesm", MESM_TINY)
+    assert param_count(mesm) == _twin_count(mesm)[0]
+    assert param_count(load_config("charades", "mesm", MESM_TINY + ["model.clip_layers=3"])) == param_count(mesm)
