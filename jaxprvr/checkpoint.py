@@ -208,16 +208,20 @@ def _orbax_file(filename: str) -> bool:
 
 
 def _from_orbax(tb) -> bool:
-    """Whether a traceback passes through orbax's or tensorstore's Python code, or is a callback that tensorstore
-    scheduled: ``loop.call_soon_threadsafe(callback, <tensorstore.Future>, ...)`` called from tensorstore's C++
-    thread (no Python frame of its own: what its completed reads raise into orbax's closed loop)."""
+    """Whether a traceback passes through orbax's or tensorstore's Python code, or through a frame holding a
+    tensorstore object (tensorstore has no Python frame of its own): ``loop.call_soon_threadsafe(callback,
+    <tensorstore.Future>, ...)`` called from its C++ thread (what its completed reads raise into orbax's closed loop),
+    asyncio's ``_wrap_awaitable(<tensorstore.Future>)`` (the task ``asyncio.gather`` makes of a read it awaits)."""
+    def tensorstore(v) -> bool:
+        return type(v).__module__.partition(".")[0] == "tensorstore"
+
     while tb is not None:
         frame = tb.tb_frame
         if _orbax_file(frame.f_code.co_filename):
             return True
-        args = frame.f_locals.get("args")
-        if isinstance(args, tuple) and any(type(a).__module__.partition(".")[0] == "tensorstore" for a in args):
-            return True
+        for v in frame.f_locals.values():
+            if tensorstore(v) or (isinstance(v, (tuple, list)) and any(tensorstore(a) for a in v)):
+                return True
         tb = tb.tb_next
     return False
 

@@ -278,6 +278,18 @@ def test_abandoned_read_reports_are_dropped_only_from_orbax_and_tensorstore(monk
     gc.collect()  # the task's exception was never retrieved: asyncio logs it
     got = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
     assert len(got) == 1 and "Task exception was never retrieved" in got[0] and "boom()" in got[0], got
+    # an abandoned tensorstore read that orbax awaited through asyncio.gather (a task of asyncio's _wrap_awaitable:
+    # neither its coroutine nor its frames are orbax's; the tensorstore future it awaited is in its frame)
+    promise, ts_future = ts.Promise.new()
+    loop = asyncio.new_event_loop()
+    task = asyncio.ensure_future(ts_future, loop=loop)
+    promise.set_exception(ValueError("OUT_OF_RANGE: a truncated file"))
+    loop.run_until_complete(asyncio.sleep(0.05))
+    loop.close()
+    assert task.done() and "_wrap_awaitable" in repr(task)
+    del task
+    gc.collect()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == got
     orbax_task = ("Task exception was never retrieved\nfuture: <Task finished name='Task-7' coro=<_read() done, "
                   f"defined at {os.sep}venv{os.sep}site-packages{os.sep}orbax{os.sep}checkpoint{os.sep}x.py:12> "
                   "exception=ValueError('OUT_OF_RANGE')>")
