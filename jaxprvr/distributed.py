@@ -77,13 +77,11 @@ def add_args(parser, description: str):
 
 
 def initialize_from_args(args) -> bool:
-    """:func:`initialize` from the flags of :func:`add_args` (absent ones: unset)."""
-    flag = lambda name, default=None: getattr(args, name, default)  # noqa: E731
-    heartbeat = flag("heartbeat_timeout", HEARTBEAT_TIMEOUT_S)
-    if heartbeat < 1:
-        raise JaxprvrError("--heartbeat-timeout", "a number of seconds >= 1", str(heartbeat))
-    return initialize(flag("coordinator_address"), flag("num_processes"), flag("process_id"),
-                      parse_device_ids(flag("local_device_ids")), heartbeat_timeout_s=heartbeat)
+    """:func:`initialize` from the flags of :func:`add_args` (the parsed arguments of a parser it built)."""
+    if args.heartbeat_timeout < 1:
+        raise JaxprvrError("--heartbeat-timeout", "a number of seconds >= 1", str(args.heartbeat_timeout))
+    return initialize(args.coordinator_address, args.num_processes, args.process_id,
+                      parse_device_ids(args.local_device_ids), heartbeat_timeout_s=args.heartbeat_timeout)
 
 
 def check_flags(coordinator_address: str | None, num_processes: int | None, process_id: int | None,

@@ -24,7 +24,7 @@ import jax
 
 from jaxprvr.cli import add_compile_cache_args, enable_compile_cache, run_cli
 from jaxprvr.errors import JaxprvrError
-from jaxprvr.logs import third_party_output_to
+from jaxprvr.logs import log_file, third_party_output_to
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,12 +121,10 @@ def _log_path(args) -> Path | None:
     """Where third-party warnings go instead of the terminal (as training's ``<out>/log.txt``): the
     ``--save-outputs`` folder, else the run folder ``--ckpt`` names (the one holding ``config.json``); None (left
     alone) for a bare checkpoint folder, whose layout orbax owns."""
-    pid = getattr(args, "process_id", None)
-    name = "evaluate.log.txt" if not pid else f"evaluate.log.{pid}.txt"
     if args.save_outputs:
-        return Path(args.save_outputs) / name
+        return log_file(args.save_outputs, "evaluate.log", args.process_id)
     ckpt = Path(args.ckpt)
-    return ckpt / name if (ckpt / "config.json").is_file() else None
+    return log_file(ckpt, "evaluate.log", args.process_id) if (ckpt / "config.json").is_file() else None
 
 
 def _evaluate(args, multi: bool) -> dict:

@@ -43,6 +43,12 @@ def _to_terminal(handler: logging.Handler) -> bool:
         getattr(stream, "name", None) in ("<stderr>", "<stdout>")
 
 
+def log_file(folder: str | os.PathLike, stem: str, process_id: int | None = None) -> Path:
+    """``<folder>/<stem>.txt``, or ``<folder>/<stem>.<i>.txt`` for process ``i > 0`` of a multi-process run (process
+    0, like a single-process run, keeps the plain name)."""
+    return Path(folder) / (f"{stem}.{process_id}.txt" if process_id else f"{stem}.txt")
+
+
 class _FileHandler(logging.FileHandler):
     """Opens (creates its folder and) the file at the first record, and starts it with the header line."""
 

@@ -32,7 +32,7 @@ import optax
 from jaxprvr import sharding as shd
 from jaxprvr.cli import add_compile_cache_args, enable_compile_cache, jsonable, run_cli
 from jaxprvr.errors import JaxprvrError
-from jaxprvr.logs import third_party_output_to
+from jaxprvr.logs import log_file, third_party_output_to
 from jaxprvr.tasks import task_for
 
 # ----------------------------------------------------------------------------------------------
@@ -554,9 +554,7 @@ def run(args) -> dict:
     out = Path(out)
     check_out_dir(out)  # a read-only --out or a full disk fails here, before any data is read or anything compiles
     tensorboard = None if args.tensorboard is None else Path(args.tensorboard or out / "tensorboard")
-    pid = getattr(args, "process_id", None)
-    log_name = "log.txt" if not pid else f"log.{pid}.txt"
-    with third_party_output_to(out / log_name, header=f"jaxprvr.train {cfg.model.name}/{cfg.data.dataset} --out {out}"):
+    with third_party_output_to(log_file(out, "log", args.process_id), header=f"jaxprvr.train {cfg.model.name}/{cfg.data.dataset} --out {out}"):
         root = resolve_data_root(cfg, args.data_root, args.demo)
         summary = train(cfg, root, out, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps,
                         init_from=args.init_from, tensorboard=tensorboard)

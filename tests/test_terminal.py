@@ -161,6 +161,20 @@ def test_own_warnings_reach_the_terminal_when_the_root_has_no_handler(tmp_path, 
     assert "info line" not in text
 
 
+def test_log_file_names_per_process(tmp_path):
+    """log.txt for one process and process 0, log.<i>.txt for process i > 0 (docs/usage.md); evaluate's the same with
+    the evaluate.log stem, beside --save-outputs."""
+    from jaxprvr import evaluate
+    from jaxprvr.logs import log_file
+
+    assert [log_file(tmp_path, "log", i) for i in (None, 0, 1, 12)] == \
+        [tmp_path / "log.txt", tmp_path / "log.txt", tmp_path / "log.1.txt", tmp_path / "log.12.txt"]
+    base = ["--config", "tvr", "--demo", "--ckpt", str(tmp_path / "ckpt"), "--save-outputs", str(tmp_path / "eval")]
+    for flags, name in [([], "evaluate.log.txt"), (["--process-id", "0"], "evaluate.log.txt"),
+                        (["--process-id", "3"], "evaluate.log.3.txt")]:
+        assert evaluate._log_path(evaluate.build_parser().parse_args(base + flags)) == tmp_path / "eval" / name
+
+
 # ---------------------------------------------------------------------------------------------- --out checks
 
 @pytest.fixture
