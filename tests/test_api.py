@@ -9,7 +9,8 @@ and ``jaxprvr.evaluate`` (in process) evaluates it on a synthetic split. Then, o
   EMA weights the CLI evaluated (``ema=False``: the raw ones); calls of 3 then 5 items compile once;
 * MRNet: ``predict`` gives ``predictions.json``'s ranked windows and scores;
 * MESM: ``predict_many`` over the CLI's own batches (``eval_batches.json``) and ``predict`` per video give the
-  submission rows;
+  submission rows (per_row masks); with the official head-major masks ``predict_many`` over the CLI's batch gives
+  its rows, and the same videos in another order other numbers;
 * text-video: ``similarity(encode_text, encode_video)`` is the CLI's ``sim.npy``;
 * official PyTorch files load bit-exactly in memory: MS-SL ``model.ckpt`` and MTM ``best.ckpt`` with its
   ``ema_shadow`` (written by ``parity.convert``), MESM's ``{model, ..., opt}`` (by ``parity.mesm``);
@@ -539,6 +540,35 @@ def test_mesm_predictions_and_readme_are_the_cli_submission(mesm, loaded, monkey
                                                   "QUERIES": [queries[q].sentence for q in it]}, loaded, monkeypatch)
     assert out.splitlines() == [queries[q].sentence + " " + " ".join(
         f"{s:g}-{e:g}s:{p:.4f}" for s, e, p in mesm["rows"][q]["pred_relevant_windows"][:3]) for q in it]
+
+
+def test_mesm_head_major_batches_are_the_cli_submission(mesm, loaded, tmp_path):
+    """The official head-major T2V mask (``model.t2v_mask``'s default; the fixture's run evaluates per_row): a row's
+    output depends on the other rows of its batch, so ``predict_many`` over the CLI's own batch gives its
+    submission, and the same two videos in the other order give other numbers (per_row masks would not)."""
+    hm = [o for o in MESM if not o.startswith("model.t2v_mask")] + ["model.t2v_mask=head_major"]
+    out = tmp_path / "eval"
+    _evaluate(["--config", "charades", "--model", "mesm", "--ckpt", str(mesm["run"]), "--data-root",
+               str(mesm["root"]), "--split", "test", "--save-predictions", str(out)] + _sets(hm))
+    rows = {r["qid"]: r for r in map(json.loads, (out / "charades_test_submission.jsonl").read_text().splitlines())}
+    batches = json.loads((out / "eval_batches.json").read_text())
+    m = loaded(mesm["run"], data_root=mesm["root"], overrides=["model.t2v_mask=head_major"])
+    assert m.config.model.t2v_mask == "head_major"
+    queries, feats = _mesm_split(mesm, m)
+    items = [it for batch in batches for it in _items(batch, queries)]
+    assert len(batches) == 1 and len(items) == 2  # one batch of two videos: the rows of both see each other
+    got = m.predict_many([feats(queries[it[0]].video_id) for it in items],
+                         [[queries[q].sentence for q in it] for it in items],
+                         [queries[it[0]].duration for it in items])
+    for it, windows in zip(items, got):
+        for q, w in zip(it, windows):
+            np.testing.assert_array_equal(w, np.asarray(rows[q]["pred_relevant_windows"], np.float32))
+    # the two videos in the other order (the same shapes: no compilation): other numbers
+    swapped = m.predict_many([feats(queries[it[0]].video_id) for it in items[::-1]],
+                             [[queries[q].sentence for q in it] for it in items[::-1]],
+                             [queries[it[0]].duration for it in items[::-1]])[::-1]
+    assert any(not np.array_equal(w, np.asarray(rows[q]["pred_relevant_windows"], np.float32))
+               for it, windows in zip(items, swapped) for q, w in zip(it, windows))
 
 
 def test_official_mesm_file_loads_bit_exactly(mesm, loaded, tmp_path):
