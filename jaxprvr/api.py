@@ -20,10 +20,10 @@ What ``load`` reads (docs/api.md):
 ``ema=True`` gives the EMA weights of a run trained with ``train.use_ema`` (what its validation and test used, as
 ``jaxprvr.evaluate`` without ``--no-ema``); ``ema=False`` the raw weights.
 
-The object returned is a :class:`Loaded` of the model's task: :class:`jaxprvr.api_tasks.PRVRModel`
-(``encode_queries``, ``encode_videos``, ``scores``), :class:`~jaxprvr.api_tasks.MRNetModel` and
-:class:`~jaxprvr.api_tasks.MESMModel` (``predict``), :class:`~jaxprvr.api_tasks.T2VModel` (``encode_text``,
-``encode_video``, ``similarity``). Their calls take any number of items: the batch axis is padded up to a
+The object returned is the :class:`Loaded` subclass its task names (``Task.api_class``):
+:class:`jaxprvr.api_tasks.PRVRModel` (``encode_queries``, ``encode_videos``, ``scores``),
+:class:`~jaxprvr.api_tasks.MRNetModel` and :class:`~jaxprvr.api_tasks.MESMModel` (``predict``),
+:class:`~jaxprvr.api_tasks.T2VModel` (``encode_text``, ``encode_video``, ``similarity``). Their calls take any number of items: the batch axis is padded up to a
 :func:`bucket` size and each jitted function is compiled once per bucket (``Loaded.traces`` counts the
 compilations).
 """
