@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxprvr.errors import JaxprvrError
@@ -115,6 +116,8 @@ class Checkpoints:
         _quiet_abandoned_reads()
         try:
             return self._restore(slot, step, abstract_params, abstract_opt_state)
+        except _Mismatch:  # read, but not this model's arrays: not a damaged step
+            raise
         except Exception as e:  # orbax and tensorstore raise many types (ValueError, plain Exception, ...)
             err = unreadable(self.directory / slot / str(step), _expected(abstract_opt_state), e)
         hint = None
@@ -140,7 +143,11 @@ class Checkpoints:
         if missing:  # checked first, to name it
             raise _Missing(f"no {'/, no '.join(missing)}/ item")
         out = self._managers[slot].restore(step, args=ocp.args.Composite(**items))
-        return out["params"], out.get("opt_state") if abstract_opt_state is not None else None, out["meta"]
+        where = self.directory / slot / str(step)
+        params = _checked(where / "params", out["params"], abstract_params, "parameters matching the model config")
+        opt_state = None if abstract_opt_state is None else _checked(
+            where / "opt_state", out["opt_state"], abstract_opt_state, _expected(abstract_opt_state))
+        return params, opt_state, out["meta"]
 
     def restore_model_state(self, slot: str, abstract_model_state):
         """The ``model_state`` item (BatchNorm statistics) of the slot's newest step."""
@@ -309,6 +316,30 @@ def check_saved_model(path: str | Path, model: str | None, expected: str | None 
     return meta
 
 
+
+class _Mismatch(JaxprvrError):
+    """A checkpoint read whole whose arrays are not the configured model's."""
+
+
+def _checked(where, restored, abstract, what: str):
+    """``restored`` when every leaf has the shape of ``abstract``'s (orbax restores the saved arrays whatever the
+    target's shapes: a config whose widths differ from the checkpoint's would load silently), else one error naming
+    the first differing array."""
+    got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(restored)}
+    want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+    if set(got) != set(want):
+        extra, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
+        raise _Mismatch(where, what, f"other arrays (missing {missing[:2]}, extra {extra[:2]})",
+                           hint="was it written for another model or config?")
+    bad = [k for k in want if tuple(np.shape(got[k])) != tuple(want[k].shape)]
+    if bad:
+        k = bad[0]
+        raise _Mismatch(where, f"{what}: {k} of shape {tuple(want[k].shape)}", f"shape {tuple(np.shape(got[k]))}"
+                           + (f" (and {len(bad) - 1} more arrays of other shapes)" if len(bad) > 1 else ""),
+                           hint="the config's sizes differ from the checkpoint's: match them with --set")
+    return restored
+
+
 def load_params(path: str | Path, abstract_params):
     """Restores only the parameters (and the JSON meta if present) from any accepted checkpoint path."""
     step_dir = resolve_params_dir(path)
@@ -318,7 +349,7 @@ def load_params(path: str | Path, abstract_params):
         params = ocp.StandardCheckpointer().restore(step_dir / "params", abstract_params)
     except Exception as e:  # noqa: BLE001 - any failed read (orbax and tensorstore raise many types)
         raise unreadable(step_dir / "params", "parameters matching the model config", e) from None
-    return params, meta
+    return _checked(step_dir / "params", params, abstract_params, "parameters matching the model config"), meta
 
 
 def load_model_state(path: str | Path, abstract_model_state):
@@ -329,9 +360,10 @@ def load_model_state(path: str | Path, abstract_model_state):
                            hint="a checkpoint of this model saves it; was it written for another model?")
     _quiet_abandoned_reads()
     try:
-        return ocp.StandardCheckpointer().restore(step_dir / "model_state", abstract_model_state)
+        state = ocp.StandardCheckpointer().restore(step_dir / "model_state", abstract_model_state)
     except Exception as e:  # noqa: BLE001
         raise unreadable(step_dir / "model_state", "variables matching the model config", e) from None
+    return _checked(step_dir / "model_state", state, abstract_model_state, "variables matching the model config")
 
 
 def load_ema_params(path: str | Path, abstract_params):
@@ -350,7 +382,8 @@ def load_ema_params(path: str | Path, abstract_params):
         err = unreadable(step_dir / "opt_state", "a BertAdam state with EMA weights (train.use_ema)", e)
         raise JaxprvrError(err.where, err.expected, err.found,
                            hint="pass --no-ema to evaluate the raw weights") from None
-    return opt_state.shadow
+    return _checked(step_dir / "opt_state", opt_state, abstract, "a BertAdam state with EMA weights matching the model "
+                    "config").shadow
 
 
 def abstract_tree(tree):

@@ -298,3 +298,27 @@ def test_abandoned_read_reports_are_dropped_only_from_orbax_and_tensorstore(monk
     assert logging.getLogger("asyncio").filters.count(C._abandoned_task_record) == 1
     C._quiet_abandoned_reads()  # installed once
     assert logging.getLogger("asyncio").filters.count(C._abandoned_task_record) == 1
+
+
+def test_a_checkpoint_of_other_sizes_is_refused_not_loaded(tiny_run):
+    """Orbax restores the saved arrays whatever the target's shapes; the library compares them with the configured
+    model's: another width gives one error naming the first array and both shapes (load_params, restore for
+    --resume), never the checkpoint's arrays under the wrong config. The same sizes load (the check's control)."""
+    from jaxprvr.checkpoint import load_params
+
+    a_params, a_opt = _abstract(tiny_config("ms_sl", extra=[f"model.visual_feat_dim={TINY_VISUAL}"]))
+    params, _ = load_params(tiny_run / "ckpt" / "latest", a_params)
+    assert all(np.shape(x) == y.shape for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(a_params)))
+    w_params, w_opt = _abstract(tiny_config("ms_sl", extra=[f"model.visual_feat_dim={TINY_VISUAL}",
+                                                            "model.hidden_size=16"]))
+    with pytest.raises(JaxprvrError, match=r"parameters matching the model config: .* of shape \(.*16.*\), found "
+                                           r"shape \(.*32.*\)") as e:
+        load_params(tiny_run / "ckpt" / "latest", w_params)
+    assert "params" in e.value.where and "--set" in str(e.value)
+    ck = Checkpoints(tiny_run / "ckpt", keep={"latest": 2})
+    try:
+        with pytest.raises(JaxprvrError, match="of shape") as e:
+            ck.restore("latest", w_params, w_opt)
+        assert "last readable" not in str(e.value)  # read whole: not reported as a damaged step
+    finally:
+        ck.close()
