@@ -31,10 +31,11 @@ def jsonable(x: Any) -> Any:
     return x
 
 
-def run_cli(parser, run: Callable[[Any], dict], argv=None, *, report: Callable[[dict], None] | None = None,
-            interrupted: str = "interrupted") -> int:
-    """Parses ``argv``, calls ``run(args)`` and prints its result as one JSON line."""
-    args = parser.parse_args(argv)
+def run_cli(parser, run: Callable[[Any], dict], argv=None, *, args=None,
+            report: Callable[[dict], None] | None = None, interrupted: str = "interrupted") -> int:
+    """Parses ``argv`` (unless given the parsed ``args``), calls ``run(args)`` and prints its result as one JSON
+    line."""
+    args = parser.parse_args(argv) if args is None else args
     try:
         result = run(args)
     except JaxprvrError as e:

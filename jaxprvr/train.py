@@ -586,7 +586,7 @@ def main(argv=None) -> int:
 
         print(models_page(), end="")
         return 0
-    return run_cli(parser, run, argv, report=_report,
+    return run_cli(parser, run, args=args, report=_report,
                    interrupted="interrupted: the latest checkpoint is intact; continue with --resume")
 
 

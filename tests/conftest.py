@@ -19,6 +19,10 @@ import pytest  # noqa: E402
 _CACHE = os.environ.get("JAXPRVR_TEST_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxprvr", "jit-tests"))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# ... and by the CLI subprocesses the tests start (a killed and resumed run, the terminal and CLI checks): they
+# read the programs the test process wrote instead of compiling them again (jaxprvr.cli.enable_compile_cache;
+# runs on several simulated devices or processes keep their cache off).
+os.environ.setdefault("JAXPRVR_COMPILE_CACHE", _CACHE)
 
 # The parity checks' compiler options for their tiny programs (XLA -O0, no expensive LLVM passes).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -64,21 +68,52 @@ def tiny_root(tmp_path_factory):
 # both workers. pytest-xdist's worksteal scheduler hands each of the 2 workers a contiguous half of the list
 # and later moves tests from the tail of a busy worker's queue: the long tests therefore alternate between the
 # heads of the two halves. (All at the front of the list, they all went to the first worker and the last of
-# them started 13 minutes into the run.)
+# them started 13 minutes into the run.) Tests that share a module-scoped fixture (a parity check's rows, a
+# trained run) alternate as one unit: split over the two workers, each worker computed the fixture (77 s for
+# test_parity_mesm's, 67 s for test_mesm_task's).
 SLOW_FIRST = ("tests/test_train.py", "tests/test_sharding.py", "tests/test_multihost.py", "tests/test_parity_mtm.py",
               "tests/test_bf16.py", "tests/test_parity_check.py", "tests/test_parity_mutants.py",
               "tests/test_parity_train.py", "tests/test_mtm_model.py", "tests/test_parity_metrics.py",
               "tests/test_mesm_task.py", "tests/test_mesm_model.py", "tests/test_parity_mesm.py")
 
 
+def _module(item) -> str:
+    return item.nodeid.split("::", 1)[0]
+
+
+def _unit(item) -> str:
+    """The test's module when it uses a module-scoped fixture or a session-scoped one defined in its module (a
+    trained run, a parity check), else the test itself."""
+    info = getattr(item, "_fixtureinfo", None)
+    for name in getattr(item, "fixturenames", ()):
+        for fd in info.name2fixturedefs.get(name, ()) if info is not None else ():
+            if fd.scope == "module" or (fd.scope == "session" and fd.baseid == _module(item)):
+                return _module(item)
+    return item.nodeid
+
+
 def pytest_collection_modifyitems(config, items):
     def rank(item):
-        path = item.nodeid.split("::", 1)[0]
+        path = _module(item)
         return SLOW_FIRST.index(path) if path in SLOW_FIRST else len(SLOW_FIRST)
 
     ordered = sorted(items, key=rank)  # stable: the order inside each group is kept
     slow = [it for it in ordered if rank(it) < len(SLOW_FIRST)]
     rest = ordered[len(slow):]
-    head0, head1 = slow[0::2], slow[1::2]
+    units: dict[str, list] = {}
+    for it in slow:
+        units.setdefault(_unit(it), []).append(it)
+    heads: tuple[list, list] = ([], [])
+    singles = shared = 0  # single tests and fixture-sharing units alternate separately
+    for key, unit in units.items():
+        if len(unit) > 1 or key != unit[0].nodeid:
+            heads[shared % 2].extend(unit)
+            shared += 1
+        else:
+            heads[singles % 2].extend(unit)
+            singles += 1
+    head0, head1 = heads
     cut = max(len(items) // 2 - len(head0), 0)  # the first worker's half: head0 and the first fast tests
+    while 0 < cut < len(rest) and _unit(rest[cut]) == _unit(rest[cut - 1]) != rest[cut].nodeid:
+        cut += 1  # a module whose tests share a fixture stays on one side of the cut
     items[:] = head0 + rest[:cut] + head1 + rest[cut:]

@@ -108,12 +108,15 @@ def _abstract():
     return abstract_tree(jax.eval_shape(lambda: init_params(build_model(cfg.model), cfg, jax.random.PRNGKey(0))))
 
 
+RESUME_SETS = ["train.n_epoch=2", "train.ckpt_every_steps=3", "loss.hard_negative_start_epoch=1"]
+
+
 def test_resume_after_a_kill_is_exact(tiny_root, tmp_path):
     """A training process killed (SIGKILL) after its first mid-epoch checkpoint leaves a loadable
     checkpoint, and ``--resume`` ends with the same parameters as an uninterrupted run."""
     from tests.conftest import TINY_OVERRIDES
 
-    extra = ["train.n_epoch=2", "train.ckpt_every_steps=3", "loss.hard_negative_start_epoch=1"]
+    extra = RESUME_SETS
     cfg = tiny_config("gmmformer", extra=extra)
     full = train(cfg, tiny_root, tmp_path / "full", progress=False, run_test=False)
     part = tmp_path / "part"
@@ -180,8 +183,9 @@ def test_evaluate_cli_matches_training_eval(tiny_root, tmp_path):
     from tests.conftest import TINY_OVERRIDES
 
     run = tmp_path / "run"
+    # the config of test_resume_after_a_kill_is_exact: the subprocess reads its compiled programs from the cache
     r = _cli("jaxprvr.train", "--config", "tvr", "--model", "gmmformer", "--data-root", str(tiny_root),
-             "--out", str(run), "--no-progress", "--set=train.n_epoch=1", *[f"--set={o}" for o in TINY_OVERRIDES])
+             "--out", str(run), "--no-progress", *[f"--set={o}" for o in TINY_OVERRIDES + RESUME_SETS])
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     data_sets = [f"--set={o}" for o in TINY_OVERRIDES if o.startswith("data.")]
