@@ -1,24 +1,377 @@
-"""What the side-by-side benchmarks of moment retrieval (``benchmarks.vmr``, ``benchmarks.vmr_detr``) and
-text-video retrieval (``benchmarks.t2v``) share, on top of the runner in ``benchmarks.prvr`` (one subprocess per
-measurement: ``run_worker``, ``run_columns``, ``run_sections``):
+"""The harness of the side-by-side benchmarks, JAX against the PyTorch twins: PRVR (``benchmarks.prvr``), moment
+retrieval (``benchmarks.vmr``, ``benchmarks.vmr_detr``) and text-video retrieval (``benchmarks.t2v``). Each task script
+imports it from here (none from another):
 
+* the runner: one subprocess per measurement, ``python -m <module> --worker <spec>`` (:func:`run_worker`; that
+  module's ``main`` hands the spec to :func:`worker_main` with its own table of workers), the framework columns of
+  a section (:func:`run_columns`), the common end of a ``main`` (:func:`run_sections`), partial saves
+  (:func:`_save_partial`), the device picked (:func:`pick_device`) and described (:func:`_device_desc`);
+* the clocks: median of synchronised calls (:func:`_median_timed`), warm-up calls (:func:`warm_up`), JAX's and
+  torch.compile's own compile seconds (:func:`jax_clocked`, :func:`_torch_compile_clock`), peak memory
+  (:func:`_jax_peak`, :func:`_peak_rss`), stage lines on the worker's stderr (:func:`_say`);
 * in the workers: the JAX train step timed (:func:`time_jax_train_step`), two JAX evaluation passes
   (:func:`jax_eval_passes`), the torch twin loaded (:func:`load_twin`) and its step timed
   (:func:`time_torch_steps`), one call under ``torch.profiler`` (:func:`torch_profiled`), memory readings;
 * in the driver: the torch.compile columns run last, the forward first (:func:`run_compiled_last`);
-* in the report: failure rows, the JAX ÷ torch ratio of a section, its target, memory rows, and the metric
-  dicts compared column by column (:func:`metric_diffs`).
+* in the report: the cells (:func:`_fmt_s`, :func:`_fmt_b`, :func:`_speed`, :func:`_cell`, :func:`_load`), failure
+  rows, the JAX ÷ torch ratio of a section, its target, memory rows, and the metric dicts compared column by
+  column (:func:`metric_diffs`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import resource
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-from benchmarks.prvr import (FW_LABEL, _cell, _fmt_b, _fmt_s, _jax_peak, _load, _load_weights, _median_timed, _peak_rss,
-                             _say, _speed, _torch_compile_clock, _torch_compile_setup, jax_clocked, pick_device,
-                             run_worker, warm_up)
+import numpy as np
+
+
+# ================================================================================================ clocks
+_T0 = time.perf_counter()
+
+
+def _say(msg: str) -> None:
+    """A timestamped stage line on the worker's stderr (the driver's --log; shows where a timed-out worker was)."""
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _median_timed(call, repeats: int, sync) -> tuple[float, list[float]]:
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        sync(call(i))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def warm_up(call, sync, n: int) -> list[float]:
+    """``n`` synchronised warm-up calls ``call(0..n-1)`` (compilation falls here); their seconds."""
+    firsts = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        sync(call(i))
+        firsts.append(time.perf_counter() - t0)
+        _say(f"warm-up call {i}: {firsts[-1]:.1f} s")
+    return firsts
+
+
+JAX_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",  # tracing to a jaxpr
+                      "/jax/core/compile/jaxpr_to_mlir_module_duration",  # lowering to StableHLO
+                      "/jax/core/compile/backend_compile_duration")  # XLA compilation (no persistent cache here)
+
+
+class JaxCompileClock:
+    """Seconds JAX itself reports spending in tracing, lowering and XLA compilation (``jax.monitoring`` events),
+    and the number of executables compiled, summed from the moment it is created."""
+
+    def __init__(self):
+        import jax.monitoring as mon
+
+        self.seconds = 0.0
+        self.executables = 0
+
+        def on_duration(event, duration, **_):
+            if event in JAX_COMPILE_EVENTS:
+                self.seconds += duration
+                self.executables += event == JAX_COMPILE_EVENTS[-1]
+
+        mon.register_event_duration_secs_listener(on_duration)
+
+    def read(self) -> tuple[float, int]:
+        return self.seconds, self.executables
+
+
+def jax_clocked(call, sync=None) -> tuple[object, float, float, int]:
+    """``call()`` once, synchronised by ``sync`` (default ``jax.block_until_ready``; a first call compiles): its
+    result, its seconds, and the compile seconds and executables JAX reports meanwhile (:class:`JaxCompileClock`)."""
+    import jax
+
+    clock = JaxCompileClock()
+    t0 = time.perf_counter()
+    out = (sync or jax.block_until_ready)(call())
+    seconds = time.perf_counter() - t0
+    return (out, seconds) + clock.read()
+
+
+def _torch_compile_clock() -> tuple[float, int]:
+    """(seconds, frames compiled) that torch.compile reports for this process so far: Dynamo's per-frame
+    ``entire_frame_compile_time_s`` (capture + AOTAutograd + Inductor, C++ build included) plus the backward
+    graphs AOTAutograd compiles at the first backward (``backward_cumulative_compile_time_us``)."""
+    from torch._dynamo import utils
+
+    secs, frames = 0.0, 0
+    for m in utils.get_compilation_metrics():
+        secs += (m.entire_frame_compile_time_s or 0.0) + (m.backward_cumulative_compile_time_us or 0) / 1e6
+        frames += 1
+    return secs, frames
+
+
+def _torch_compile_setup() -> None:
+    from torch._dynamo import utils
+
+    if hasattr(utils, "set_compilation_metrics_limit"):
+        utils.set_compilation_metrics_limit(100_000)  # default 64 records: all of them are summed
+
+
+def _jax_peak(device) -> int | None:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+# ================================================================================================ worker process
+def _is_gpu(spec) -> bool:
+    return spec["device"] == "gpu"
+
+
+def _torch_cpu_setup(spec) -> None:
+    """On CPU, denormal floats flushed to zero, as XLA:CPU does by default. Without it the twins' backward
+    passes run several times slower on this CPU (the Gaussian masks' exp(-x^2) tails and softmax gradients
+    produce denormals), which would flatter JAX."""
+    import torch
+
+    if not _is_gpu(spec):
+        torch.set_flush_denormal(True)
+
+
+def _load_weights(path) -> dict:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def set_matmul_precision(precision: str | None) -> None:
+    """The same float32 matmul precision in both frameworks: ``tf32`` (tensor cores: JAX ``tensorfloat32``,
+    torch ``allow_tf32``) or ``highest`` (true float32). ``None`` leaves each framework's default (JAX's GPU
+    default already uses TF32-class tensor-core passes, PyTorch's does not: not a like-for-like comparison)."""
+    if not precision:
+        return
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "tensorfloat32" if precision == "tf32" else "highest")
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
+def short_error(e: BaseException) -> str:
+    """One line naming what failed: for a torch.compile backend failure (Dynamo wraps Inductor's exception,
+    whose own first line is only "backend='inductor' raised:") the innermost exception's type and first line."""
+    inner = e
+    seen = set()
+    while id(inner) not in seen:
+        seen.add(id(inner))
+        nxt = getattr(inner, "inner_exception", None) or inner.__cause__
+        if nxt is None:
+            break
+        inner = nxt
+    lines = [ln.strip() for ln in str(inner).splitlines() if ln.strip() and not ln.strip().endswith("raised:")]
+    where = f"{type(e).__name__} <- " if inner is not e else ""
+    return f"{where}{type(inner).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def worker_main(spec_json: str, workers: dict) -> int:
+    """Runs one measurement (``workers``: task name -> function, the calling script's ``WORKERS``) and prints its
+    result as one ``@@RESULT`` JSON line."""
+    spec = json.loads(spec_json)
+    set_matmul_precision(spec.get("precision"))
+    load0 = os.getloadavg()  # other processes on the machine: a measurement taken under load is marked so
+    try:
+        result = {"ok": True, **workers[spec["task"]](spec)}
+    except Exception as e:  # reported in the table, the run goes on
+        import traceback
+
+        traceback.print_exc()
+        result = {"ok": False, "error": short_error(e)}
+    result["loadavg"] = {"start": load0, "end": os.getloadavg()}
+    print("@@RESULT " + json.dumps(result))
+    return 0
+
+
+# ================================================================================================ runner
+def _env(device: str) -> dict:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env["JAX_COMPILATION_CACHE_DIR"] = ""  # real compile times: no persistent cache in the benchmark
+    if device == "cpu":
+        env["JAX_PLATFORMS"] = "cpu"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # peak memory is then what the step uses
+    return env
+
+
+def run_worker(spec: dict, timeout: float, log, module: str = "benchmarks.prvr") -> dict:
+    """Runs ``python -m <module> --worker <spec>`` (that module's ``worker_main``) in a fresh process and returns
+    its result (or a failure row), appending its stderr to ``log``."""
+    label = " ".join(str(spec[k]) for k in ("task", "framework", "model", "impl", "L") if spec.get(k))
+    print(f"[{module}] {label} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    env = _env(spec["device"])
+    # torch.compile's on-disk caches (FX graphs, AOTAutograd, compiled C++ kernels) in a new, empty folder per
+    # worker: real compile times, as JAX runs without its persistent cache here; nothing shared with other users.
+    inductor_dir = tempfile.mkdtemp(prefix="benchmarks-prvr-inductor-")
+    env["TORCHINDUCTOR_CACHE_DIR"] = inductor_dir
+    try:
+        proc = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        shutil.rmtree(inductor_dir, ignore_errors=True)
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        log.write(f"==== {label} (timed out after {timeout:.0f} s)\n{err[-20000:]}\n")
+        log.flush()
+        print(f"[{module}]   FAILED (timed out after {timeout:.0f} s)", file=sys.stderr, flush=True)
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s", "wall_s": timeout}
+    shutil.rmtree(inductor_dir, ignore_errors=True)
+    log.write(f"==== {label}\n{proc.stderr[-20000:]}\n")
+    log.flush()
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT ")]
+    if not lines:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        print(f"[{module}]   FAILED (exit {proc.returncode})", file=sys.stderr, flush=True)
+        return {"ok": False, "error": f"exit {proc.returncode}: {tail[0][:300]}", "wall_s": time.perf_counter() - t0}
+    res = json.loads(lines[-1][len("@@RESULT "):])
+    res["wall_s"] = time.perf_counter() - t0
+    status = "ok" if res.get("ok") else f"FAILED ({res.get('error')})"
+    print(f"[{module}]   {status} in {res['wall_s']:.0f} s", file=sys.stderr, flush=True)
+    return res
+
+
+def run_columns(rows: dict, fws, spec_of, deferred: list, where, timeout: float, log, out, results: dict,
+                module: str = "benchmarks.prvr", pending: str = "pending (runs after the other sections)") -> None:
+    """Fills ``rows`` (framework -> result) with one measurement subprocess per framework column, ``spec_of(fw)``
+    its spec, saving ``results`` to ``out`` (``--out``) after each. A torch.compile column (Inductor's C++ builds:
+    the longest runs) is marked ``pending`` and queued on ``deferred`` as ``(where, spec)``, to run last."""
+    for fw in fws:
+        spec = spec_of(fw)
+        if fw == "torch_compile":
+            rows[fw] = {"ok": False, "error": pending}
+            deferred.append((where, spec))
+            continue
+        rows[fw] = run_worker(spec, timeout, log, module=module)
+        _save_partial(out, results)
+
+
+def _save_partial(out, results) -> None:
+    """Writes what has been measured so far (a run cut short by a time limit keeps its rows)."""
+    if out:
+        Path(out).write_text(json.dumps({**results, "partial": True}, indent=2, default=float))
+
+
+def run_sections(results: dict, log_path, scratch_prefix: str, run, report, out=None) -> int:
+    """The common end of a side-by-side benchmark's ``main``: ``run(log, scratch)`` fills ``results`` (the worker
+    logs to ``log_path``, scratch files in a temporary folder removed afterwards), then the total time and the
+    end load average are recorded, ``report(results)`` is printed, and ``out`` (if any) gets the JSON."""
+    t0 = time.perf_counter()
+    scratch = tempfile.mkdtemp(prefix=scratch_prefix)
+    try:
+        with open(log_path, "w") as log:
+            run(log, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    results["total_s"] = time.perf_counter() - t0
+    results["loadavg_end"] = os.getloadavg()
+    print(report(results))
+    print(f"total {results['total_s'] / 60:.1f} min; load average at the end {results['loadavg_end'][0]:.2f}; "
+          f"worker logs: {log_path}", file=sys.stderr)
+    if out:
+        Path(out).write_text(json.dumps(results, indent=2, default=float))
+    return 0
+
+
+def announce(module: str, lines: list[str]) -> None:
+    """The driver's progress lines (an equality check's verdict) on stderr, as ``[module] line``."""
+    for line in lines:
+        print(f"[{module}] {line}", file=sys.stderr, flush=True)
+
+
+def pick_device(device: str | None) -> str:
+    """``--device`` as given, or gpu when JAX (asked in a fresh process: the driver starts no backend) sees one,
+    else cpu."""
+    if device is None:
+        probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
+                               capture_output=True, text=True, timeout=300)
+        device = "gpu" if probe.stdout.strip() in ("gpu", "cuda", "rocm") else "cpu"
+    return device
+
+
+def _device_desc(device: str) -> str:
+    import platform
+
+    if device == "cpu":
+        cpu = platform.processor() or platform.machine()
+        try:
+            for ln in open("/proc/cpuinfo"):
+                if ln.startswith("model name"):
+                    cpu = ln.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        return f"CPU: {cpu}, {os.cpu_count()} cores"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        out = "unknown GPU"
+    return f"GPU: {out}; host {os.cpu_count()} cores"
+
+
+# ================================================================================================ cells
+def _fmt_s(s):
+    if s is None:
+        return "-"
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _fmt_b(b):
+    return "-" if not b else f"{b / 2**30:.2f} GiB"
+
+
+def _ratio(a, b):
+    return f"{a / b:.2f}×" if a and b else "-"
+
+
+def _speed(fw, fws, time_key) -> str:
+    """On JAX rows: PyTorch eager's time / this row's (and torch.compile's / this row's); on PyTorch rows: this
+    row's time / float32 JAX's. Above 1: JAX is faster."""
+    r, jax_row = fws[fw], fws.get("jax", {})
+    sec = r.get(time_key)
+    if not fw.startswith("jax"):
+        return _ratio(sec, jax_row.get(time_key) if jax_row.get("ok") else None)
+    out = _ratio(fws.get("torch", {}).get(time_key) if fws.get("torch", {}).get("ok") else None, sec)
+    comp = fws.get("torch_compile", {})
+    if comp.get("ok"):
+        out += f" ({_ratio(comp.get(time_key), sec)} vs compiled)"
+    return out
+
+
+FW_LABEL = {"jax": "JAX", "jax_bf16": "JAX bf16", "torch": "torch eager", "torch_compile": "torch.compile"}
+
+
+def _load(r: dict) -> str:
+    """The machine's 1-minute load average when the measurement started and when it ended (2 cores: above ~2.5,
+    other processes were competing for them)."""
+    la = r.get("loadavg")
+    return f"{la['start'][0]:.1f}→{la['end'][0]:.1f}" if la else "-"
+
+
+def _cell(msg: str, n: int = 90) -> str:
+    """A failure reason for one table cell: one line, no pipes, at most ``n`` characters."""
+    msg = " ".join(str(msg).split()).replace("|", "/")
+    return msg if len(msg) <= n else msg[: n - 1] + "…"
 
 
 # ================================================================================================ workers

@@ -54,7 +54,7 @@ Precision: on CPU both frameworks compute float32. On a GPU the run sets JAX
 ``jax_default_matmul_precision=highest`` and torch ``allow_tf32=False`` (true float32 in both; ``--matmul-precision
 tf32`` for tensor cores in both); ``--bf16`` adds JAX rows with ``model.precision=bf16``.
 
-Method (``benchmarks.prvr``'s runner and clocks): every measurement in its own subprocess (clean peak memory;
+Method (``benchmarks.common``'s runner and clocks): every measurement in its own subprocess (clean peak memory;
 torch.compile's caches in a fresh folder; no JAX persistent cache), identical inputs from a fixed seed, warm-up
 calls first, each timed call synchronised, the median of ``--repeats``; compile time as the compiler's own count
 (jax.monitoring; torch._dynamo's metrics) and as first call(s) minus steady; FLOPs from the JAX program's jaxpr
@@ -75,14 +75,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import (EVAL_TARGET, _jax_memory_analysis, _ratio_val, _rss_now, _target, _torch_peak,
-                               device_defaults, jax_eval_passes, load_twin, memory_row, parse_sections, passes_cells,
-                               precision_desc, run_compiled_last, section_rows, target_line, time_jax_train_step,
-                               time_torch_steps)
-from benchmarks.prvr import (FW_LABEL, _cell, _device_desc, _fmt_b, _fmt_s, _is_gpu, _jax_peak, _load, _load_weights,
-                             _median_timed, _peak_rss, _save_partial, _say, _speed, _torch_compile_clock,
-                             _torch_cpu_setup, announce, jax_clocked, run_columns, run_sections, run_worker,
-                             worker_main)
+from benchmarks.common import (EVAL_TARGET, FW_LABEL, _cell, _device_desc, _fmt_b, _fmt_s, _is_gpu,
+                               _jax_memory_analysis, _jax_peak, _load, _load_weights, _median_timed, _peak_rss,
+                               _ratio_val, _rss_now, _save_partial, _say, _speed, _target, _torch_compile_clock,
+                               _torch_cpu_setup, _torch_peak, announce, device_defaults, jax_clocked, jax_eval_passes,
+                               load_twin, memory_row, parse_sections, passes_cells, precision_desc, run_columns,
+                               run_compiled_last, run_sections, run_worker, section_rows, target_line,
+                               time_jax_train_step, time_torch_steps, worker_main)
 from torch_ref.t2v_eval import official_compute_metrics
 
 MODULE = "benchmarks.t2v"

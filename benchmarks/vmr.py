@@ -65,14 +65,13 @@ import time
 
 import numpy as np
 
-from benchmarks.common import (EVAL_TARGET, NO_JAX_EVAL, _jax_memory_analysis, _mem, _ratio_val, _rss_now, _torch_peak,
-                               device_defaults, jax_eval_passes, load_twin, memory_row, metric_diffs, parse_sections,
-                               passes_cells, precision_desc, run_compiled_last, section_rows, target_line,
-                               time_jax_train_step, time_torch_steps, torch_profiled)
-from benchmarks.prvr import (FW_LABEL, _cell, _device_desc, _fmt_b, _fmt_s, _is_gpu, _jax_peak, _load, _load_weights,
-                             _median_timed, _peak_rss, _ratio, _save_partial, _say, _speed, _torch_compile_clock,
-                             _torch_cpu_setup, announce, jax_clocked, run_columns, run_sections, run_worker,
-                             worker_main)
+from benchmarks.common import (EVAL_TARGET, FW_LABEL, NO_JAX_EVAL, _cell, _device_desc, _fmt_b, _fmt_s, _is_gpu,
+                               _jax_memory_analysis, _jax_peak, _load, _load_weights, _median_timed, _mem, _peak_rss,
+                               _ratio, _ratio_val, _rss_now, _save_partial, _say, _speed, _torch_compile_clock,
+                               _torch_cpu_setup, _torch_peak, announce, device_defaults, jax_clocked, jax_eval_passes,
+                               load_twin, memory_row, metric_diffs, parse_sections, passes_cells, precision_desc,
+                               run_columns, run_compiled_last, run_sections, run_worker, section_rows, target_line,
+                               time_jax_train_step, time_torch_steps, torch_profiled, worker_main)
 
 CONFIGS = ("activitynet", "tacos", "charades")
 SECTIONS = ("train", "eval", "forward", "retention", "memory", "conv", "profile")

@@ -74,12 +74,12 @@ import time
 
 import numpy as np
 
-from benchmarks.common import (EVAL_TARGET, NO_JAX_EVAL, _ratio_val, _rss_now, _torch_peak, device_defaults,
+from benchmarks.common import (EVAL_TARGET, FW_LABEL, NO_JAX_EVAL, _cell, _device_desc, _fmt_s, _jax_peak,
+                               _load_weights, _peak_rss, _ratio_val, _rss_now, _save_partial, _say, _speed,
+                               _torch_compile_clock, _torch_cpu_setup, _torch_peak, announce, device_defaults,
                                jax_eval_passes, load_twin, memory_row, metric_diffs, parse_sections, precision_desc,
-                               section_rows, target_line, time_jax_train_step, time_torch_steps, torch_profiled)
-from benchmarks.prvr import (FW_LABEL, _cell, _device_desc, _fmt_s, _jax_peak, _load_weights, _peak_rss, _save_partial,
-                             _say, _speed, _torch_compile_clock, _torch_cpu_setup, announce, run_columns, run_sections,
-                             run_worker, worker_main)
+                               run_columns, run_sections, run_worker, section_rows, target_line, time_jax_train_step,
+                               time_torch_steps, torch_profiled, worker_main)
 
 MODULE = "benchmarks.vmr_detr"  # the workers: python -m benchmarks.vmr_detr --worker SPEC
 SECTIONS = ("train", "eval", "memory", "profile")
