@@ -316,7 +316,6 @@ def check_saved_model(path: str | Path, model: str | None, expected: str | None 
     return meta
 
 
-
 class _Mismatch(JaxprvrError):
     """A checkpoint read whole whose arrays are not the configured model's."""
 
