@@ -23,9 +23,9 @@ What ``load`` reads (docs/api.md):
 The object returned is the :class:`Loaded` subclass its task names (``Task.api_class``):
 :class:`jaxprvr.api_tasks.PRVRModel` (``encode_queries``, ``encode_videos``, ``scores``),
 :class:`~jaxprvr.api_tasks.MRNetModel` and :class:`~jaxprvr.api_tasks.MESMModel` (``predict``),
-:class:`~jaxprvr.api_tasks.T2VModel` (``encode_text``, ``encode_video``, ``similarity``). Their calls take any number of items: the batch axis is padded up to a
-:func:`bucket` size and each jitted function is compiled once per bucket (``Loaded.traces`` counts the
-compilations).
+:class:`~jaxprvr.api_tasks.T2VModel` (``encode_text``, ``encode_video``, ``similarity``). Their calls take any
+number of items: the batch axis is padded up to a :func:`bucket` size and each jitted function is compiled once
+per bucket (``Loaded.traces`` counts the compilations).
 """
 
 from __future__ import annotations
@@ -226,22 +226,17 @@ def _load_folder(p: Path, config, model, ema: bool, overrides):
 
 
 def _checkpoint_rule(cfg, saved: dict, step_dir: Path, overrides):
-    """``jaxprvr.evaluate``'s rule (:func:`jaxprvr.evaluate.load_checkpoint_config`) on a given
+    """``jaxprvr.evaluate``'s rule (:func:`jaxprvr.evaluate.with_checkpoint_model`) on a given
     :class:`jaxprvr.config.Config`: its sections, with the checkpoint's model section and the data fields that fix
-    the model's input (``task.checkpoint_data_fields``), then ``overrides``."""
-    from jaxprvr.config import apply_overrides, model_config_from_dict
-    from jaxprvr.evaluate import _literal
-    from jaxprvr.tasks import task_for
+    the model's input, then ``overrides``."""
+    from jaxprvr.config import apply_overrides
+    from jaxprvr.evaluate import with_checkpoint_model
 
-    model, data = saved.get("model"), saved.get("data") or {}
-    if model is not None:
-        if model.get("name") != cfg.model.name:
-            raise JaxprvrError(step_dir, f"a checkpoint of the config's model {cfg.model.name!r}",
-                               f"one of {model.get('name')!r}")
-        cfg = dataclasses.replace(cfg, model=model_config_from_dict(model, where=str(step_dir)))
-        cfg = apply_overrides(cfg, [f"data.{k}={_literal(data[k])}" for k in task_for(cfg).checkpoint_data_fields
-                                    if k in data])
-    return apply_overrides(cfg, list(overrides))
+    model = saved.get("model")
+    if model is not None and model.get("name") != cfg.model.name:
+        raise JaxprvrError(step_dir, f"a checkpoint of the config's model {cfg.model.name!r}",
+                           f"one of {model.get('name')!r}")
+    return apply_overrides(with_checkpoint_model(cfg, saved, step_dir), list(overrides))
 
 
 def abstract_variables(cfg):

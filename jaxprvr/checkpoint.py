@@ -297,8 +297,8 @@ def check_saved_model(path: str | Path, model: str | None, expected: str | None 
                       unreadable_ok: bool = False) -> dict:
     """The meta of the checkpoint at ``path`` (:func:`read_meta`); one whose saved config names a model other than
     ``model`` raises one :class:`JaxprvrError` at ``path``: ``expected`` (default "a checkpoint of model <model>"),
-    found "one of <saved>", ``hint`` (``{saved}`` in it: the saved model's name). No check for ``model=None`` or a meta without a model name (nothing says which
-    model wrote it: the parameter tree is checked when read). ``unreadable_ok``: a meta (or a step folder) that
+    found "one of <saved>", ``hint`` (``{saved}`` in it: the saved model's name). No check for ``model=None`` or a
+    meta without a model name (nothing says which model wrote it: the parameter tree is checked when read). ``unreadable_ok``: a meta (or a step folder) that
     cannot be read gives ``{}`` instead of its error, for a caller whose next read names the failure better
     (``--resume`` names the last readable step)."""
     try:
@@ -329,13 +329,13 @@ def _checked(where, restored, abstract, what: str):
     if set(got) != set(want):
         extra, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
         raise _Mismatch(where, what, f"other arrays (missing {missing[:2]}, extra {extra[:2]})",
-                           hint="was it written for another model or config?")
+                        hint="was it written for another model or config?")
     bad = [k for k in want if tuple(np.shape(got[k])) != tuple(want[k].shape)]
     if bad:
         k = bad[0]
         raise _Mismatch(where, f"{what}: {k} of shape {tuple(want[k].shape)}", f"shape {tuple(np.shape(got[k]))}"
-                           + (f" (and {len(bad) - 1} more arrays of other shapes)" if len(bad) > 1 else ""),
-                           hint="the config's sizes differ from the checkpoint's: match them with --set")
+                        + (f" (and {len(bad) - 1} more arrays of other shapes)" if len(bad) > 1 else ""),
+                        hint="the config's sizes differ from the checkpoint's: match them with --set")
     return restored
 
 

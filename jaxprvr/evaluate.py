@@ -73,20 +73,12 @@ def load_checkpoint_config(args):
     """The config of ``--config``/``--model`` with the checkpoint's model section (the architecture it was
     trained with, e.g. a demo's width), then ``--set``; and the checkpoint's saved config dict."""
     from jaxprvr.checkpoint import check_saved_model
-    from jaxprvr.config import apply_overrides, load_config, model_config_from_dict
-    from jaxprvr.tasks import task_for
+    from jaxprvr.config import apply_overrides, load_config
 
     saved_cfg = check_saved_model(args.ckpt, args.model, f"a checkpoint of --model {args.model}").get("config", {})
     saved = saved_cfg.get("model")
     model = args.model if args.model is not None or saved is None else saved.get("name")
-    cfg = load_config(args.config, model)
-    if saved is not None:
-        cfg = dataclasses.replace(cfg, model=model_config_from_dict(saved, where=str(args.ckpt)))
-        # data fields that fix the model's input (e.g. a feature variant and its widths) come from the checkpoint
-        keep = {k: saved_cfg.get("data", {})[k] for k in task_for(cfg).checkpoint_data_fields
-                if k in saved_cfg.get("data", {})}
-        if keep:
-            cfg = apply_overrides(cfg, [f"data.{k}={_literal(v)}" for k, v in keep.items()])
+    cfg = with_checkpoint_model(load_config(args.config, model), saved_cfg, args.ckpt)
     overrides = list(args.overrides) + ([f"data.topk={args.topk}"] if getattr(args, "topk", None) else [])
     overrides += ["data.save_features=true"] if getattr(args, "save_features", False) else []
     overrides += ["data.save_inputs=true"] if getattr(args, "save_inputs", False) else []
@@ -96,6 +88,21 @@ def load_checkpoint_config(args):
                                "replayable (a data.eval_batches field)", f"{cfg.model.name}, which has none")
         overrides.append(f"data.eval_batches={Path(args.eval_batches).expanduser().absolute()}")
     return apply_overrides(cfg, overrides), saved_cfg
+
+
+def with_checkpoint_model(cfg, saved_cfg: dict, where):
+    """``cfg`` with a checkpoint's model section (``saved_cfg["model"]``, the architecture it was trained with) and
+    the data fields that fix the model's input (``task.checkpoint_data_fields``, e.g. a feature variant and its
+    widths); ``cfg`` itself when the checkpoint saved no model section."""
+    from jaxprvr.config import apply_overrides, model_config_from_dict
+    from jaxprvr.tasks import task_for
+
+    saved, data = saved_cfg.get("model"), saved_cfg.get("data") or {}
+    if saved is None:
+        return cfg
+    cfg = dataclasses.replace(cfg, model=model_config_from_dict(saved, where=str(where)))
+    keep = [f"data.{k}={_literal(data[k])}" for k in task_for(cfg).checkpoint_data_fields if k in data]
+    return apply_overrides(cfg, keep) if keep else cfg
 
 
 def _literal(v) -> str:

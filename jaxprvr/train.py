@@ -554,7 +554,8 @@ def run(args) -> dict:
     out = Path(out)
     check_out_dir(out)  # a read-only --out or a full disk fails here, before any data is read or anything compiles
     tensorboard = None if args.tensorboard is None else Path(args.tensorboard or out / "tensorboard")
-    with third_party_output_to(log_file(out, "log", args.process_id), header=f"jaxprvr.train {cfg.model.name}/{cfg.data.dataset} --out {out}"):
+    header = f"jaxprvr.train {cfg.model.name}/{cfg.data.dataset} --out {out}"
+    with third_party_output_to(log_file(out, "log", args.process_id), header=header):
         root = resolve_data_root(cfg, args.data_root, args.demo)
         summary = train(cfg, root, out, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps,
                         init_from=args.init_from, tensorboard=tensorboard)
